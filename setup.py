@@ -1,0 +1,82 @@
+"""Build script for uxnet: the Python packages plus the C++/CUDA operator library uxnet_kernels._C.
+
+Install with build isolation off, after torch is installed, so pip never fetches a second torch:
+
+    pip install --no-build-isolation .
+
+Environment switches:
+    UXNET_CUDA=auto|0|1   compile csrc/cuda (auto: only with a CUDA toolkit and a CUDA build of torch)
+    UXNET_NO_EXTENSION=1  skip the C++ extension entirely (the package then runs on reference ops)
+    MAX_JOBS=N            parallel compile jobs (honoured by torch's ninja build)
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - exercised only on misconfigured installs
+    sys.exit(
+        "uxnet: torch must be installed before building (e.g. `pip install torch==2.13.0`), and pip must "
+        "run with --no-build-isolation so that it does not download a second torch into a build "
+        "environment: `pip install --no-build-isolation .`"
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("UXNET_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"uxnet: UXNET_CUDA must be auto, 0 or 1, got {mode!r}")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if mode == "1" and not available:
+        sys.exit("uxnet: UXNET_CUDA=1 but torch is not a CUDA build or no CUDA toolkit was found (set CUDA_HOME)")
+    return mode == "1" or (mode == "auto" and available)
+
+
+def _sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
+
+
+def _extensions() -> list:
+    if os.environ.get("UXNET_NO_EXTENSION") == "1":
+        return []
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "darwin" else ["-O3", "-std=c++17"]
+    macros = [("UXNET_PYTHON_EXTENSION", None)]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
+    link_args = ["-fopenmp"] if sys.platform != "darwin" else []
+    if _want_cuda():
+        macros.append(("UXNET_WITH_CUDA", None))
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        return [
+            CUDAExtension(
+                "uxnet_kernels._C",
+                sources + _sources("csrc/cuda/**/*.cu"),
+                include_dirs=[os.path.join(HERE, "csrc")],
+                define_macros=macros,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_args,
+            )
+        ]
+    return [
+        CppExtension(
+            "uxnet_kernels._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=["uxnet", "uxnet.*", "uxnet_kernels", "uxnet_kernels.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,86 @@
+"""Shared test helpers: tolerances, poisoning, error metrics and random inputs."""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+# Relative error bounds (||got - want|| / ||want||) per dtype, against a float32/float64 reference computed from
+# the same (rounded) inputs. float64 bounds are for comparisons with a float64 reference.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+REQUIRE_EXTENSION = os.environ.get("UXNET_REQUIRE_EXTENSION") == "1"
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64; NaN/inf anywhere in `got` gives inf."""
+    got64, want64 = got.detach().double(), want.detach().double()
+    if not torch.isfinite(got64).all():
+        return float("inf")
+    denom = want64.norm().item()
+    diff = (got64 - want64).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = rel_error(got, want)
+    assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3e} > {TOLERANCES[dtype]:.0e} ({dtype})"
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped and strided like `t` filled with NaN, for out= buffers that the kernel must fully write."""
+    return torch.full_like(t, float("nan"))
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """layout: "contiguous" or "channels_last_3d"."""
+    if layout == "channels_last_3d":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t.contiguous()
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference runs in for a kernel of `dtype` (inputs rounded to `dtype` first)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape, dtype=torch.float32, layout="contiguous", seed=None, scale=1.0, requires_grad=False):
+    """A fresh random tensor (new values each call unless `seed` is given), rounded to `dtype`."""
+    gen = make_generator(seed) if seed is not None else None
+    t = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    if len(shape) == 5:
+        t = to_layout(t, layout)
+    return t.requires_grad_(requires_grad)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different but reproducible seed per test (reported on failure via the test id)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def compiled_backend_available(device_type: str = "cpu") -> bool:
+    from uxnet_kernels import dispatch
+
+    return dispatch.get_backend_instance(device_type).available()[0]
+
+
+def require_compiled(device_type: str = "cpu"):
+    """Skip when the compiled backend is absent, unless UXNET_REQUIRE_EXTENSION=1 (CI), where that is a failure."""
+    if compiled_backend_available(device_type):
+        return
+    if REQUIRE_EXTENSION and device_type == "cpu":
+        pytest.fail("UXNET_REQUIRE_EXTENSION=1 but the compiled CPU backend is not available")
+    pytest.skip(f"compiled {device_type} backend not available")

@@ -1,0 +1,64 @@
+"""torch.library.opcheck on every registered uxnet op: schema, fake (meta) impl, autograd registration and
+AOT dispatch, with sample inputs in both layouts."""
+
+import pytest
+import torch
+
+import uxnet_kernels  # noqa: F401  (registers fake impls and autograd)
+from conftest import require_compiled
+from op_cases import dwconv3d_args, layer_norm_args, ux_mlp_args
+
+LAYOUTS = ["contiguous", "channels_last_3d"]
+
+
+def _canonical_mlp(args):
+    y, res, ln_w, ln_b, w1, b1, w2, b2, g = args
+    c = y.shape[1]
+    return (y, res, ln_w, ln_b, w1.detach().reshape(c, 4).requires_grad_(w1.requires_grad),
+            b1.detach().reshape(c, 4).requires_grad_(b1.requires_grad),
+            w2.detach().reshape(c, 4).requires_grad_(w2.requires_grad), b2, g, 1e-6)
+
+
+def _samples(layout):
+    small = (2, 3, 4, 5, 6)
+    yield "dwconv3d", dwconv3d_args(small, (3, 5, 3), layout=layout, grad=True)
+    yield "dwconv3d", dwconv3d_args(small, (3, 3, 3), layout=layout, bias=False, grad=True)
+    yield "layer_norm_cf", (*layer_norm_args(small, layout=layout, grad=True), 1e-6)
+    yield "ux_mlp", _canonical_mlp(ux_mlp_args(small, layout=layout, grad=True))
+    yield "ux_mlp", _canonical_mlp(ux_mlp_args(small, layout=layout, residual=False, gamma=False, grad=True))
+
+
+def _backward_samples(layout):
+    x, w, _ = dwconv3d_args((2, 3, 4, 5, 6), (3, 5, 3), layout=layout)
+    yield "dwconv3d_backward", (torch.randn_like(x), x, w, [True, True, True])
+    yield "dwconv3d_backward", (torch.randn_like(x), x, w, [False, True, False])
+    x, w, b = layer_norm_args((2, 3, 4, 5, 6), layout=layout)
+    _, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, 1e-6)
+    yield "layer_norm_cf_backward", (torch.randn_like(x), x, w, mean, rstd, [True, True, True])
+    args = _canonical_mlp(ux_mlp_args((2, 3, 4, 5, 6), layout=layout))
+    _, mean, rstd = torch.ops.uxnet.ux_mlp(*args)
+    y, _res, ln_w, ln_b, w1, b1, w2, b2, g, _eps = args
+    yield "ux_mlp_backward", (torch.randn_like(y), y, ln_w, ln_b, w1, b1, w2, b2, g, mean, rstd)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_forward_ops(layout):
+    require_compiled("cpu")
+    for name, args in _samples(layout):
+        torch.library.opcheck(getattr(torch.ops.uxnet, name).default, args)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_backward_ops(layout):
+    require_compiled("cpu")
+    for name, args in _backward_samples(layout):
+        torch.library.opcheck(getattr(torch.ops.uxnet, name).default, args)
+
+
+def test_every_schema_is_checked():
+    require_compiled("cpu")
+    names = {name for layout in LAYOUTS for name, _ in _samples(layout)}
+    names |= {name for layout in LAYOUTS for name, _ in _backward_samples(layout)}
+    registered = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("uxnet::")}
+    cpp_ops = {n for n in registered if "triton" not in n}
+    assert cpp_ops == names, f"ops without an opcheck sample: {sorted(cpp_ops - names)}"

@@ -1,0 +1,1 @@
+"""Subcommands of the ``uxnet`` CLI, one module each (see uxnet/cli.py)."""

@@ -1,0 +1,256 @@
+"""The drop-in 3D UX-Net: same constructor, same state_dict keys and shapes as the official ``UXNET``
+(MASILab/3DUX-Net), with the encoder's large-kernel depthwise conv, channels-first LayerNorms and UX block
+tails running on the ``uxnet_kernels`` ops (backend chosen by ``uxnet_kernels.use_backend``).
+"""
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+import uxnet_kernels as uk
+
+from .decoder_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from .reparam import RepBranch, kernel_prior_mask, merged_kernel, parse_branches
+
+KernelSize = Union[int, Sequence[int]]
+SPATIAL_MULTIPLE = 16
+
+
+def as_kernel_3d(kernel_size: KernelSize, what: str = "kernel_size") -> Tuple[int, int, int]:
+    """An odd (KD, KH, KW) from an int or a 3-sequence; ValueError otherwise."""
+    ks = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+    if len(ks) != 3 or not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in ks):
+        raise ValueError(f"UXNet: {what} must be an odd positive int or a 3-tuple of them, got {kernel_size!r}")
+    return ks
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """LayerNorm over dim 1 of (N, C, D, H, W); the official ``LayerNorm(data_format="channels_first")``."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return uk.layer_norm_channels_first(x, self.weight, self.bias, self.eps)
+
+
+class ChannelsLastLayerNorm(nn.Module):
+    """Holds the affine of the block's LayerNorm (official ``LayerNorm(channels_last)``); applied inside ux_mlp."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or with rate 0)."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class UXBlock(nn.Module):
+    """dwconv (k^3 depthwise) -> LayerNorm -> grouped 1x1x1 conv C->4C -> GELU -> grouped 1x1x1 conv 4C->C
+    -> layer scale -> drop path -> residual. Input and output: (N, C, D, H, W).
+
+    ``rep_branches`` and ``kernel_prior`` make the dwconv a training-time re-parameterised conv (see
+    ``uxnet.reparam``); the branches live under ``rep_branches.<i>``, outside the official key space."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
+                 kernel_size: KernelSize = 7, rep_branches: Sequence = (), kernel_prior: Optional[str] = None):
+        super().__init__()
+        ks = as_kernel_3d(kernel_size)
+        self.dwconv = nn.Conv3d(dim, dim, kernel_size=ks, padding=tuple(k // 2 for k in ks), groups=dim)
+        self.rep_branches = nn.ModuleList([RepBranch(dim, spec) for spec in parse_branches(rep_branches, ks)])
+        # fixed, so not in the state_dict (which keeps the official keys); folded into dwconv by reparameterize
+        self.register_buffer("kernel_prior_mask",
+                             None if kernel_prior is None else kernel_prior_mask(ks, kernel_prior).float(),
+                             persistent=False)
+        self.norm = ChannelsLastLayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Conv3d(dim, 4 * dim, kernel_size=1, groups=dim)
+        self.pwconv2 = nn.Conv3d(4 * dim, dim, kernel_size=1, groups=dim)
+        self.gamma = (
+            nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
+        )
+        self.drop_path = DropPath(drop_path)
+
+    def effective_kernel(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The one depthwise kernel and bias the block applies: dwconv's own for a plain block; otherwise
+        ``dwconv.weight * prior`` plus every branch merged in (recomputed each call, differentiable)."""
+        if self.kernel_prior_mask is None and len(self.rep_branches) == 0:
+            return self.dwconv.weight, self.dwconv.bias
+        return merged_kernel(self.dwconv.weight, self.dwconv.bias, self.kernel_prior_mask, list(self.rep_branches))
+
+    def large_kernel_conv(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.effective_kernel()
+        return uk.dwconv3d(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.large_kernel_conv(x)
+        tail = (self.norm.weight, self.norm.bias, self.pwconv1.weight, self.pwconv1.bias,
+                self.pwconv2.weight, self.pwconv2.bias, self.gamma, self.norm.eps)
+        if self.training and self.drop_path.rate > 0.0:
+            return x + self.drop_path(uk.ux_mlp(y, None, *tail))
+        return uk.ux_mlp(y, x, *tail)
+
+
+class UXNetEncoder(nn.Module):
+    """The official ``uxnet_conv``: a stride-2 7^3 stem and three 2^3 stride-2 downsamplings (each preceded by a
+    channels-first LayerNorm), four stages of UX blocks, and a LayerNorm on each stage output."""
+
+    def __init__(self, in_chans: int, depths: Sequence[int], dims: Sequence[int], drop_path_rate: float,
+                 layer_scale_init_value: float, kernel_size: KernelSize, rep_branches: Sequence = (),
+                 kernel_prior: Optional[str] = None):
+        super().__init__()
+        stem = nn.Sequential(nn.Conv3d(in_chans, dims[0], kernel_size=7, stride=2, padding=3),
+                             ChannelsFirstLayerNorm(dims[0]))
+        self.downsample_layers = nn.ModuleList([stem])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(ChannelsFirstLayerNorm(dims[i]),
+                                                        nn.Conv3d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.stages = nn.ModuleList()
+        for i in range(4):
+            start = sum(depths[:i])
+            self.stages.append(nn.Sequential(*[
+                UXBlock(dims[i], rates[start + j], layer_scale_init_value, kernel_size, rep_branches, kernel_prior)
+                for j in range(depths[i])
+            ]))
+        for i in range(4):
+            self.add_module(f"norm{i}", ChannelsFirstLayerNorm(dims[i]))
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        outs = []
+        for i in range(4):
+            x = self.stages[i](self.downsample_layers[i](x))
+            outs.append(getattr(self, f"norm{i}")(x))
+        return tuple(outs)
+
+
+class UXNet(nn.Module):
+    """3D UX-Net for volumetric segmentation, a drop-in replacement for the official ``UXNET``.
+
+    Args:
+        in_chans: input channels.
+        out_chans: output channels (classes).
+        depths: UX blocks per encoder stage (4 stages).
+        feat_size: channels per encoder stage (4 values).
+        drop_path_rate: stochastic depth rate, linearly increasing over the blocks.
+        layer_scale_init_value: initial layer scale gamma (the official code ignores this and always uses 1e-6;
+            here it is honoured); <= 0 disables the layer scale (no ``gamma`` parameters).
+        hidden_size: channels of the bottleneck block.
+        norm_name: decoder normalisation ("instance" as in the paper).
+        conv_block: accepted for compatibility with the official constructor; unused there and here.
+        res_block: must be True (the official architecture).
+        spatial_dims: must be 3.
+        kernel_size: the depthwise kernel of the UX blocks (odd int or 3-tuple; 7 in the paper).
+        rep_branches: training-time parallel depthwise branches of every block's large kernel, as
+            ``(kernel_size, dilation)`` or ``(kernel_size, dilation, scaled)`` entries (e.g. ``[(3, 1), (5, 2)]``);
+            each dilated span ``dilation * (k - 1) + 1`` must fit in ``kernel_size`` on every axis. ``()``: none.
+        kernel_prior: None, or ``"distance"``: train the large kernel as ``W * M`` with the fixed per-tap scale
+            ``M = 1 / (1 + distance from the centre)``. ``uxnet.reparameterize`` turns a model with branches or a
+            prior into a plain one with the official state_dict.
+
+    Shapes:
+        input (N, in_chans, D, H, W) with D, H, W multiples of 16 -> output (N, out_chans, D, H, W).
+
+    The state_dict has exactly the keys and shapes of the official model, so official checkpoints load with
+    ``strict=True``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        out_chans: int = 13,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        feat_size: Sequence[int] = (48, 96, 192, 384),
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        hidden_size: int = 768,
+        norm_name: Union[str, tuple] = "instance",
+        conv_block: bool = True,
+        res_block: bool = True,
+        spatial_dims: int = 3,
+        kernel_size: KernelSize = 7,
+        rep_branches: Sequence = (),
+        kernel_prior: Optional[str] = None,
+    ):
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError(f"UXNet: spatial_dims must be 3, got {spatial_dims}")
+        if not res_block:
+            raise ValueError("UXNet: res_block=False is not supported (the official UXNET uses residual blocks)")
+        if len(depths) != 4 or len(feat_size) != 4:
+            raise ValueError(f"UXNet: depths and feat_size need 4 entries, got {list(depths)} and {list(feat_size)}")
+        if in_chans < 1 or out_chans < 1 or hidden_size < 1 or min(feat_size) < 1 or min(depths) < 0:
+            raise ValueError("UXNet: channel counts must be positive and depths non-negative")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"UXNet: drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.config = dict(in_chans=in_chans, out_chans=out_chans, depths=list(depths), feat_size=list(feat_size),
+                           drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
+                           hidden_size=hidden_size, norm_name=norm_name, conv_block=conv_block,
+                           res_block=res_block, spatial_dims=spatial_dims,
+                           kernel_size=kernel_size if isinstance(kernel_size, int) else list(as_kernel_3d(kernel_size)))
+        if rep_branches:
+            specs = parse_branches(rep_branches, as_kernel_3d(kernel_size))
+            self.config["rep_branches"] = [spec.as_config() for spec in specs]
+        if kernel_prior is not None:
+            kernel_prior_mask(kernel_size, kernel_prior)  # validates the name before any module is built
+            self.config["kernel_prior"] = kernel_prior
+        self.in_chans, self.out_chans = in_chans, out_chans
+        f = list(feat_size)
+        self.uxnet_3d = UXNetEncoder(in_chans, depths, f, drop_path_rate, layer_scale_init_value, kernel_size,
+                                     rep_branches, kernel_prior)
+        self.encoder1 = UnetrBasicBlock(in_chans, f[0], 3, norm_name)
+        self.encoder2 = UnetrBasicBlock(f[0], f[1], 3, norm_name)
+        self.encoder3 = UnetrBasicBlock(f[1], f[2], 3, norm_name)
+        self.encoder4 = UnetrBasicBlock(f[2], f[3], 3, norm_name)
+        self.encoder5 = UnetrBasicBlock(f[3], hidden_size, 3, norm_name)
+        self.decoder5 = UnetrUpBlock(hidden_size, f[3], 3, 2, norm_name)
+        self.decoder4 = UnetrUpBlock(f[3], f[2], 3, 2, norm_name)
+        self.decoder3 = UnetrUpBlock(f[2], f[1], 3, 2, norm_name)
+        self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name)
+        self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name)
+        self.out = UnetOutBlock(f[0], out_chans)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5 or x.shape[1] != self.in_chans:
+            raise ValueError(f"UXNet: expected input of shape (N, {self.in_chans}, D, H, W), got {tuple(x.shape)}")
+        if any(s % SPATIAL_MULTIPLE or s == 0 for s in x.shape[2:]):
+            raise ValueError(f"UXNet: spatial size must be positive multiples of {SPATIAL_MULTIPLE} "
+                             f"(four stride-2 stages), got {tuple(x.shape[2:])}; pad or crop the input")
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        self.check_input(x_in)
+        outs = self.uxnet_3d(x_in)
+        enc1 = self.encoder1(x_in)
+        enc2 = self.encoder2(outs[0])
+        enc3 = self.encoder3(outs[1])
+        enc4 = self.encoder4(outs[2])
+        enc_hidden = self.encoder5(outs[3])
+        dec3 = self.decoder5(enc_hidden, enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        dec0 = self.decoder2(dec1, enc1)
+        return self.out(self.decoder1(dec0))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["UXNet", "UXBlock", "UXNetEncoder", "ChannelsFirstLayerNorm", "count_parameters", "as_kernel_3d"]

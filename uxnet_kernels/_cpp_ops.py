@@ -1,0 +1,129 @@
+"""Fake (meta) implementations and autograd for the compiled ``uxnet::`` ops.
+
+The schemas and device kernels are C++ (csrc/); this module makes the ops traceable by ``torch.compile`` /
+``torch.export`` (fake tensors) and differentiable (``register_autograd`` calls the ``*_backward`` ops).
+"""
+
+import torch
+
+from ._extension import LOADED
+
+EMPTY_GRAD_SHAPE = (0,)
+
+
+def output_memory_format(like: torch.Tensor) -> torch.memory_format:
+    """The memory format the kernels give their outputs: channels_last_3d only for inputs that are exactly that."""
+    if like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _empty_like(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty_like(like, dtype=dtype, memory_format=output_memory_format(like))
+
+
+def _stats_like(x: torch.Tensor):
+    n, _, d, h, w = x.shape
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((n, d, h, w), dtype=dtype), x.new_empty((n, d, h, w), dtype=dtype)
+
+
+def _grad_or_empty(wanted: bool, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(like, memory_format=torch.contiguous_format) if wanted else like.new_empty(EMPTY_GRAD_SHAPE)
+
+
+def _register() -> None:
+    ops = torch.ops.uxnet
+
+    # ---- dwconv3d -------------------------------------------------------------------------------
+    @torch.library.register_fake("uxnet::dwconv3d")
+    def _dwconv3d_fake(x, weight, bias):
+        return _empty_like(x)
+
+    @torch.library.register_fake("uxnet::dwconv3d_backward")
+    def _dwconv3d_backward_fake(grad_out, x, weight, output_mask):
+        grad_x = _empty_like(grad_out) if output_mask[0] else x.new_empty(EMPTY_GRAD_SHAPE)
+        grad_bias = x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty(EMPTY_GRAD_SHAPE)
+        return grad_x, _grad_or_empty(output_mask[1], weight), grad_bias
+
+    def _dwconv3d_setup(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def _dwconv3d_backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_x, grad_weight, grad_bias = ops.dwconv3d_backward(grad_out, x, weight, mask)
+        return (grad_x if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None)
+
+    torch.library.register_autograd("uxnet::dwconv3d", _dwconv3d_backward, setup_context=_dwconv3d_setup)
+
+    # ---- layer_norm_cf --------------------------------------------------------------------------
+    @torch.library.register_fake("uxnet::layer_norm_cf")
+    def _layer_norm_fake(x, weight, bias, eps):
+        return (_empty_like(x), *_stats_like(x))
+
+    @torch.library.register_fake("uxnet::layer_norm_cf_backward")
+    def _layer_norm_backward_fake(grad_out, x, weight, mean, rstd, output_mask):
+        grad_x = _empty_like(grad_out) if output_mask[0] else x.new_empty(EMPTY_GRAD_SHAPE)
+        return grad_x, _grad_or_empty(output_mask[1], weight), _grad_or_empty(output_mask[2], weight)
+
+    def _layer_norm_setup(ctx, inputs, output):
+        x, weight, _bias, _eps = inputs
+        _out, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+
+    def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        grad_x, grad_weight, grad_bias = ops.layer_norm_cf_backward(grad_out, x, weight, mean, rstd, mask)
+        return (
+            grad_x if mask[0] else None,
+            grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None,
+            None,
+        )
+
+    torch.library.register_autograd("uxnet::layer_norm_cf", _layer_norm_backward, setup_context=_layer_norm_setup)
+
+    # ---- ux_mlp ---------------------------------------------------------------------------------
+    @torch.library.register_fake("uxnet::ux_mlp")
+    def _ux_mlp_fake(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps):
+        return (_empty_like(y), *_stats_like(y))
+
+    @torch.library.register_fake("uxnet::ux_mlp_backward")
+    def _ux_mlp_backward_fake(grad_out, y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd):
+        grad_gamma = _grad_or_empty(gamma is not None, ln_weight)
+        return (
+            _empty_like(grad_out),
+            _grad_or_empty(True, ln_weight),
+            _grad_or_empty(True, ln_bias),
+            _grad_or_empty(True, w1),
+            _grad_or_empty(True, b1),
+            _grad_or_empty(True, w2),
+            _grad_or_empty(True, b2),
+            grad_gamma,
+        )
+
+    def _ux_mlp_setup(ctx, inputs, output):
+        y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, _eps = inputs
+        _out, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.has_residual = residual is not None
+        ctx.has_gamma = gamma is not None
+        ctx.save_for_backward(y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
+
+    def _ux_mlp_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd = ctx.saved_tensors
+        grads = ops.ux_mlp_backward(grad_out, y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
+        grad_y, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma = grads
+        grad_residual = grad_out if ctx.has_residual else None
+        return (grad_y, grad_residual, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma if ctx.has_gamma else None, None)
+
+    torch.library.register_autograd("uxnet::ux_mlp", _ux_mlp_backward, setup_context=_ux_mlp_setup)
+
+
+if LOADED:
+    _register()

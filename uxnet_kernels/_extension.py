@@ -1,0 +1,36 @@
+"""Loads the compiled operator library ``uxnet_kernels._C`` (schemas in csrc/registration.cpp).
+
+If it is missing (a source checkout that was never built, or a failed build) the package still imports and
+every op runs on the reference backend; one warning says so.
+"""
+
+import importlib.util
+import warnings
+
+import torch
+
+LOADED = False
+LOAD_ERROR = ""
+
+try:
+    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+
+    LOADED = True
+except ImportError as exc:  # pragma: no cover - depends on the install
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        exc = ImportError("no built library next to the package: it was installed without compiling")
+    LOAD_ERROR = str(exc)
+    warnings.warn(
+        "uxnet_kernels: the compiled extension uxnet_kernels._C is not available "
+        f"({exc}); every op runs on the pure-PyTorch reference backend. Build it with "
+        "`pip install --no-build-isolation .` (see README).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether ``uxnet::op_name`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
+    if not LOADED:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"uxnet::{op_name}", dispatch_key)

@@ -1,0 +1,58 @@
+"""The contract every backend implements.
+
+A backend states whether it is usable at all (``available``) and whether it can serve one particular
+call (``supports``), each with a reason when it cannot, so that the dispatcher can say why it fell back.
+Its op methods receive arguments already validated and canonicalised by ``uxnet_kernels.functional``:
+
+    dwconv3d(x, weight, bias)                         x: (N, C, D, H, W); weight: (C, 1, KD, KH, KW); bias: (C,) or None
+    layer_norm_channels_first(x, weight, bias, eps)   weight, bias: (C,)
+    ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)
+                                                      w1, b1, w2: (C, 4) contiguous; b2: (C,); gamma: (C,) or None;
+                                                      residual: like y, or None
+
+and return the output tensor with autograd attached.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp")
+
+Verdict = Tuple[bool, str]
+YES: Verdict = (True, "")
+
+
+class Backend:
+    name: str = "?"
+
+    def available(self) -> Verdict:
+        """Whether this backend is built/installed on this machine at all."""
+        raise NotImplementedError
+
+    def supports(self, op: str, x: torch.Tensor) -> Verdict:
+        """Whether this backend can serve ``op`` for the main input ``x`` (device, dtype, layout)."""
+        raise NotImplementedError
+
+    def dwconv3d(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer_norm_channels_first(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ux_mlp(
+        self,
+        y: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+        gamma: Optional[torch.Tensor],
+        eps: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError

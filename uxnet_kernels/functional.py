@@ -1,0 +1,120 @@
+"""The public ops. Each validates its arguments, canonicalises them and hands them to the selected backend.
+
+Zero-size inputs (any dimension of size 0) give a correctly shaped empty result on every backend, with
+gradients (empty, or zero for parameters) flowing through autograd.
+
+Under ``torch.autocast`` each op casts its inputs first (policies in ``uxnet_kernels.autocast``).
+"""
+
+from typing import Optional
+
+import torch
+
+from . import autocast, dispatch, validation
+
+
+def _empty_result(like: torch.Tensor, *params: Optional[torch.Tensor]) -> torch.Tensor:
+    out = like * 0
+    for p in params:
+        if p is not None:
+            out = out + p.sum() * 0
+    return out
+
+
+def dwconv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise 3D convolution with stride 1 and zero "same" padding.
+
+    Equal to ``F.conv3d(x, weight, bias, padding=(kd // 2, kh // 2, kw // 2), groups=C)``.
+
+    Args:
+        x: (N, C, D, H, W), float32 / bfloat16 / float16 / float64, contiguous or channels_last_3d.
+        weight: (C, 1, KD, KH, KW) with odd KD, KH, KW (e.g. 7x7x7, 21x21x21, 7x7x3); same dtype and device as x.
+        bias: (C,) or None.
+
+    Returns:
+        (N, C, D, H, W) in x's dtype (and, on the compiled backends, x's memory format).
+
+    Raises:
+        ValueError: wrong rank, even kernel size, weight/bias not matching the channels of x, dtype or device
+            mismatch, non-floating dtypes.
+    """
+    amp_dtype = autocast.active_dtype(x)
+    if amp_dtype is not None:
+        return autocast.dwconv3d(dwconv3d, x, weight, bias, amp_dtype)
+    validation.check_dwconv3d(x, weight, bias)
+    if x.numel() == 0:
+        return _empty_result(x, weight, bias)
+    return dispatch.select("dwconv3d", x).dwconv3d(x, weight, bias)
+
+
+def layer_norm_channels_first(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """LayerNorm over the channel dim of (N, C, D, H, W), as the official channels-first ``LayerNorm``.
+
+    ``weight[c] * (x - mean) / sqrt(var + eps) + bias[c]`` with mean and biased variance over C per voxel,
+    accumulated in float32 (float64 for float64 inputs).
+
+    Args:
+        x: (N, C, D, H, W), floating, contiguous or channels_last_3d.
+        weight, bias: (C,), same dtype and device as x.
+        eps: > 0.
+
+    Returns:
+        Tensor shaped like x.
+
+    Raises:
+        ValueError: wrong rank, parameter shape/dtype/device mismatch, non-floating dtypes, eps <= 0.
+    """
+    amp_dtype = autocast.active_dtype(x)
+    if amp_dtype is not None:
+        return autocast.layer_norm_channels_first(layer_norm_channels_first, x, weight, bias, eps, amp_dtype)
+    validation.check_layer_norm(x, weight, bias, eps)
+    if x.numel() == 0:
+        return _empty_result(x, weight, bias)
+    return dispatch.select("layer_norm_channels_first", x).layer_norm_channels_first(x, weight, bias, float(eps))
+
+
+def ux_mlp(
+    y: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    gamma: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The UX block tail ``residual + gamma * pwconv2(GELU(pwconv1(LN(y))))`` in one pass per voxel.
+
+    pwconv1 is the block's grouped 1x1x1 conv C -> 4C (groups=C), pwconv2 the grouped 1x1x1 conv 4C -> C
+    (groups=C), LN a LayerNorm over channels, GELU the exact (erf) GELU. Both convs act per channel, so for
+    channel c: ``h_j = GELU(w1[4c+j] * LN(y)_c + b1[4c+j])`` and ``out_c = residual_c + gamma_c * (sum_j w2[c, j] h_j + b2_c)``.
+
+    Args:
+        y: (N, C, D, H, W), floating, contiguous or channels_last_3d (the output of the block's dwconv).
+        residual: like y (the block input), or None for no residual.
+        ln_weight, ln_bias: (C,).
+        w1: (4C, 1, 1, 1, 1) (``pwconv1.weight``), (4C,) or (C, 4); b1: (4C,) or (C, 4).
+        w2: (C, 4, 1, 1, 1) (``pwconv2.weight``) or (C, 4); b2: (C,).
+        gamma: (C,) layer scale, or None.
+        eps: LayerNorm epsilon, > 0.
+
+    Returns:
+        Tensor shaped like y.
+
+    Raises:
+        ValueError: wrong rank, parameter element counts not matching C, dtype/device mismatch, eps <= 0.
+    """
+    amp_dtype = autocast.active_dtype(y)
+    if amp_dtype is not None:
+        return autocast.ux_mlp(ux_mlp, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps, amp_dtype)
+    validation.check_ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)
+    if y.numel() == 0:
+        return _empty_result(y if residual is None else y + residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma)
+    c = y.shape[1]
+    w1, b1, w2 = (t.reshape(c, 4).contiguous() for t in (w1, b1, w2))
+    backend = dispatch.select("ux_mlp", y)
+    return backend.ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, float(eps))

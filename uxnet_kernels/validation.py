@@ -1,0 +1,91 @@
+"""Argument checks for the public ops: every error names the op and states expected versus got."""
+
+from typing import Optional
+
+import torch
+
+
+def _fail(op: str, message: str):
+    raise ValueError(f"uxnet_kernels.{op}: {message}")
+
+
+def check_tensor(op: str, name: str, t, rank: Optional[int] = None, shape_hint: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        _fail(op, f"expected {name} to have a floating dtype (float32, bfloat16, float16, float64), got {t.dtype}")
+    if rank is not None and t.dim() != rank:
+        _fail(op, f"expected {name} of shape {shape_hint} ({rank}-d), got {t.dim()}-d tensor of shape {tuple(t.shape)}")
+
+
+def check_same_dtype_device(op: str, main_name: str, main: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.dtype != main.dtype:
+            _fail(op, f"expected {name} dtype {main.dtype} (the dtype of {main_name}), got {t.dtype}")
+        if t.device != main.device:
+            _fail(op, f"expected {name} on device {main.device} (the device of {main_name}), got {t.device}")
+
+
+def check_numel(op: str, name: str, t: torch.Tensor, numel: int, shapes: str) -> None:
+    if t.numel() != numel:
+        _fail(op, f"expected {name} with {numel} elements (shape {shapes}), got shape {tuple(t.shape)}")
+
+
+def check_dwconv3d(x, weight, bias) -> None:
+    op = "dwconv3d"
+    check_tensor(op, "x", x, 5, "(N, C, D, H, W)")
+    check_tensor(op, "weight", weight, 5, "(C, 1, KD, KH, KW)")
+    channels = x.shape[1]
+    if weight.shape[0] != channels or weight.shape[1] != 1:
+        _fail(op, f"expected weight of shape ({channels}, 1, KD, KH, KW) for x with {channels} channels, "
+                  f"got {tuple(weight.shape)}")
+    kernel = tuple(weight.shape[2:])
+    if any(k % 2 == 0 for k in kernel):
+        _fail(op, f"expected odd kernel sizes (same padding is k // 2 per side), got {kernel}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, 1, f"({channels},)")
+        if bias.shape[0] != channels:
+            _fail(op, f"expected bias of shape ({channels},), got {tuple(bias.shape)}")
+    check_same_dtype_device(op, "x", x, weight=weight, bias=bias)
+
+
+def check_layer_norm(x, weight, bias, eps) -> None:
+    op = "layer_norm_channels_first"
+    check_tensor(op, "x", x, 5, "(N, C, D, H, W)")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        check_tensor(op, name, t, 1, f"({channels},)")
+        if t.shape[0] != channels:
+            _fail(op, f"expected {name} of shape ({channels},), got {tuple(t.shape)}")
+    check_same_dtype_device(op, "x", x, weight=weight, bias=bias)
+    if not eps > 0:
+        _fail(op, f"expected eps > 0, got {eps}")
+
+
+def check_ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps) -> None:
+    op = "ux_mlp"
+    check_tensor(op, "y", y, 5, "(N, C, D, H, W)")
+    c = y.shape[1]
+    if residual is not None:
+        check_tensor(op, "residual", residual, 5, "(N, C, D, H, W)")
+        if residual.shape != y.shape:
+            _fail(op, f"expected residual of shape {tuple(y.shape)} (the shape of y), got {tuple(residual.shape)}")
+    params = {
+        "ln_weight": (ln_weight, c, f"({c},)"),
+        "ln_bias": (ln_bias, c, f"({c},)"),
+        "w1": (w1, 4 * c, f"({4 * c}, 1, 1, 1, 1) or ({c}, 4)"),
+        "b1": (b1, 4 * c, f"({4 * c},) or ({c}, 4)"),
+        "w2": (w2, 4 * c, f"({c}, 4, 1, 1, 1) or ({c}, 4)"),
+        "b2": (b2, c, f"({c},)"),
+        "gamma": (gamma, c, f"({c},)"),
+    }
+    for name, (t, numel, shapes) in params.items():
+        if t is None and name == "gamma":
+            continue
+        check_tensor(op, name, t)
+        check_numel(op, name, t, numel, shapes)
+    check_same_dtype_device(op, "y", y, residual=residual, **{k: v[0] for k, v in params.items()})
+    if not eps > 0:
+        _fail(op, f"expected eps > 0, got {eps}")
