@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs uxnet into it, building the C++ extension in place.
+#   bash scripts/setup.sh run    -> runtime + benchmark extras (for `uxnet bench`)
+#   bash scripts/setup.sh test   -> test, MONAI and export extras (for the test suite)
+# torch: an existing torch in .venv is kept (e.g. a CUDA build); otherwise torch==$UXNET_TORCH_VERSION (default
+# 2.13.0, a CPU wheel) is installed. The package itself is built with --no-build-isolation so pip never downloads a
+# second, multi-GB torch into a build environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+case "$mode" in
+  run) extras="bench" ;;
+  test) extras="test,bench,monai,export" ;;
+  *) echo "usage: bash scripts/setup.sh [run|test]" >&2; exit 2 ;;
+esac
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${pip[@]}" install -q "torch==${UXNET_TORCH_VERSION:-2.13.0}"
+fi
+torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+# Pin the installed torch so no extra's dependency can replace it.
+echo "torch==${torch_version}" > .venv/uxnet-constraints.txt
+"${pip[@]}" install -q -c .venv/uxnet-constraints.txt setuptools wheel ninja numpy "triton>=3.2"
+MAX_JOBS=${MAX_JOBS:-2} "${pip[@]}" install -q -c .venv/uxnet-constraints.txt --no-build-isolation -e ".[${extras}]"
+.venv/bin/uxnet info
