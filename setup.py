@@ -46,13 +46,15 @@ def _sources(pattern: str) -> list:
 def _extensions() -> list:
     if os.environ.get("UXNET_NO_EXTENSION") == "1":
         return []
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "darwin" else ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, or C++20 from torch 2.10 on).
+    cxx_flags = ["-O3", "-fopenmp"] if sys.platform != "darwin" else ["-O3"]
     macros = [("UXNET_PYTHON_EXTENSION", None)]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     link_args = ["-fopenmp"] if sys.platform != "darwin" else []
     if _want_cuda():
         macros.append(("UXNET_WITH_CUDA", None))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: the kernels keep IEEE division, sqrt and denormals (float32 is checked to 1e-5).
+        nvcc_flags = ["-O3", "-lineinfo"]
         return [
             CUDAExtension(
                 "uxnet_kernels._C",

@@ -16,6 +16,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FAST_BACKENDS = [("cpu", "cpu")] + ([("cuda", "cuda"), ("triton", "cuda")] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 LAYOUTS = ["contiguous", "channels_last_3d"]
+# (backend, device, dtype): the GPU backends also take float16.
+CASES = [(b, d, dt) for b, d in FAST_BACKENDS for dt in DTYPES + ([torch.float16] if d == "cuda" else [])]
 
 
 def _require(backend: str, device: str) -> None:
@@ -54,9 +56,8 @@ def _compare(fn, args, backend, dtype, what, device="cpu"):
     return out
 
 
-@pytest.mark.parametrize("backend,device", FAST_BACKENDS)
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "x".join(map(str, k)))
 def test_dwconv3d_matches_reference(backend, device, layout, dtype, kernel):
     _require(backend, device)
@@ -66,18 +67,16 @@ def test_dwconv3d_matches_reference(backend, device, layout, dtype, kernel):
         assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-@pytest.mark.parametrize("backend,device", FAST_BACKENDS)
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dwconv3d_without_bias(backend, device, layout, dtype):
     _require(backend, device)
     args = dwconv3d_args(kernel=(5, 3, 7), dtype=torch.float64, layout=layout, bias=False)
     _compare(uk.dwconv3d, args, backend, dtype, f"dwconv3d[{backend}] no bias", device)
 
 
-@pytest.mark.parametrize("backend,device", FAST_BACKENDS)
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layer_norm_matches_reference(backend, device, layout, dtype):
     _require(backend, device)
     x, w, b = layer_norm_args(dtype=torch.float64, layout=layout)
@@ -85,9 +84,8 @@ def test_layer_norm_matches_reference(backend, device, layout, dtype):
              f"layer_norm[{backend}]", device)
 
 
-@pytest.mark.parametrize("backend,device", FAST_BACKENDS)
+@pytest.mark.parametrize("backend,device,dtype", CASES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("residual,gamma", [(True, True), (False, True), (True, False)])
 def test_ux_mlp_matches_reference(backend, device, layout, dtype, residual, gamma):
     _require(backend, device)

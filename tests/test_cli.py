@@ -1,0 +1,29 @@
+"""The `uxnet` console script: `uxnet info` reports versions, backends and the op -> backend mapping."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from uxnet import cli
+
+
+def test_info_json_reports_backends(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["torch"]
+    assert set(report["backends_cpu"]["would_use"]) == {"dwconv3d", "layer_norm_channels_first", "ux_mlp"}
+    assert report["backends_cpu"]["backends"]["reference"]["available"] is True
+
+
+def test_info_text_runs_as_console_module():
+    result = subprocess.run([sys.executable, "-m", "uxnet.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "dwconv3d" in result.stdout and "backends for cpu" in result.stdout
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["frobnicate"])
+    assert exc.value.code == 2
