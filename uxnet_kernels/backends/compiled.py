@@ -20,11 +20,14 @@ class CompiledBackend(Backend):
         self.name = device_type
         self.device_type = device_type
         self.dispatch_key = device_type.upper()
+        # Looked up once here: the dispatcher query is not traceable by torch.compile, and the registrations of a
+        # loaded library do not change.
+        self._has_kernel = {op: has_kernel(schema, self.dispatch_key) for op, schema in _SCHEMA_NAMES.items()}
 
     def available(self):
         if not LOADED:
             return False, f"uxnet_kernels._C not built ({LOAD_ERROR})"
-        if not has_kernel("dwconv3d", self.dispatch_key):
+        if not self._has_kernel["dwconv3d"]:
             return False, f"uxnet_kernels._C was built without {self.dispatch_key} kernels"
         return YES
 
@@ -34,7 +37,7 @@ class CompiledBackend(Backend):
             return ok, why
         if x.device.type != self.device_type:
             return False, f"input is on {x.device.type}, backend {self.name!r} runs on {self.device_type}"
-        if not has_kernel(_SCHEMA_NAMES[op], self.dispatch_key):
+        if not self._has_kernel[op]:
             return False, f"no {self.dispatch_key} kernel registered for uxnet::{_SCHEMA_NAMES[op]}"
         if x.dtype not in _DTYPES[self.device_type]:
             return False, f"dtype {x.dtype} not implemented by the {self.name} kernels"

@@ -1,0 +1,136 @@
+"""Compact tables from the GPU validation's JSON files, with the issue-4 targets checked.
+
+    python benchmarks/gpu/summarize.py gpu-results [--peak-tflops 66.9]
+
+Reads ops.json and profile.json from the directory, prints markdown tables and writes summary.json next to them.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+
+def _load(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def dwconv_table(records):
+    """Rows (shape, k, dtype, pass) with one column per implementation and triton's speedup vs best torch."""
+    cells = defaultdict(dict)
+    for r in records:
+        if r.get("op") == "dwconv3d" and "ms" in r and r["pass"] in ("fwd", "fwd+bwd"):
+            cells[(tuple(r["shape"]), r["k"], r["dtype"], r["pass"])][r["impl"]] = r
+    impls = ["triton", "triton_ncdhw", "torch_cl", "torch_ncdhw"]
+    lines = ["| C x S^3 | k | dtype | pass | " + " | ".join(f"{i} ms" for i in impls)
+             + " | triton TFLOP/s | speedup vs best torch |", "|" + "---|" * (len(impls) + 6)]
+    rows = []
+    for (shape, k, dtype, which), by_impl in sorted(cells.items()):
+        torch_ms = [by_impl[i]["ms"] for i in ("torch_cl", "torch_ncdhw") if i in by_impl]
+        tri = by_impl.get("triton")
+        speedup = min(torch_ms) / tri["ms"] if tri and torch_ms else None
+        rows.append(dict(shape=shape, k=k, dtype=dtype, **{"pass": which}, speedup=speedup,
+                         tflops=tri["tflops"] if tri else None))
+        lines.append(f"| {shape[1]} x {shape[2]}^3 | {k} | {dtype} | {which} | "
+                     + " | ".join(_fmt(by_impl[i]["ms"]) if i in by_impl else "-" for i in impls)
+                     + f" | {_fmt(tri['tflops'] if tri else None)} | {_fmt(speedup)} |")
+    return lines, rows
+
+
+def voxel_table(records):
+    cells = defaultdict(dict)
+    for r in records:
+        if r.get("op") in ("layer_norm_channels_first", "ux_mlp") and "ms" in r:
+            cells[(r["op"], tuple(r["shape"]), r["dtype"], r["pass"])][r["impl"]] = r
+    lines = ["| op | C x S^3 | dtype | pass | triton ms | reference ms | cuda ms | floor ms | triton x floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (op, shape, dtype, which), by_impl in sorted(cells.items()):
+        tri = by_impl.get("triton", {})
+        lines.append(f"| {op} | {shape[1]} x {shape[2]}^3 | {dtype} | {which} | {_fmt(tri.get('ms'))} | "
+                     f"{_fmt(by_impl.get('reference', {}).get('ms'))} | {_fmt(by_impl.get('cuda', {}).get('ms'))} | "
+                     f"{_fmt(tri.get('floor_ms'))} | {_fmt(tri.get('x_floor'))} |")
+    return lines
+
+
+def targets(records, rows, peak_tflops):
+    """The issue-4 targets at 48 x 48^3, batch 2, k = 7 (None where not measured)."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        match = [r for r in rows if r["shape"][1:3] == (48, 48) and r["k"] == 7 and r["dtype"] == dtype
+                 and r["pass"] == "fwd+bwd"]
+        out[f"fwd+bwd speedup >= 3x ({dtype})"] = match[0]["speedup"] if match else None
+    fwd = [r for r in rows if r["shape"][1:3] == (48, 48) and r["k"] == 7 and r["dtype"] == "float32"
+           and r["pass"] == "fwd"]
+    out["fwd fp32 fraction of FMA peak >= 0.5"] = fwd[0]["tflops"] / peak_tflops if fwd and fwd[0]["tflops"] else None
+    single = {r["pass"]: r["ms"] for r in records if r.get("op") == "dwconv3d" and r.get("impl") == "triton"
+              and r.get("layout") == "channels_last_3d" and r.get("dtype") == "float32" and "ms" in r
+              and tuple(r["shape"][1:3]) == (48, 48) and r["k"] == 7}
+    for name in ("grad_input", "grad_weight"):
+        out[f"{name} / fwd <= 2"] = single[name] / single["fwd"] if name in single and "fwd" in single else None
+    return out
+
+
+def profile_table(profile):
+    lines = []
+    for res in profile.get("results", []):
+        if "error" in res:
+            lines.append(f"- backend {res['backend']}: FAILED {res['error']}")
+            continue
+        peak = res.get("peak_memory_bytes")
+        lines.append(f"- backend {res['backend']}: step {_fmt(res['step_ms_median'])} ms median, peak memory "
+                     f"{_fmt(peak / 2**30 if peak else None)} GiB, ops on {res.get('backends_used')}")
+        lines.append("  | op | calls | self device ms | self CPU ms |")
+        lines.append("  |---|---|---|---|")
+        for op in res["top_ops"]:
+            lines.append(f"  | {op['name'][:60]} | {op['calls']} | {op['self_device_ms']:.2f} | {op['self_cpu_ms']:.2f} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory")
+    parser.add_argument("--peak-tflops", type=float, default=66.9, help="fp32 FMA peak of the card (H100 SXM)")
+    args = parser.parse_args(argv)
+    ops = _load(os.path.join(args.directory, "ops.json")) or {}
+    profile = _load(os.path.join(args.directory, "profile.json")) or {}
+    records = ops.get("records", [])
+    print(f"# GPU validation: {ops.get('machine', {}).get('device', '?')}, {ops.get('machine', {}).get('date', '?')}"
+          + (" (DRY RUN: not measurements)" if ops.get("dry_run") else ""))
+    print(f"copy bandwidth {_fmt(ops.get('copy_bandwidth_gbs'))} GB/s; torch.compile check: "
+          f"{ops.get('compile_check')}")
+    dw_lines, rows = dwconv_table(records)
+    print("\n## dwconv3d\n" + "\n".join(dw_lines))
+    print("\n## layer_norm_channels_first and ux_mlp\n" + "\n".join(voxel_table(records)))
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
+        checks = [r["value"] for r in records if r.get("check") and r["dtype"] == dtype and r["value"] is not None]
+        if checks:
+            print(f"dwconv3d triton vs torch (float32 math), {dtype}: max relative error {max(checks):.2e} "
+                  f"({'ok' if max(checks) <= tol else 'FAIL'}, tolerance {tol:.0e})")
+    errors = [r for r in records if "error" in r]
+    if errors:
+        print(f"\n{len(errors)} failed cases, first: {errors[0]}")
+    if ops.get("skipped"):
+        print(f"\n{len(ops['skipped'])} cases skipped (time budget), first: {ops['skipped'][0]}")
+    goal = targets(records, rows, args.peak_tflops)
+    print("\n## issue-4 targets (48 x 48^3, batch 2, k = 7)")
+    for name, value in goal.items():
+        print(f"- {name}: {_fmt(value)}")
+    if profile:
+        print("\n## UXNet training step (torch.profiler)\n" + "\n".join(profile_table(profile)))
+    with open(os.path.join(args.directory, "summary.json"), "w") as f:
+        json.dump(dict(targets=goal, dwconv_rows=rows), f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

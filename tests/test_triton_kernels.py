@@ -1,0 +1,314 @@
+"""The Triton kernels against the reference ops: forward and every gradient, per kernel size, layout and dtype.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors at small shapes (this module sets
+TRITON_INTERPRET=1 at import, see _import_ops); with CUDA the same tests run natively at larger shapes. Every buffer a kernel writes is NaN-poisoned first (UXNET_POISON_OUTPUTS=1), and every
+element is compared (NaN anywhere fails ``rel_error``).
+"""
+
+import importlib
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from conftest import assert_close_rel
+from op_cases import dwconv3d_args, layer_norm_args, upcast, ux_mlp_args
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _import_ops():
+    if not ON_GPU:
+        # Kept for the rest of the session: triton reads it both when kernels are decorated and lazily at launch
+        # (restoring it after the import breaks the interpreter). Nothing else runs Triton on CPU: backend "auto"
+        # never picks "triton" for CPU tensors, and TorchInductor's CPU code generation does not use Triton.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return importlib.import_module("uxnet_kernels.triton.ops")
+
+
+ops = _import_ops()
+
+# Interpreter shapes are tiny (each Triton op runs at Python speed, once per program); GPU shapes are not.
+SHAPE = (2, 24, 12, 10, 14) if ON_GPU else (2, 4, 6, 5, 7)
+LAYOUTS = ["contiguous", "channels_last_3d"]
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_mode(monkeypatch):
+    if not ON_GPU and not ops.INTERPRETED:
+        pytest.fail("uxnet_kernels.triton kernels were imported without TRITON_INTERPRET=1 before this module; "
+                    "on a machine without CUDA they cannot run")
+    monkeypatch.setenv("UXNET_POISON_OUTPUTS", "1")
+    yield
+
+
+def _dev(args):
+    return [None if a is None else a.detach().to(DEVICE).requires_grad_(a.requires_grad) for a in args]
+
+
+def _grads(out, args, grad_out):
+    wanted = [a for a in args if a is not None and a.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out))
+    return [next(grads) if a is not None and a.requires_grad else None for a in args]
+
+
+def _check(fast_fn, ref_fn, args, dtype, what, grad_layout="contiguous"):
+    """fast_fn on `args` rounded to `dtype` vs ref_fn in float64 (float32 kernels) or float32 (half kernels) from
+    the same rounded inputs; forward and the gradient of every tensor argument."""
+    ref_dtype = F64 if dtype == torch.float32 else torch.float32
+    fast_args = _dev(upcast(args, dtype))
+    ref_args = upcast(fast_args, ref_dtype)
+    out = fast_fn(*fast_args)
+    ref = ref_fn(*ref_args)
+    assert out.dtype == dtype and out.device.type == DEVICE
+    assert_close_rel(out, ref, dtype, f"{what} output")
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last_3d) if grad_layout != "contiguous" else grad_out
+    grad_out = grad_out.to(DEVICE)
+    grads = _grads(out, fast_args, grad_out)
+    ref_grads = _grads(ref, ref_args, grad_out.to(ref_dtype))
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        if rg is not None:
+            assert g is not None, f"{what}: no gradient for argument {i}"
+            assert_close_rel(g, rg, dtype, f"{what} grad of argument {i}")
+    return out
+
+
+def _dwconv(x, w, b):
+    return torch.ops.uxnet.dwconv3d_triton(x, w, b)
+
+
+def _dwconv_ref(x, w, b):
+    return torch.nn.functional.conv3d(x, w, b, padding=tuple(k // 2 for k in w.shape[2:]), groups=x.shape[1])
+
+
+def _ln(x, w, b):
+    return torch.ops.uxnet.layer_norm_cf_triton(x, w, b, 1e-6)[0]
+
+
+def _ln_ref(x, w, b):
+    from uxnet_kernels import reference
+
+    return reference.layer_norm_channels_first(x, w, b, 1e-6)
+
+
+def _mlp_args(shape, dtype=torch.float32, layout="contiguous", residual=True, gamma=True):
+    """ux_mlp inputs with w1, b1, w2 in the backend's canonical (C, 4) shape."""
+    y, res, ln_w, ln_b, w1, b1, w2, b2, g = ux_mlp_args(shape, dtype, layout, residual, gamma, grad=True)
+    c = shape[1]
+    return [y, res, ln_w, ln_b] + [t.detach().reshape(c, 4).requires_grad_(True) for t in (w1, b1, w2)] + [b2, g]
+
+
+def _mlp(*args):
+    return torch.ops.uxnet.ux_mlp_triton(*args, 1e-6)[0]
+
+
+def _mlp_ref(*args):
+    from uxnet_kernels import reference
+
+    return reference.ux_mlp(*args, 1e-6)
+
+
+# ---- dwconv3d ----------------------------------------------------------------------------------------------------
+
+DW_CASES = [  # (kernel, layout): k = 7 once (the interpreter's cost grows with k^2 per program)
+    ((3, 3, 3), "contiguous"),
+    ((3, 3, 3), "channels_last_3d"),
+    ((5, 3, 7), "contiguous"),
+    ((5, 3, 7), "channels_last_3d"),
+    ((7, 7, 7), "channels_last_3d"),
+]
+if ON_GPU:
+    DW_CASES += [((7, 7, 7), "contiguous"), ((13, 13, 13), "channels_last_3d"), ((21, 21, 21), "channels_last_3d")]
+
+
+@pytest.mark.parametrize("kernel,layout", DW_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_dwconv3d_float32(kernel, layout):
+    args = dwconv3d_args(SHAPE, kernel, layout=layout, grad=True)
+    out = _check(_dwconv, _dwconv_ref, args, torch.float32, f"dwconv3d {kernel} {layout}")
+    expected = layout == "channels_last_3d"
+    assert ops._is_channels_last(out) == expected, "output must keep the input's memory format"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dwconv3d_half(dtype):
+    args = dwconv3d_args(SHAPE, (3, 3, 3), layout="channels_last_3d", grad=True)
+    _check(_dwconv, _dwconv_ref, args, dtype, f"dwconv3d {dtype}")
+
+
+def test_dwconv3d_no_bias_and_grad_out_in_other_layout():
+    args = dwconv3d_args(SHAPE, (3, 3, 5), layout="contiguous", bias=False, grad=True)
+    _check(_dwconv, _dwconv_ref, args, torch.float32, "dwconv3d no bias", grad_layout="channels_last_3d")
+
+
+def test_dwconv3d_odd_strides_and_channel_blocks(monkeypatch):
+    """Input that is neither contiguous nor channels_last_3d; more channels than one block; tiles that do not
+    divide the volume; several tiles per grad-weight chunk and several width chunks."""
+    if not ON_GPU:
+        monkeypatch.setattr(ops, "_INTERPRETER_FWD_TILE", 512)
+        monkeypatch.setattr(ops, "_INTERPRETER_GRAD_WEIGHT_TILE", 8192)
+        monkeypatch.setenv("UXNET_TRITON_KW_CHUNK", "2")
+    monkeypatch.setattr(ops, "_TARGET_PROGRAMS", 12)
+    shape = (1, 20, 3, 5, 11)  # KH = 1 below: Triton specialises an int argument of 1 to a constant
+    x, w, b = dwconv3d_args(shape, (3, 1, 5), grad=True)
+    x = x.detach().permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3).requires_grad_(True)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last_3d)
+    _check(_dwconv, _dwconv_ref, [x, w, b], torch.float32, "dwconv3d odd strides")
+
+
+def test_dwconv3d_backward_output_mask():
+    x, w, _ = _dev(dwconv3d_args(SHAPE, (3, 3, 3)))
+    g = torch.randn_like(x)
+    full = torch.ops.uxnet.dwconv3d_triton_backward(g, x, w, [True, True, True])
+    grad_x, grad_w, grad_b = torch.ops.uxnet.dwconv3d_triton_backward(g, x, w, [False, True, False])
+    assert grad_x.shape == (0,) and grad_b.shape == (0,)
+    assert torch.equal(grad_w, full[1])
+    assert full[0].shape == x.shape and full[1].shape == w.shape and full[2].shape == (x.shape[1],)
+
+
+def test_dwconv3d_grad_weight_is_deterministic():
+    x, w, _ = _dev(dwconv3d_args(SHAPE, (3, 3, 3), layout="channels_last_3d"))
+    g = torch.randn_like(x)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = torch.ops.uxnet.dwconv3d_triton_backward(g, x, w, [False, True, True])
+        second = torch.ops.uxnet.dwconv3d_triton_backward(g, x, w, [False, True, True])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
+# ---- layer_norm_cf -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_norm_float32(layout):
+    args = layer_norm_args(SHAPE, layout=layout, grad=True)
+    _check(_ln, _ln_ref, args, torch.float32, f"layer_norm_cf {layout}")
+    x, w, b = _dev(args)
+    _, mean, rstd = torch.ops.uxnet.layer_norm_cf_triton(x, w, b, 1e-6)
+    x64 = x.detach().cpu().double()
+    assert mean.dtype == torch.float32 and mean.shape == (SHAPE[0],) + SHAPE[2:]
+    assert_close_rel(mean.cpu(), x64.mean(1), torch.float32, "mean")
+    assert_close_rel(rstd.cpu(), (x64.var(1, unbiased=False) + 1e-6).rsqrt(), torch.float32, "rstd")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_half(dtype):
+    shape = (2, 5) + SHAPE[2:]  # a channel count that is not a power of two
+    _check(_ln, _ln_ref, layer_norm_args(shape, layout="channels_last_3d", grad=True), dtype, f"layer_norm {dtype}")
+
+
+def test_layer_norm_backward_output_mask():
+    x, w, b = _dev(layer_norm_args(SHAPE))
+    _, mean, rstd = torch.ops.uxnet.layer_norm_cf_triton(x, w, b, 1e-6)
+    g = torch.randn_like(x)
+    full = torch.ops.uxnet.layer_norm_cf_triton_backward(g, x, w, mean, rstd, [True, True, True])
+    part = torch.ops.uxnet.layer_norm_cf_triton_backward(g, x, w, mean, rstd, [False, False, True])
+    assert part[0].shape == (0,) and part[1].shape == (0,)
+    assert torch.equal(part[2], full[2])
+
+
+# ---- ux_mlp ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("residual,gamma", [(True, True), (False, False)], ids=["res-gamma", "plain"])
+def test_ux_mlp_float32(layout, residual, gamma):
+    args = _mlp_args(SHAPE, layout=layout, residual=residual, gamma=gamma)
+    _check(_mlp, _mlp_ref, args, torch.float32, f"ux_mlp {layout} residual={residual} gamma={gamma}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_ux_mlp_half(dtype):
+    shape = (2, 6) + SHAPE[2:]
+    _check(_mlp, _mlp_ref, _mlp_args(shape, layout="channels_last_3d"), dtype, f"ux_mlp {dtype}")
+
+
+def test_ux_mlp_residual_in_other_layout_and_stats():
+    args = _mlp_args(SHAPE, layout="channels_last_3d")
+    args[1] = args[1].detach().contiguous().requires_grad_(True)
+    _check(_mlp, _mlp_ref, args, torch.float32, "ux_mlp mixed layouts")
+    y = args[0].detach().to(DEVICE)
+    _, mean, rstd = torch.ops.uxnet.ux_mlp_triton(*_dev(args), 1e-6)
+    assert_close_rel(mean.cpu(), y.cpu().double().mean(1), torch.float32, "mean")
+    assert_close_rel(rstd.cpu(), (y.cpu().double().var(1, unbiased=False) + 1e-6).rsqrt(), torch.float32, "rstd")
+
+
+# ---- ops layer and backend ---------------------------------------------------------------------------------------
+
+
+def test_poisoning_fills_new_buffers_with_nan():
+    assert torch.isnan(ops._new(torch.empty(7))).all()
+    assert torch.isnan(ops._empty_like_layout(torch.zeros(1, 2, 3, 4, 5), True)).all()
+
+
+def test_opcheck_schema_fake_and_autograd_registration():
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    small = (2, 3, 4, 5, 6)
+    x, w, b = _dev(dwconv3d_args(small, (3, 5, 3), layout="channels_last_3d", grad=True))
+    torch.library.opcheck(torch.ops.uxnet.dwconv3d_triton.default, (x, w, b), test_utils=tests)
+    torch.library.opcheck(torch.ops.uxnet.dwconv3d_triton_backward.default,
+                          (torch.randn_like(x), x.detach(), w.detach(), [True, False, True]), test_utils=tests)
+    x, w, b = _dev(layer_norm_args(small, grad=True))
+    torch.library.opcheck(torch.ops.uxnet.layer_norm_cf_triton.default, (x, w, b, 1e-6), test_utils=tests)
+    args = _dev(_mlp_args(small, layout="channels_last_3d"))
+    torch.library.opcheck(torch.ops.uxnet.ux_mlp_triton.default, (*args, 1e-6), test_utils=tests)
+    _, mean, rstd = torch.ops.uxnet.ux_mlp_triton(*args, 1e-6)
+    bwd_args = [torch.randn_like(args[0])] + [a.detach() for a in args[:1] + args[2:]] + [mean, rstd]
+    torch.library.opcheck(torch.ops.uxnet.ux_mlp_triton_backward.default, tuple(bwd_args), test_utils=tests)
+
+
+def test_backend_dispatch_and_report():
+    import uxnet_kernels as uk
+    from uxnet_kernels import dispatch, reference
+
+    backend = dispatch.get_backend_instance("triton")
+    assert backend.available() == (True, "")
+    probe = torch.empty(1, 1, 1, 1, 1, device=DEVICE)
+    assert backend.supports("dwconv3d", probe) == (True, "")
+    ok, why = backend.supports("dwconv3d", probe.double())
+    assert not ok and "float64" in why
+    x, w, b = _dev(dwconv3d_args(SHAPE, (3, 3, 3)))
+    with uk.use_backend("triton"):
+        out = uk.dwconv3d(x, w, b)
+    assert uk.backend_report()["last_used"][f"dwconv3d@{DEVICE}"] == "triton"
+    assert_close_rel(out.cpu(), reference.dwconv3d(x.cpu().double(), w.cpu().double(), b.cpu().double()),
+                     torch.float32, "dwconv3d through use_backend('triton')")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a tensor over 2**31 elements: GPU memory, not interpreter speed")
+def test_dwconv3d_int64_offsets_on_gpu():
+    # 2 x 16 x 256 x 256 x 1025 fp16 = 2**31 + 2**26 elements: offsets past 2**31 must not wrap.
+    x = torch.randn(2, 16, 256, 256, 1025, device="cuda", dtype=torch.float16)
+    w = torch.randn(16, 1, 3, 3, 3, device="cuda", dtype=torch.float16)
+    out = torch.ops.uxnet.dwconv3d_triton(x, w, None)
+    tail = slice(-4, None)
+    ref = _dwconv_ref(x[1:, :, tail].float(), w.float(), None)
+    assert_close_rel(out[1:, :, tail][:, :, 1:-1].float().cpu(), ref[:, :, 1:-1].cpu(), torch.float16, "tail")
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts code that triton.compile rejects: compile every kernel for an H100 (sm_90) too."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton build has no NVIDIA backend (ptxas)")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu",
+                          "compile_kernels.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, script, "--dtypes", "fp32", "--layouts", "cl,cf"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("\n") == 14, proc.stdout  # 7 kernel variants x 2 layouts
