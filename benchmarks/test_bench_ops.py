@@ -1,0 +1,7 @@
+"""Op-level benchmarks: dwconv3d (forward, forward+backward; UX-Net stage shapes, k in {3, 7, 13, 21}, and the
+CPU-kernel issue's cases), layer_norm_channels_first and ux_mlp, for every fast backend of the device against the
+PyTorch reference in NCDHW and channels_last_3d. Cases: uxnet/bench/cases.py."""
+
+
+def test_op(run_case, op_case):
+    run_case(op_case)

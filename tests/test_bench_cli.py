@@ -1,0 +1,76 @@
+"""Smoke test of `uxnet bench` (tiny cases, one repetition) and of the FLOP counts its JSON reports."""
+
+import json
+
+import pytest
+import torch
+
+from uxnet import cli
+from uxnet.bench import cases as C
+from uxnet.bench import flops
+
+DEFAULT_FLOPS = 1.1556e12  # FlopCounterMode for UXNet(in_chans=1, out_chans=14) at 96^3, batch 1
+DEFAULT_PARAMS = 53_006_510
+
+
+def test_bench_cli_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--size", "tiny", "--reps", "1", "--min-reps", "1", "--budget", "0",
+            "--model-kinds", "inference", "--json", str(path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dwconv3d fwd 1x8x8^3 k3 float32" in out and "UXNet default (Table 1)" in out
+
+    report = json.loads(path.read_text())
+    default = report["default_model"]
+    assert default["params"] == DEFAULT_PARAMS
+    assert abs(default["flops"] / DEFAULT_FLOPS - 1) <= 1e-3
+    assert default["macs"] * 2 == default["flops"]
+
+    rows = report["results"]
+    groups = {r["group"] for r in rows}
+    assert {"dwconv3d fwd+bwd 1x8x8^3 k3 float32", "ux_mlp fwd 1x8x8^3 float32",
+            "model inference uxnet-tiny 1x32^3 float32"} <= groups
+    for r in rows:
+        if r["is_reference"]:
+            assert r["median_s"] > 0 and r["rounds"] == 1, r
+        else:  # a fast row either ran, with a speedup against its reference, or says why it did not
+            assert (r["median_s"] > 0 and r["speedup"] > 0) or r["note"], r
+    dw = next(r for r in rows if r["group"] == "dwconv3d fwd 1x8x8^3 k3 float32" and r["is_reference"])
+    assert dw["flops"] == 2 * 27 * 8 * 8 ** 3
+    model = next(r for r in rows if r["group"].startswith("model inference") and r["is_reference"])
+    assert model["peak_bytes"] is None or model["peak_bytes"] > 0
+
+
+def test_bench_cli_rejects_unknown_values(capsys):
+    with pytest.raises(SystemExit, match="unknown or invalid values"):
+        cli.main(["bench", "--size", "tiny", "--ops", "conv2d"])
+
+
+def _compiled_cpu_ops() -> bool:
+    from uxnet_kernels import dispatch
+
+    return dispatch.get_backend_instance("cpu").available()[0]
+
+
+@pytest.mark.skipif(not _compiled_cpu_ops(), reason="compiled CPU backend not available")
+@pytest.mark.parametrize("op", ["dwconv3d", "ux_mlp"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_flop_count_same_on_every_backend(op, mode):
+    """FlopCounterMode must count our compiled ops (registered formulas) exactly like the reference's convs."""
+    counts = {}
+    for impl in ("torch", "cpu"):
+        case = C.OpCase(op, mode, (2, 6, 5, 4, 3), 5, "float32", "ncdhw", impl)
+        fn, pool = C.build_op_case(case)
+        counts[impl] = flops.count_flops(fn, *pool.next())
+    assert counts["torch"] > 0 and counts["cpu"] == counts["torch"], counts
+
+
+def test_grouped_conv_backward_counted_per_group():
+    """torch's own formula counts a grouped conv's weight gradient as dense; ours: backward = 2 x forward."""
+    x = torch.empty((1, 48, 8, 8, 8), device="meta", requires_grad=True)
+    w = torch.empty((48, 1, 7, 7, 7), device="meta", requires_grad=True)
+    forward = flops.count_flops(lambda: torch.nn.functional.conv3d(x, w, padding=3, groups=48))
+    both = flops.count_flops(lambda: torch.nn.functional.conv3d(x, w, padding=3, groups=48).sum().backward())
+    assert forward == 2 * 343 * 48 * 8 ** 3
+    assert both == 3 * forward
