@@ -1,0 +1,82 @@
+"""``torch.autocast`` support for the public ops (called first thing by ``uxnet_kernels.functional``).
+
+Under an enabled autocast region for the device of the main input, each op casts its floating inputs the way
+PyTorch's autocast would treat the operations it replaces, then runs with autocast disabled for that device, so
+every backend (the reference one included, whose ``F.conv3d`` would otherwise re-autocast) sees exactly the same
+dtypes. Like PyTorch, only float32/float16/bfloat16 tensors are cast; float64 inputs are left alone.
+
+Policies:
+
+* ``dwconv3d``: a convolution -> inputs cast to the autocast dtype, output in the autocast dtype (the kernels
+  accumulate in float32).
+* ``layer_norm_channels_first``: as ``F.layer_norm`` under autocast on that device. On CUDA ``layer_norm`` is on
+  autocast's float32 list, so inputs are cast to float32 and the output is float32. On CPU ``layer_norm`` is not
+  autocast, so it runs in the dtype of ``x`` (weight and bias cast to it) and returns that dtype. The statistics
+  (mean, rstd) are float32 in every case: the kernels compute them in float32 for half-precision inputs.
+* ``ux_mlp``: its two grouped 1x1x1 convolutions are convolutions, so the fused tail computes in the autocast
+  dtype (float32 LayerNorm statistics and accumulation inside the kernel). The output takes the dtype of the
+  residual stream: when ``residual`` already has the autocast dtype it is fused as usual; when it is wider (a
+  float32 residual stream, as PyTorch's type promotion keeps it in the official block, where a float32 layer
+  scale multiplies the half-precision pwconv2 output), the tail runs without the residual and
+  ``residual + tail`` is added in the residual's dtype, so the residual stream never loses precision. With no
+  residual the output has the autocast dtype.
+"""
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+# Device types whose autocast puts layer_norm on the float32 list (PyTorch's autocast_mode.cpp).
+LAYER_NORM_FP32_DEVICES = ("cuda", "xpu")
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def active_dtype(x) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``x``'s device, or None when autocast is off (or x is no tensor)."""
+    if not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type):
+        return None
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(dtype: torch.dtype, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
+@contextlib.contextmanager
+def _disabled(x: torch.Tensor):
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield
+
+
+def dwconv3d(op: Callable, x, weight, bias, dtype: torch.dtype):
+    with _disabled(x):
+        return op(_cast(dtype, x), _cast(dtype, weight), _cast(dtype, bias))
+
+
+def layer_norm_channels_first(op: Callable, x, weight, bias, eps, dtype: torch.dtype):
+    if x.device.type in LAYER_NORM_FP32_DEVICES:
+        compute = torch.float32
+    else:
+        compute = x.dtype if x.dtype in _CASTABLE else None
+    with _disabled(x):
+        if compute is None:
+            return op(x, weight, bias, eps)
+        return op(_cast(compute, x), _cast(compute, weight), _cast(compute, bias), eps)
+
+
+def ux_mlp(op: Callable, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps, dtype: torch.dtype):
+    params = [_cast(dtype, t) for t in (ln_weight, ln_bias, w1, b1, w2, b2, gamma)]
+    with _disabled(y):
+        if y.dtype not in _CASTABLE:
+            return op(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)
+        y = _cast(dtype, y)
+        if residual is None or residual.dtype == dtype or residual.dtype not in _CASTABLE:
+            return op(y, _cast(dtype, residual), *params, eps)
+        tail = op(y, None, *params, eps)
+        return residual + tail.to(residual.dtype)
