@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import uxnet_kernels as uk
 
@@ -23,6 +24,14 @@ def as_kernel_3d(kernel_size: KernelSize, what: str = "kernel_size") -> Tuple[in
     if len(ks) != 3 or not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in ks):
         raise ValueError(f"UXNet: {what} must be an odd positive int or a 3-tuple of them, got {kernel_size!r}")
     return ks
+
+
+def run_maybe_checkpointed(enabled: bool, fn, *args):
+    """``fn(*args)``; with ``enabled`` and grad on, under non-reentrant activation checkpointing: only the inputs
+    are kept and ``fn`` is recomputed in backward (RNG state, e.g. drop-path masks, is replayed)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class ChannelsFirstLayerNorm(nn.Module):
@@ -76,9 +85,10 @@ class UXBlock(nn.Module):
         ks = as_kernel_3d(kernel_size)
         self.dwconv = nn.Conv3d(dim, dim, kernel_size=ks, padding=tuple(k // 2 for k in ks), groups=dim)
         self.rep_branches = nn.ModuleList([RepBranch(dim, spec) for spec in parse_branches(rep_branches, ks)])
-        # fixed, so not in the state_dict (which keeps the official keys); folded into dwconv by reparameterize
+        # fixed, so not in the state_dict (which keeps the official keys); folded into dwconv by reparameterize.
+        # Kept in float64 (cast to the weight's dtype in forward) so float64 training sees the exact prior.
         self.register_buffer("kernel_prior_mask",
-                             None if kernel_prior is None else kernel_prior_mask(ks, kernel_prior).float(),
+                             None if kernel_prior is None else kernel_prior_mask(ks, kernel_prior),
                              persistent=False)
         self.norm = ChannelsLastLayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Conv3d(dim, 4 * dim, kernel_size=1, groups=dim)
@@ -132,12 +142,18 @@ class UXNetEncoder(nn.Module):
             ]))
         for i in range(4):
             self.add_module(f"norm{i}", ChannelsFirstLayerNorm(dims[i]))
+        self.activation_checkpointing = False  # set by UXNet; checkpoints each stage while training
+
+    def stage(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Downsampling i, the UX blocks of stage i, and the stage's output LayerNorm: (stage out, normed out)."""
+        x = self.stages[i](self.downsample_layers[i](x))
+        return x, getattr(self, f"norm{i}")(x)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         outs = []
         for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
-            outs.append(getattr(self, f"norm{i}")(x))
+            x, normed = run_maybe_checkpointed(self.activation_checkpointing and self.training, self.stage, i, x)
+            outs.append(normed)
         return tuple(outs)
 
 
@@ -164,6 +180,10 @@ class UXNet(nn.Module):
         kernel_prior: None, or ``"distance"``: train the large kernel as ``W * M`` with the fixed per-tap scale
             ``M = 1 / (1 + distance from the centre)``. ``uxnet.reparameterize`` turns a model with branches or a
             prior into a plain one with the official state_dict.
+        activation_checkpointing: while training, keep only the inputs of each encoder stage, each
+            ``encoder1..5`` residual block and each decoder block, and recompute their insides in backward
+            (``torch.utils.checkpoint``, non-reentrant): less activation memory for about one extra forward.
+            Eval mode and ``torch.no_grad`` are unaffected. Not part of the state_dict.
 
     Shapes:
         input (N, in_chans, D, H, W) with D, H, W multiples of 16 -> output (N, out_chans, D, H, W).
@@ -188,6 +208,7 @@ class UXNet(nn.Module):
         kernel_size: KernelSize = 7,
         rep_branches: Sequence = (),
         kernel_prior: Optional[str] = None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if spatial_dims != 3:
@@ -211,6 +232,8 @@ class UXNet(nn.Module):
         if kernel_prior is not None:
             kernel_prior_mask(kernel_size, kernel_prior)  # validates the name before any module is built
             self.config["kernel_prior"] = kernel_prior
+        if activation_checkpointing:
+            self.config["activation_checkpointing"] = True
         self.in_chans, self.out_chans = in_chans, out_chans
         f = list(feat_size)
         self.uxnet_3d = UXNetEncoder(in_chans, depths, f, drop_path_rate, layer_scale_init_value, kernel_size,
@@ -226,6 +249,22 @@ class UXNet(nn.Module):
         self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name)
         self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name)
         self.out = UnetOutBlock(f[0], out_chans)
+        self.activation_checkpointing = activation_checkpointing
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.uxnet_3d.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        self.uxnet_3d.activation_checkpointing = bool(enabled)
+        if enabled:
+            self.config["activation_checkpointing"] = True
+        else:
+            self.config.pop("activation_checkpointing", None)
+
+    def block(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        return run_maybe_checkpointed(self.activation_checkpointing and self.training, getattr(self, name), *inputs)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_chans:
@@ -237,16 +276,16 @@ class UXNet(nn.Module):
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         self.check_input(x_in)
         outs = self.uxnet_3d(x_in)
-        enc1 = self.encoder1(x_in)
-        enc2 = self.encoder2(outs[0])
-        enc3 = self.encoder3(outs[1])
-        enc4 = self.encoder4(outs[2])
-        enc_hidden = self.encoder5(outs[3])
-        dec3 = self.decoder5(enc_hidden, enc4)
-        dec2 = self.decoder4(dec3, enc3)
-        dec1 = self.decoder3(dec2, enc2)
-        dec0 = self.decoder2(dec1, enc1)
-        return self.out(self.decoder1(dec0))
+        enc1 = self.block("encoder1", x_in)
+        enc2 = self.block("encoder2", outs[0])
+        enc3 = self.block("encoder3", outs[1])
+        enc4 = self.block("encoder4", outs[2])
+        enc_hidden = self.block("encoder5", outs[3])
+        dec3 = self.block("decoder5", enc_hidden, enc4)
+        dec2 = self.block("decoder4", dec3, enc3)
+        dec1 = self.block("decoder3", dec2, enc2)
+        dec0 = self.block("decoder2", dec1, enc1)
+        return self.out(self.block("decoder1", dec0))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
