@@ -7,6 +7,7 @@ The schemas and device kernels are C++ (csrc/); this module makes the ops tracea
 import torch
 
 from ._extension import LOADED
+from .autograd_rules import dwconv3d_rule, layer_norm_rule, ux_mlp_rule
 
 EMPTY_GRAD_SHAPE = (0,)
 
@@ -46,18 +47,8 @@ def _register() -> None:
         grad_bias = x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty(EMPTY_GRAD_SHAPE)
         return grad_x, _grad_or_empty(output_mask[1], weight), grad_bias
 
-    def _dwconv3d_setup(ctx, inputs, output):
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-
-    def _dwconv3d_backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grad_x, grad_weight, grad_bias = ops.dwconv3d_backward(grad_out, x, weight, mask)
-        return (grad_x if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None)
-
-    torch.library.register_autograd("uxnet::dwconv3d", _dwconv3d_backward, setup_context=_dwconv3d_setup)
+    backward, setup = dwconv3d_rule(ops.dwconv3d_backward)
+    torch.library.register_autograd("uxnet::dwconv3d", backward, setup_context=setup)
 
     # ---- layer_norm_cf --------------------------------------------------------------------------
     @torch.library.register_fake("uxnet::layer_norm_cf")
@@ -69,24 +60,8 @@ def _register() -> None:
         grad_x = _empty_like(grad_out) if output_mask[0] else x.new_empty(EMPTY_GRAD_SHAPE)
         return grad_x, _grad_or_empty(output_mask[1], weight), _grad_or_empty(output_mask[2], weight)
 
-    def _layer_norm_setup(ctx, inputs, output):
-        x, weight, _bias, _eps = inputs
-        _out, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, weight, mean, rstd)
-
-    def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        x, weight, mean, rstd = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:3])
-        grad_x, grad_weight, grad_bias = ops.layer_norm_cf_backward(grad_out, x, weight, mean, rstd, mask)
-        return (
-            grad_x if mask[0] else None,
-            grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None,
-            None,
-        )
-
-    torch.library.register_autograd("uxnet::layer_norm_cf", _layer_norm_backward, setup_context=_layer_norm_setup)
+    backward, setup = layer_norm_rule(ops.layer_norm_cf_backward)
+    torch.library.register_autograd("uxnet::layer_norm_cf", backward, setup_context=setup)
 
     # ---- ux_mlp ---------------------------------------------------------------------------------
     @torch.library.register_fake("uxnet::ux_mlp")
@@ -107,22 +82,8 @@ def _register() -> None:
             grad_gamma,
         )
 
-    def _ux_mlp_setup(ctx, inputs, output):
-        y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, _eps = inputs
-        _out, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.has_residual = residual is not None
-        ctx.has_gamma = gamma is not None
-        ctx.save_for_backward(y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
-
-    def _ux_mlp_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd = ctx.saved_tensors
-        grads = ops.ux_mlp_backward(grad_out, y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
-        grad_y, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma = grads
-        grad_residual = grad_out if ctx.has_residual else None
-        return (grad_y, grad_residual, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma if ctx.has_gamma else None, None)
-
-    torch.library.register_autograd("uxnet::ux_mlp", _ux_mlp_backward, setup_context=_ux_mlp_setup)
+    backward, setup = ux_mlp_rule(ops.ux_mlp_backward)
+    torch.library.register_autograd("uxnet::ux_mlp", backward, setup_context=setup)
 
 
 if LOADED:

@@ -28,6 +28,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ..autograd_rules import dwconv3d_rule, layer_norm_rule, ux_mlp_rule
 from . import dwconv3d as dw_kernels
 from . import layer_norm as ln_kernels
 from . import ux_mlp as mlp_kernels
@@ -208,20 +209,8 @@ def dwconv3d_triton_backward(
     return grad_x, grad_weight, grad_bias
 
 
-def _dwconv3d_setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _dwconv3d_backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_x, grad_weight, grad_bias = torch.ops.uxnet.dwconv3d_triton_backward(grad_out, x, weight, mask)
-    return (grad_x if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None)
-
-
-dwconv3d_triton.register_autograd(_dwconv3d_backward, setup_context=_dwconv3d_setup)
+_backward, _setup = dwconv3d_rule(torch.ops.uxnet.dwconv3d_triton_backward)
+dwconv3d_triton.register_autograd(_backward, setup_context=_setup)
 
 
 # ---- layer_norm_cf and ux_mlp ---------------------------------------------------------------------------------
@@ -296,21 +285,8 @@ def layer_norm_cf_triton_backward(
     )
 
 
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
-    _out, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, weight, mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    grads = torch.ops.uxnet.layer_norm_cf_triton_backward(grad_out, x, weight, mean, rstd, mask)
-    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,)
-
-
-layer_norm_cf_triton.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+_backward, _setup = layer_norm_rule(torch.ops.uxnet.layer_norm_cf_triton_backward)
+layer_norm_cf_triton.register_autograd(_backward, setup_context=_setup)
 
 
 @triton_op("uxnet::ux_mlp_triton", mutates_args=())
@@ -381,21 +357,5 @@ def ux_mlp_triton_backward(
     )
 
 
-def _ux_mlp_setup(ctx, inputs, output):
-    y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, _eps = inputs
-    _out, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.has_residual = residual is not None
-    ctx.has_gamma = gamma is not None
-    ctx.save_for_backward(y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
-
-
-def _ux_mlp_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd = ctx.saved_tensors
-    grads = torch.ops.uxnet.ux_mlp_triton_backward(grad_out, y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
-    grad_y, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma = grads
-    grad_residual = grad_out if ctx.has_residual else None
-    return (grad_y, grad_residual, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma if ctx.has_gamma else None, None)
-
-
-ux_mlp_triton.register_autograd(_ux_mlp_backward, setup_context=_ux_mlp_setup)
+_backward, _setup = ux_mlp_rule(torch.ops.uxnet.ux_mlp_triton_backward)
+ux_mlp_triton.register_autograd(_backward, setup_context=_setup)

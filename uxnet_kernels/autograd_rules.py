@@ -1,0 +1,66 @@
+"""The autograd rules shared by every implementation of the ops (compiled C++/CUDA and Triton).
+
+Each op has a forward returning ``out`` (plus ``mean``, ``rstd`` for the normalising ops) and a ``*_backward`` op with
+the schema of csrc/registration.cpp; these factories turn a backward op into the ``(backward, setup_context)`` pair
+that ``register_autograd`` takes.
+"""
+
+from typing import Callable, Tuple
+
+AutogradRule = Tuple[Callable, Callable]
+
+
+def dwconv3d_rule(backward_op) -> AutogradRule:
+    """backward_op(grad_out, x, weight, output_mask) -> (grad_x, grad_weight, grad_bias)."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = backward_op(grad_out, x, weight, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+    return backward, setup_context
+
+
+def layer_norm_rule(backward_op) -> AutogradRule:
+    """backward_op(grad_out, x, weight, mean, rstd, output_mask) -> (grad_x, grad_weight, grad_bias)."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, _eps = inputs
+        _out, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        grads = backward_op(grad_out, x, weight, mean, rstd, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,)
+
+    return backward, setup_context
+
+
+def ux_mlp_rule(backward_op) -> AutogradRule:
+    """backward_op(grad_out, y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd) -> 8 grads (see schema).
+
+    The residual's gradient is grad_out itself; the hidden activations are recomputed by the backward op."""
+
+    def setup_context(ctx, inputs, output):
+        y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, _eps = inputs
+        _out, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.has_residual = residual is not None
+        ctx.has_gamma = gamma is not None
+        ctx.save_for_backward(y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
+
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        grad_y, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma = backward_op(grad_out, *ctx.saved_tensors)
+        grad_residual = grad_out if ctx.has_residual else None
+        return (grad_y, grad_residual, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma if ctx.has_gamma else None, None)
+
+    return backward, setup_context
