@@ -31,12 +31,13 @@ def _to(args, device):
     return [None if a is None else a.detach().to(device).requires_grad_(a.requires_grad) for a in args]
 
 
-def _run_and_grads(fn, args, backend, grad_out_seed):
-    """Output of fn(*args) on `backend` and the grads of sum(out * g) for every tensor arg (None where absent)."""
+def _run_and_grads(fn, args, backend, grad_out_seed, grad_dtype):
+    """Output of fn(*args) on `backend` and the grads of sum(out * g) for every tensor arg (None where absent);
+    g is rounded to `grad_dtype` (the kernel's dtype) for the kernel and its reference alike."""
     with uk.use_backend(backend):
         out = fn(*args)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed), dtype=torch.float64)
-    g = g.to(out.dtype).to(out.device)
+    g = g.to(grad_dtype).to(out.dtype).to(out.device)
     grads = torch.autograd.grad(out, [a for a in args if a is not None], g)
     it = iter(grads)
     return out, [None if a is None else next(it) for a in args]
@@ -44,10 +45,11 @@ def _run_and_grads(fn, args, backend, grad_out_seed):
 
 def _compare(fn, args, backend, dtype, what, device="cpu"):
     """Run `fn` on `backend` in `dtype` and on the reference in float32/64 from the same rounded inputs."""
-    fast_args = _to(upcast(args, dtype), device)
-    ref_args = upcast(args, reference_dtype(dtype))
-    out, grads = _run_and_grads(fn, fast_args, backend, grad_out_seed=1)
-    ref_out, ref_grads = _run_and_grads(fn, ref_args, "reference", grad_out_seed=1)
+    rounded = upcast(args, dtype)
+    fast_args = _to(rounded, device)
+    ref_args = upcast(rounded, reference_dtype(dtype))
+    out, grads = _run_and_grads(fn, fast_args, backend, 1, dtype)
+    ref_out, ref_grads = _run_and_grads(fn, ref_args, "reference", 1, dtype)
     assert out.dtype == dtype
     assert_close_rel(out.cpu(), ref_out, dtype, f"{what} output")
     for i, (g, rg) in enumerate(zip(grads, ref_grads)):
