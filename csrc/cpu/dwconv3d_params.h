@@ -1,0 +1,71 @@
+// Raw-pointer parameters and kernel tables of the CPU depthwise 3D convolution.
+//
+// The kernels never see an at::Tensor. They work on "blocked" copies of input depth planes, made just in time
+// by the drivers (dwconv3d_layout.h) into a small per-thread ring of KD planes:
+//   plane[h][w][lane]   channel c = cb * lanes + lane of channel block cb, lanes = SIMD width of the ISA,
+// with pad_w() zero columns on each side of every W row and zero lanes past C. One SIMD vector then holds
+// `lanes` channels of one voxel, which is what a depthwise convolution wants (every channel has its own
+// filter), and the zero W columns remove every bounds check along W. Depth and height borders are handled by
+// clipping the kd/kh loops. Weights are blocked as weight[cb][kd][kh][kw][lane]. Every offset is int64_t.
+#pragma once
+
+#include <cstdint>
+
+namespace uxnet {
+namespace cpu {
+namespace dwconv3d {
+
+struct Geometry {
+  int64_t N, C, D, H, W;  // activation shape
+  int64_t KD, KH, KW;     // kernel shape (odd)
+  int64_t lanes;          // SIMD lanes of the compute type for the selected ISA
+  int64_t Cb;             // ceil(C / lanes)
+
+  int64_t pad_d() const { return KD / 2; }
+  int64_t pad_h() const { return KH / 2; }
+  int64_t pad_w() const { return KW / 2; }
+  int64_t taps() const { return KD * KH * KW; }
+  // Row length (in voxels) of a blocked plane, padded by pad_w() columns on each side of W.
+  int64_t row_len() const { return W + 2 * pad_w(); }
+  int64_t plane_elems() const { return H * row_len() * lanes; }
+};
+
+// One ISA's kernels for compute type T (float or double). Input planes are blocked (H rows of W + 2 * pad_w()
+// voxels, `lanes` values each, zero padding columns); in_planes[kd] is the plane at input depth
+// d + kd - pad_d() for output depth d, or null where that depth is outside the volume.
+template <typename T>
+struct KernelTable {
+  const char* isa;
+  int64_t lanes;
+  // out_row[w][lane] = bias[lane] + sum over kd, kh, kw of weight[kd][kh][kw][lane] * input(h + kh - pad_h,
+  // w + kw - pad_w)[lane], for one output row h. weight: [KD][KH][KW][lanes] of this channel block;
+  // bias: [lanes] or null.
+  void (*conv_row)(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
+                   T* out_row);
+  // partial[tap][lane] += sum over the plane of grad(h, w) * input(h + kh - pad_h, w + kw - pad_w) (if
+  // want_weight) and partial[taps()][lane] += sum over the plane of grad(h, w) (if want_bias).
+  // grad_plane is blocked with the same padding as the input planes.
+  void (*weight_grad_plane)(const Geometry& g, const T* grad_plane, const T* const* in_planes, T* partial,
+                            bool want_weight, bool want_bias);
+};
+
+enum class Isa { generic, avx2, avx512 };
+
+const KernelTable<float>& generic_kernels_f32();
+const KernelTable<double>& generic_kernels_f64();
+const KernelTable<float>& avx2_kernels_f32();
+const KernelTable<double>& avx2_kernels_f64();
+const KernelTable<float>& avx512_kernels_f32();
+const KernelTable<double>& avx512_kernels_f64();
+
+// The ISA the kernels run on: the best one this CPU supports, or the one named by the environment variable
+// UXNET_CPU_ISA (generic | avx2 | avx512 | auto), which raises if the CPU cannot run it. Read on every call so
+// tests can cover each path in one process.
+Isa selected_isa();
+
+template <typename T>
+const KernelTable<T>& kernels_for(Isa isa);
+
+}  // namespace dwconv3d
+}  // namespace cpu
+}  // namespace uxnet

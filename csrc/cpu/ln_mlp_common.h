@@ -1,0 +1,164 @@
+// Host-side helpers shared by the CPU channels-first LayerNorm and fused UX MLP kernels.
+//
+// Both ops work per voxel over the C channels. The kernels cut the voxels of each batch item into tiles of
+// kTile voxels, copy a tile into a channel-major float scratch buffer [C][kTile] (whatever the tensor layout),
+// and compute with every inner loop running over the kTile voxels of the tile: per-voxel reductions over C
+// become element-wise vector adds and per-channel parameter gradients accumulate lane-wise.
+//
+// Tiles are grouped into chunks; a chunk is the unit of parallel work and of the deterministic reduction of
+// parameter gradients: each chunk writes its own partial sums, which are then added in chunk order. The chunk
+// partition depends only on the tensor shape, never on the number of threads.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#define UXNET_LN_MLP_INLINE inline __attribute__((always_inline))
+
+namespace uxnet {
+namespace ln_mlp {
+
+constexpr int64_t kTile = 16;             // voxels per tile (one AVX-512 float vector)
+constexpr int64_t kTilesPerFlush = 16;    // tiles whose lane sums are flushed into the chunk's double sums
+constexpr int64_t kMaxChunks = 512;       // bounds the memory of the per-chunk partial sums
+
+// Parameter rows of the packed ux_mlp parameter table [kMlpParams][C] (also the order of its gradients).
+enum MlpParam : int64_t {
+  kLnWeight = 0,
+  kLnBias = 1,
+  kW1 = 2,   // 4 rows: w1[:, j]
+  kB1 = 6,   // 4 rows: b1[:, j]
+  kW2 = 10,  // 4 rows: w2[:, j]
+  kB2 = 14,
+  kGamma = 15,
+  kMlpParams = 16,
+};
+constexpr int64_t kLayerNormParams = 2;  // weight, bias
+
+struct VoxelTiling {
+  int64_t batch = 0;
+  int64_t channels = 0;
+  int64_t voxels = 0;  // D * H * W
+  bool channels_last = false;
+  int64_t tiles_per_batch = 0;
+  int64_t num_tiles = 0;
+  int64_t tiles_per_chunk = 0;
+  int64_t num_chunks = 0;
+};
+
+// A tile: batch item n, voxels [v0, v0 + count) of that item.
+struct TileRef {
+  int64_t n;
+  int64_t v0;
+  int64_t count;
+};
+
+inline VoxelTiling make_tiling(const at::Tensor& x, bool channels_last) {
+  VoxelTiling t;
+  t.batch = x.size(0);
+  t.channels = x.size(1);
+  t.voxels = x.size(2) * x.size(3) * x.size(4);
+  t.channels_last = channels_last;
+  t.tiles_per_batch = (t.voxels + kTile - 1) / kTile;
+  t.num_tiles = t.batch * t.tiles_per_batch;
+  const int64_t min_chunk = kTilesPerFlush;
+  const int64_t even_split = (t.num_tiles + kMaxChunks - 1) / kMaxChunks;
+  t.tiles_per_chunk = even_split > min_chunk ? even_split : min_chunk;
+  t.num_chunks = (t.num_tiles + t.tiles_per_chunk - 1) / t.tiles_per_chunk;
+  return t;
+}
+
+inline TileRef tile_ref(const VoxelTiling& t, int64_t tile) {
+  const int64_t n = tile / t.tiles_per_batch;
+  const int64_t v0 = (tile - n * t.tiles_per_batch) * kTile;
+  const int64_t left = t.voxels - v0;
+  return {n, v0, left < kTile ? left : kTile};
+}
+
+// Kernel arguments. Tensors are already in the canonical layout of the op (NCDHW-contiguous or
+// channels_last_3d); parameters are packed acc_t tables; stats (mean, rstd) are acc_t arrays (N*D*H*W).
+template <typename scalar_t, typename acc_t>
+struct LayerNormForwardArgs {
+  const scalar_t* x;
+  const acc_t* weight;
+  const acc_t* bias;
+  scalar_t* out;
+  acc_t* mean;
+  acc_t* rstd;
+  acc_t eps;
+  VoxelTiling tiling;
+};
+
+template <typename scalar_t, typename acc_t>
+struct LayerNormBackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const acc_t* weight;
+  const acc_t* mean;
+  const acc_t* rstd;
+  scalar_t* grad_x;   // nullptr: not wanted
+  double* partials;   // [num_chunks][kLayerNormParams][C], nullptr: parameter grads not wanted
+  VoxelTiling tiling;
+};
+
+template <typename scalar_t, typename acc_t>
+struct UxMlpForwardArgs {
+  const scalar_t* y;
+  const scalar_t* residual;  // nullptr: no residual
+  const acc_t* params;       // [kMlpParams][C]; the gamma row is all ones when gamma is None
+  scalar_t* out;
+  acc_t* mean;
+  acc_t* rstd;
+  acc_t eps;
+  VoxelTiling tiling;
+};
+
+template <typename scalar_t, typename acc_t>
+struct UxMlpBackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* y;
+  const acc_t* params;
+  const acc_t* mean;
+  const acc_t* rstd;
+  scalar_t* grad_y;
+  double* partials;  // [num_chunks][kMlpParams][C]
+  VoxelTiling tiling;
+};
+
+// The instruction set the kernels run with: the best one the CPU has, capped like ATen's own kernels by the
+// ATEN_CPU_CAPABILITY environment variable ("default", "avx2", "avx512").
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+inline Isa runtime_isa() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0 || cap[0] == '\0';
+  const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
+  if (allow_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return Isa::kAvx2;
+  }
+#endif
+  return Isa::kDefault;
+}
+
+template <typename Fn>
+Fn select_isa(Fn avx512, Fn avx2, Fn fallback) {
+  switch (runtime_isa()) {
+    case Isa::kAvx512:
+      return avx512;
+    case Isa::kAvx2:
+      return avx2;
+    default:
+      return fallback;
+  }
+}
+
+}  // namespace ln_mlp
+}  // namespace uxnet

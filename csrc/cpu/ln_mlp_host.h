@@ -1,0 +1,87 @@
+// Tensor-level helpers of the CPU LayerNorm / UX MLP ops: argument checks, stats and parameter tables,
+// and the fixed-order reduction of per-chunk parameter-gradient partials.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+
+#include <initializer_list>
+#include <type_traits>
+
+#include "cpu/ln_mlp_common.h"
+
+namespace uxnet {
+namespace ln_mlp {
+
+// Math and statistics type: float for float32 and bfloat16, double for float64.
+template <typename scalar_t>
+using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+inline void check_kernel_dtype(const char* op, const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble, op,
+              ": the CPU kernel supports float32, bfloat16 and float64 inputs, got ", dtype);
+}
+
+inline void check_param_shape(const char* op, const at::Tensor& param, const char* name,
+                              at::IntArrayRef expected) {
+  TORCH_CHECK(param.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ",
+              param.sizes());
+}
+
+inline void check_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& like,
+                       const char* like_name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected ", name, " of shape ", like.sizes(), " (the shape of ",
+              like_name, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " dtype ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
+}
+
+inline at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// mean / rstd: (N, D, H, W) in the stats dtype.
+inline at::Tensor empty_stats(const at::Tensor& x) {
+  return at::empty({x.size(0), x.size(2), x.size(3), x.size(4)}, x.options().dtype(stats_dtype(x)));
+}
+
+inline void check_stats(const char* op, const at::Tensor& x, const at::Tensor& stats, const char* name) {
+  const std::vector<int64_t> expected{x.size(0), x.size(2), x.size(3), x.size(4)};
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef(expected), op, ": expected ", name, " of shape ",
+              at::IntArrayRef(expected), " (N, D, H, W), got ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == stats_dtype(x), op, ": expected ", name, " dtype ", stats_dtype(x),
+              " for ", x.scalar_type(), " inputs, got ", stats.scalar_type());
+  TORCH_CHECK(stats.device() == x.device(), op, ": expected ", name, " on ", x.device(), ", got ",
+              stats.device());
+}
+
+// A parameter as a contiguous table in the math type (rows as in the tensor's own layout).
+template <typename acc_t>
+at::Tensor param_table(const at::Tensor& param) {
+  return param.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
+// Per-chunk partial sums of `rows` parameter-gradient rows: [num_chunks][rows][C] float64, written by the kernels.
+inline at::Tensor empty_partials(const at::Tensor& x, const VoxelTiling& tiling, int64_t rows) {
+  return at::empty({tiling.num_chunks, rows, tiling.channels}, x.options().dtype(at::kDouble));
+}
+
+// Sum of the chunk partials in chunk order: the same bits whatever the number of threads was.
+inline at::Tensor sum_partials_in_order(const at::Tensor& partials) {
+  const int64_t chunks = partials.size(0);
+  const int64_t width = partials.size(1) * partials.size(2);
+  at::Tensor total = at::zeros({partials.size(1), partials.size(2)}, partials.options());
+  const double* src = partials.data_ptr<double>();
+  double* dst = total.data_ptr<double>();
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t i = 0; i < width; ++i) {
+      dst[i] += src[k * width + i];
+    }
+  }
+  return total;
+}
+
+}  // namespace ln_mlp
+}  // namespace uxnet
