@@ -16,10 +16,10 @@ esac
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"; then
   "${pip[@]}" install -q "torch==${UXNET_TORCH_VERSION:-2.13.0}"
 fi
-torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+torch_version=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch').split('+')[0])")
 # Pin the installed torch so no extra's dependency can replace it.
 echo "torch==${torch_version}" > .venv/uxnet-constraints.txt
 "${pip[@]}" install -q -c .venv/uxnet-constraints.txt setuptools wheel ninja numpy "triton>=3.2"
