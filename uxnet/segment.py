@@ -1,0 +1,225 @@
+"""Sliding-window segmentation of NIfTI volumes with a UXNet checkpoint (``uxnet segment``; needs ``uxnet[monai]``).
+
+The volume is read with nibabel, optionally preprocessed as in the paper (intensity clipping, percentile
+normalisation ``(X - X_lo) / (X_hi - X_lo)``), cut into ROI windows that run on ``device`` in batches of
+``sw_batch_size``, and blended with MONAI's ``sliding_window_inference`` (Gaussian importance weights). The
+blended class scores live on ``stitch_device``: with ``"cpu"`` only the windows ever occupy accelerator memory,
+so a 512x512x300 CT needs about ``sw_batch_size`` windows of activations on the GPU, while the host holds the
+volume and ``out_chans + 1`` float32 score/weight maps (4 bytes x voxels each). The label map (argmax over
+classes) is written with the input's affine and header (uint8, or int16 beyond 255 classes; no intensity
+scaling).
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .model import SPATIAL_MULTIPLE, UXNet
+
+
+class SegmentError(ValueError):
+    """A problem with the inputs of a segmentation (file, image, checkpoint, options), stated for the user."""
+
+
+@dataclass
+class Preprocessing:
+    """Intensity preprocessing, applied in this order: clip to ``clip`` (A, B); with ``rescale_clip``, map [A, B]
+    linearly to [0, 1] (the official training scripts' ``ScaleIntensityRanged``); with ``percentile_norm``
+    (lo, hi), ``(X - X_lo) / (X_hi - X_lo)`` where ``X_p`` is the p-th percentile of the volume (the paper uses
+    (1, 99) after clipping)."""
+
+    clip: Optional[Tuple[float, float]] = None
+    rescale_clip: bool = False
+    percentile_norm: Optional[Tuple[float, float]] = None
+
+    def __post_init__(self):
+        if self.clip is not None and not self.clip[0] < self.clip[1]:
+            raise SegmentError(f"--clip A B needs A < B, got {self.clip[0]} {self.clip[1]}")
+        if self.rescale_clip and self.clip is None:
+            raise SegmentError("--rescale-clip needs --clip A B")
+        if self.percentile_norm is not None:
+            lo, hi = self.percentile_norm
+            if not 0 <= lo < hi <= 100:
+                raise SegmentError(f"--percentile-norm LO HI needs 0 <= LO < HI <= 100, got {lo} {hi}")
+
+    def apply(self, volume: torch.Tensor) -> torch.Tensor:
+        """volume: (C, X, Y, Z) float32 -> preprocessed float32 (percentiles per channel)."""
+        if self.clip is not None:
+            lo, hi = self.clip
+            volume = volume.clamp(lo, hi)
+            if self.rescale_clip:
+                volume = (volume - lo) / (hi - lo)
+        if self.percentile_norm is not None:
+            q = torch.tensor([p / 100.0 for p in self.percentile_norm], dtype=torch.float64)
+            out = torch.empty_like(volume)
+            for c in range(volume.shape[0]):
+                x_lo, x_hi = _percentiles(volume[c], q)
+                out[c] = (volume[c] - x_lo) / max(x_hi - x_lo, 1e-8)
+            volume = out
+        return volume
+
+
+def _percentiles(channel: torch.Tensor, q: torch.Tensor) -> Tuple[float, float]:
+    # torch.quantile is limited to 2^24 elements; a strided subsample of a large CT is within a voxel's precision
+    flat = channel.reshape(-1)
+    step = max(1, math.ceil(flat.numel() / (1 << 24)))
+    lo, hi = torch.quantile(flat[::step].double(), q).tolist()
+    return lo, hi
+
+
+def load_volume(path) -> Tuple[torch.Tensor, "object"]:
+    """The NIfTI at ``path`` as a (C, X, Y, Z) float32 tensor (C = 1 for a 3D image, the 4th axis for
+    a 4D one) and the nibabel image (for its affine and header)."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise SegmentError(f"input image {str(path)!r} does not exist or is not a file")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors ...
+        raise SegmentError(f"cannot read {str(path)!r} as a NIfTI image ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    elif data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images: (X, Y, Z, 1, C)
+        data = np.moveaxis(data[:, :, :, 0], 3, 0)
+    else:
+        raise SegmentError(f"{str(path)!r} has shape {tuple(data.shape)}; expected a 3D volume (X, Y, Z) or a "
+                           f"4D one (X, Y, Z, channels)")
+    if min(data.shape[1:]) < 1:
+        raise SegmentError(f"{str(path)!r} has an empty spatial shape {tuple(data.shape[1:])}")
+    return torch.from_numpy(np.ascontiguousarray(data)), image
+
+
+def save_labels(labels: torch.Tensor, reference_image, path) -> Path:
+    """Write the (X, Y, Z) label map with ``reference_image``'s affine and header (integer dtype, no scaling)."""
+    import nibabel as nib
+
+    path = Path(path)
+    dtype = np.uint8 if int(labels.max()) < 256 else np.int16
+    header = reference_image.header.copy()
+    out = nib.Nifti1Image(labels.numpy().astype(dtype), reference_image.affine, header=header)
+    out.set_data_dtype(dtype)
+    out.header.set_slope_inter(1.0, 0.0)
+    out.header["cal_min"], out.header["cal_max"] = 0, float(labels.max())
+    if hasattr(reference_image, "get_qform"):
+        out.set_qform(*reference_image.get_qform(coded=True))
+        out.set_sform(*reference_image.get_sform(coded=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, str(path))
+    return path
+
+
+def window_count(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """The number of windows sliding_window_inference visits (MONAI pads an image smaller than the ROI)."""
+    total = 1
+    for size, r in zip(image_size, roi):
+        size = max(size, r)
+        interval = r if r == size else max(int(r * (1 - overlap)), 1)
+        total *= next(d for d in range(size + 1) if d * interval + r >= size) + 1
+    return total
+
+
+class Progress:
+    """Counts windows and prints ``segment: i/N windows`` to a stream at most every ``every_s`` seconds."""
+
+    def __init__(self, total: int, stream=None, every_s: float = 2.0, enabled: bool = True):
+        self.total, self.stream, self.every_s, self.enabled = total, stream, every_s, enabled
+        self.done, self.start, self.last = 0, time.perf_counter(), -math.inf
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
+            self.last = now
+            elapsed = now - self.start
+            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            print(f"segment: {self.done}/{self.total} windows, {elapsed:.0f} s elapsed, ~{eta:.0f} s left",
+                  file=self.stream or sys.stderr, flush=True)
+
+
+def check_roi(roi: Sequence[int]) -> Tuple[int, int, int]:
+    roi = tuple(int(r) for r in roi)
+    if len(roi) == 1:
+        roi = roi * 3
+    if len(roi) != 3 or any(r <= 0 or r % SPATIAL_MULTIPLE for r in roi):
+        raise SegmentError(f"--roi must be 1 or 3 positive multiples of {SPATIAL_MULTIPLE} (UXNet downsamples "
+                           f"4 times), got {list(roi)}")
+    return roi
+
+
+def segment_volume(
+    model: UXNet,
+    volume: torch.Tensor,
+    roi: Sequence[int] = (96, 96, 96),
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    device: torch.device = torch.device("cpu"),
+    stitch_device: Optional[torch.device] = None,
+    amp: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """The (X, Y, Z) int64 label map of a preprocessed (C, X, Y, Z) volume.
+
+    Windows of size ``roi`` run on ``device`` ``sw_batch_size`` at a time; their scores are blended with Gaussian
+    weights on ``stitch_device`` (default: ``device``). ``amp`` runs the windows under ``torch.autocast`` (bfloat16
+    on CPU, float16 on CUDA). ``progress(n)`` is called after each batch of ``n`` windows.
+    """
+    from monai.inferers import sliding_window_inference
+
+    roi = check_roi(roi)
+    if not 0 <= overlap < 1:
+        raise SegmentError(f"--overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise SegmentError(f"--sw-batch-size must be >= 1, got {sw_batch_size}")
+    if volume.dim() != 4:
+        raise SegmentError(f"expected a (C, X, Y, Z) volume, got shape {tuple(volume.shape)}")
+    if volume.shape[0] != model.in_chans:
+        raise SegmentError(f"the image has {volume.shape[0]} channel(s) but the model expects in_chans="
+                           f"{model.in_chans}")
+    device = torch.device(device)
+    stitch_device = torch.device(stitch_device) if stitch_device is not None else device
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    model = model.to(device).eval()
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            scores = model(windows)
+        if progress is not None:
+            progress(windows.shape[0])
+        return scores.float()
+
+    with torch.inference_mode():
+        scores = sliding_window_inference(
+            volume[None], roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
+            sw_device=device, device=stitch_device,
+        )
+        return scores[0].argmax(0).cpu()
+
+
+def load_model_for_inference(checkpoint) -> UXNet:
+    """The checkpoint's UXNet in eval mode, re-parameterised into the plain model when it has training-time
+    branches or a kernel prior. Raises SegmentError for an unusable checkpoint."""
+    from .export import CheckpointError, load_checkpoint
+    from .reparam import reparameterize
+
+    try:
+        model = load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise SegmentError(str(exc)) from exc
+    if "rep_branches" in model.config or "kernel_prior" in model.config:
+        model = reparameterize(model)
+    return model.eval()
+
+
+__all__ = ["SegmentError", "Preprocessing", "load_volume", "save_labels", "segment_volume", "window_count",
+           "Progress", "load_model_for_inference", "check_roi"]
