@@ -369,10 +369,12 @@ def test_baseline_isa_matches_vectorised_isa(tmp_path):
 # ---- property test ------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("UXNET_HYPOTHESIS_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 2),
-    c=st.integers(1, 9),
+    # C <= 2: LayerNorm's input gradient is mathematically zero, so a relative error measures only rounding noise;
+    # those channel counts are covered by the unit tests with an absolute bound scaled by |grad_out| * rstd.
+    c=st.integers(3, 9),
     d=st.integers(1, 5),
     h=st.integers(1, 5),
     w=st.integers(1, 6),

@@ -18,38 +18,11 @@
 #include "cpu/ln_mlp_host.h"
 #include "uxnet_ops.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-namespace uxnet {
-namespace ln_mlp_avx512 {
-#define UXNET_LN_MLP_LANES 16
-#include "cpu/ln_mlp_layer_norm_kernels.h"
-}  // namespace ln_mlp_avx512
-}  // namespace uxnet
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace uxnet {
-namespace ln_mlp_avx2 {
-#define UXNET_LN_MLP_LANES 8
-#include "cpu/ln_mlp_layer_norm_kernels.h"
-}  // namespace ln_mlp_avx2
-}  // namespace uxnet
-#pragma GCC pop_options
-#define UXNET_LN_MLP_HAVE_X86_ISAS 1
-#endif
+#define UXNET_LN_MLP_KERNELS_HEADER "cpu/ln_mlp_layer_norm_kernels.h"
+#include "cpu/ln_mlp_isa_variants.inc"
+#undef UXNET_LN_MLP_KERNELS_HEADER
 
 namespace uxnet {
-namespace ln_mlp_default {
-#define UXNET_LN_MLP_LANES 4
-#include "cpu/ln_mlp_layer_norm_kernels.h"
-}  // namespace ln_mlp_default
-#ifndef UXNET_LN_MLP_HAVE_X86_ISAS
-namespace ln_mlp_avx512 = ln_mlp_default;
-namespace ln_mlp_avx2 = ln_mlp_default;
-#endif
 
 namespace {
 
