@@ -15,9 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import uxnet_kernels._cpp_ops  # noqa: F401  (loads _C, registers fake impls and autograd of torch.ops.uxnet)
+import uxnet_kernels  # noqa: F401  (loads _C, registers fake impls and autograd of torch.ops.uxnet)
 from uxnet_kernels import _extension, reference
 from conftest import REQUIRE_EXTENSION, TOLERANCES, assert_close_rel, reference_dtype, to_layout
+from op_cases import upcast
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 LAYOUTS = ["contiguous", "channels_last_3d"]
@@ -76,18 +77,6 @@ def ux_mlp_inputs(shape, dtype, layout, residual=True, gamma=True):
     ]
 
 
-def _leaves(args, dtype):
-    """Detached copies in `dtype` (memory format kept) that require grad; None stays None."""
-    out = []
-    for a in args:
-        if a is None:
-            out.append(None)
-            continue
-        fmt = torch.channels_last_3d if a.dim() == 5 and not a.is_contiguous() else torch.contiguous_format
-        out.append(a.detach().to(dtype).contiguous(memory_format=fmt).requires_grad_(True))
-    return out
-
-
 def _layer_norm_kernel(x, w, b):
     return torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)[0]
 
@@ -113,8 +102,8 @@ def _forward_and_grads(fn, args, grad_out):
 
 def check_against_reference(kernel, ref, args, dtype, ln_weight_index):
     """Kernel in `dtype` vs the reference in float32/64 from the same rounded inputs: output and every grad."""
-    fast = _leaves(args, dtype)
-    slow = _leaves(args, reference_dtype(dtype))
+    fast = upcast(args, dtype)
+    slow = upcast(args, reference_dtype(dtype))
     grad_out = torch.randn(args[0].shape, dtype=torch.float64).to(dtype)  # both paths see the same rounded values
     out, grads = _forward_and_grads(kernel, fast, grad_out)
     ref_out, ref_grads = _forward_and_grads(ref, slow, grad_out)
@@ -134,7 +123,7 @@ def check_against_reference(kernel, ref, args, dtype, ln_weight_index):
             # Degenerate LN: with one channel x - mean(x) = 0, with two xhat = +-1 whatever x is, so these gradients
             # are (up to eps terms) zero and a relative error only compares rounding noise amplified by rstd.
             # Compare with a float64 reference instead, relative to |grad_out| * max(rstd).
-            exact = _leaves(args, torch.float64)
+            exact = upcast(args, torch.float64)
             _, exact_grads = _forward_and_grads(ref, exact, grad_out)
             x64 = args[0].double()
             rstd_max = (x64.var(1, unbiased=False) + EPS).rsqrt().max().item()
@@ -234,7 +223,7 @@ def test_mixed_layouts_and_views():
     grad_out = torch.randn_like(out).contiguous()  # NCDHW grad for a channels_last_3d forward
     grad_x, grad_w, grad_b = torch.ops.uxnet.layer_norm_cf_backward(grad_out, x, w, mean, rstd, [True, True, True])
     assert grad_x.is_contiguous()
-    xr, wr, br = _leaves([x, w, b], torch.float64)
+    xr, wr, br = upcast([x, w, b], torch.float64)
     ref_grads = torch.autograd.grad(_layer_norm_reference(xr, wr, br), [xr, wr, br], grad_out.double())
     for got, want in zip((grad_x, grad_w, grad_b), ref_grads):
         assert_close_rel(got, want, torch.float32, "layer_norm_cf_backward with NCDHW grad_out")
@@ -280,14 +269,14 @@ def test_zero_size_inputs(shape):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck_layer_norm(layout):
-    args = _leaves(layer_norm_inputs((2, 3, 2, 3, 2), torch.float64, layout), torch.float64)
+    args = upcast(layer_norm_inputs((2, 3, 2, 3, 2), torch.float64, layout), torch.float64)
     assert torch.autograd.gradcheck(_layer_norm_kernel, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("gamma", [True, False], ids=["gamma", "no_gamma"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck_ux_mlp(layout, gamma):
-    args = _leaves(ux_mlp_inputs((2, 3, 2, 1, 3), torch.float64, layout, residual=True, gamma=gamma), torch.float64)
+    args = upcast(ux_mlp_inputs((2, 3, 2, 1, 3), torch.float64, layout, residual=True, gamma=gamma), torch.float64)
     assert torch.autograd.gradcheck(_ux_mlp_kernel, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
