@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/ln_mlp_common.h"
@@ -37,12 +38,12 @@ template <typename scalar_t, typename acc_t>
 void run_forward(const LayerNormForwardArgs<scalar_t, acc_t>& args) {
   using Fn = void (*)(const LayerNormForwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
   const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_avx2::layer_norm_forward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_default::layer_norm_forward_chunks<scalar_t, acc_t, true>)
-                    : select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_avx2::layer_norm_forward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_default::layer_norm_forward_chunks<scalar_t, acc_t, false>);
+                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_tiles<scalar_t, acc_t>,
+                                     &ln_mlp_avx2::layer_norm_forward_tiles<scalar_t, acc_t>,
+                                     &ln_mlp_default::layer_norm_forward_tiles<scalar_t, acc_t>)
+                    : select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_rows<scalar_t, acc_t>,
+                                     &ln_mlp_avx2::layer_norm_forward_rows<scalar_t, acc_t>,
+                                     &ln_mlp_default::layer_norm_forward_rows<scalar_t, acc_t>);
   at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 }
 
@@ -50,13 +51,19 @@ template <typename scalar_t, typename acc_t>
 void run_backward(const LayerNormBackwardArgs<scalar_t, acc_t>& args) {
   using Fn = void (*)(const LayerNormBackwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
   const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_avx2::layer_norm_backward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_default::layer_norm_backward_chunks<scalar_t, acc_t, true>)
-                    : select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_avx2::layer_norm_backward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_default::layer_norm_backward_chunks<scalar_t, acc_t, false>);
+                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_tiles<scalar_t, acc_t>,
+                                     &ln_mlp_avx2::layer_norm_backward_tiles<scalar_t, acc_t>,
+                                     &ln_mlp_default::layer_norm_backward_tiles<scalar_t, acc_t>)
+                    : select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_rows<scalar_t, acc_t>,
+                                     &ln_mlp_avx2::layer_norm_backward_rows<scalar_t, acc_t>,
+                                     &ln_mlp_default::layer_norm_backward_rows<scalar_t, acc_t>);
   at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+}
+
+// channels_last_3d: kTile-voxel tiles (a tile is one contiguous block); NCDHW: row blocks.
+ln_mlp::VoxelTiling layer_norm_tiling(const at::Tensor& x, at::MemoryFormat format) {
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast3d;
+  return ln_mlp::make_tiling(x, channels_last, /*row_blocks=*/!channels_last);
 }
 
 void check_param(const char* op, const at::Tensor& x, const at::Tensor& param, const char* name) {
@@ -80,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cpu(const at::Tenso
     rstd.fill_(NAN);
     return {out, mean, rstd};
   }
-  const ln_mlp::VoxelTiling tiling = ln_mlp::make_tiling(xc, format == at::MemoryFormat::ChannelsLast3d);
+  const ln_mlp::VoxelTiling tiling = layer_norm_tiling(xc, format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_cf_cpu", [&] {
     using acc_t = ln_mlp::acc_type<scalar_t>;
     const at::Tensor w = ln_mlp::param_table<acc_t>(weight);
@@ -111,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
   }
   const at::Tensor gc = grad_out.contiguous(format);
   const at::Tensor xc = x.contiguous(format);
-  const ln_mlp::VoxelTiling tiling = ln_mlp::make_tiling(xc, format == at::MemoryFormat::ChannelsLast3d);
+  const ln_mlp::VoxelTiling tiling = layer_norm_tiling(xc, format);
   at::Tensor partials = want_params ? ln_mlp::empty_partials(x, tiling, ln_mlp::kLayerNormParams) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_cf_backward_cpu", [&] {
     using acc_t = ln_mlp::acc_type<scalar_t>;

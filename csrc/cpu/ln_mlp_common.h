@@ -4,6 +4,8 @@
 // kTile voxels, copy a tile into a channel-major float scratch buffer [C][kTile] (whatever the tensor layout),
 // and compute with every inner loop running over the kTile voxels of the tile: per-voxel reductions over C
 // become element-wise vector adds and per-channel parameter gradients accumulate lane-wise.
+// The NCDHW LayerNorm uses wide tiles ("row blocks", row_block_voxels() voxels) without a scratch copy: its
+// passes stream each channel's contiguous row of the block instead of gathering C short rows a plane apart.
 //
 // Tiles are grouped into chunks; a chunk is the unit of parallel work and of the deterministic reduction of
 // parameter gradients: each chunk writes its own partial sums, which are then added in chunk order. The chunk
@@ -12,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +27,7 @@ namespace ln_mlp {
 constexpr int64_t kTile = 16;             // voxels per tile (one AVX-512 float vector)
 constexpr int64_t kTilesPerFlush = 16;    // tiles whose lane sums are flushed into the chunk's double sums
 constexpr int64_t kMaxChunks = 512;       // bounds the memory of the per-chunk partial sums
+constexpr int64_t kMaxRowBlockVoxels = 1024;  // NCDHW LayerNorm: per-voxel state of a block stays in L1
 
 // Parameter rows of the packed ux_mlp parameter table [kMlpParams][C] (also the order of its gradients).
 enum MlpParam : int64_t {
@@ -43,6 +47,7 @@ struct VoxelTiling {
   int64_t channels = 0;
   int64_t voxels = 0;  // D * H * W
   bool channels_last = false;
+  int64_t tile_voxels = kTile;  // a multiple of kTile
   int64_t tiles_per_batch = 0;
   int64_t num_tiles = 0;
   int64_t tiles_per_chunk = 0;
@@ -56,15 +61,24 @@ struct TileRef {
   int64_t count;
 };
 
-inline VoxelTiling make_tiling(const at::Tensor& x, bool channels_last) {
+// Voxels per NCDHW row block: a quarter of a batch item's voxels (so that small volumes still split across
+// threads), in whole kTile groups, between kTile and kMaxRowBlockVoxels. Depends on the shape only: row blocks
+// are also the unit of the deterministic parameter-gradient reduction.
+inline int64_t row_block_voxels(int64_t voxels) {
+  const int64_t quarter = (voxels + 4 * kTile - 1) / (4 * kTile) * kTile;
+  return std::max<int64_t>(kTile, std::min<int64_t>(quarter, kMaxRowBlockVoxels));
+}
+
+inline VoxelTiling make_tiling(const at::Tensor& x, bool channels_last, bool row_blocks = false) {
   VoxelTiling t;
   t.batch = x.size(0);
   t.channels = x.size(1);
   t.voxels = x.size(2) * x.size(3) * x.size(4);
   t.channels_last = channels_last;
-  t.tiles_per_batch = (t.voxels + kTile - 1) / kTile;
+  t.tile_voxels = row_blocks ? row_block_voxels(t.voxels) : kTile;
+  t.tiles_per_batch = (t.voxels + t.tile_voxels - 1) / t.tile_voxels;
   t.num_tiles = t.batch * t.tiles_per_batch;
-  const int64_t min_chunk = kTilesPerFlush;
+  const int64_t min_chunk = std::max<int64_t>(1, kTilesPerFlush * kTile / t.tile_voxels);
   const int64_t even_split = (t.num_tiles + kMaxChunks - 1) / kMaxChunks;
   t.tiles_per_chunk = even_split > min_chunk ? even_split : min_chunk;
   t.num_chunks = (t.num_tiles + t.tiles_per_chunk - 1) / t.tiles_per_chunk;
@@ -73,9 +87,9 @@ inline VoxelTiling make_tiling(const at::Tensor& x, bool channels_last) {
 
 inline TileRef tile_ref(const VoxelTiling& t, int64_t tile) {
   const int64_t n = tile / t.tiles_per_batch;
-  const int64_t v0 = (tile - n * t.tiles_per_batch) * kTile;
+  const int64_t v0 = (tile - n * t.tiles_per_batch) * t.tile_voxels;
   const int64_t left = t.voxels - v0;
-  return {n, v0, left < kTile ? left : kTile};
+  return {n, v0, left < t.tile_voxels ? left : t.tile_voxels};
 }
 
 // Kernel arguments. Tensors are already in the canonical layout of the op (NCDHW-contiguous or

@@ -3,8 +3,8 @@
 // NO include guard on purpose: each kernel .cpp includes its kernel header (which includes this one) once per
 // instruction set, inside a namespace and a `#pragma GCC target` region, so every function here is compiled
 // for AVX-512, AVX2+FMA and the baseline ISA. Every loop over the kTile voxels of a tile is branch-free so that
-// the compiler vectorises it for the ISA of the region. Needs <cmath>, <cstdint>, <cstring>, c10::BFloat16 and
-// ln_mlp_common.h included before.
+// the compiler vectorises it for the ISA of the region. Needs <cmath>, <cstdint>, <cstring>, <type_traits>,
+// c10::BFloat16 and ln_mlp_common.h included before.
 
 using ::uxnet::ln_mlp::kTile;
 using ::uxnet::ln_mlp::TileRef;
@@ -211,6 +211,109 @@ UXNET_LN_MLP_INLINE void store_tile(const Lanes<acc_t>* rows, const VoxelTiling&
   }
 }
 
+// ---- lane vectors straight from a tensor row (NCDHW LayerNorm) ----------------------------------------------
+
+using UintLanes = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+using HalfWordLanes = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+// kLanes elements at p as acc_t lanes (bfloat16: the bits shifted into the float's upper half).
+template <typename acc_t, typename scalar_t>
+UXNET_LN_MLP_INLINE Lanes<acc_t> load_lanes(const scalar_t* p) {
+  Lanes<acc_t> v;
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    HalfWordLanes h;
+    std::memcpy(&h, p, sizeof(h));
+    v = (Lanes<acc_t>)(__builtin_convertvector(h, UintLanes) << 16);
+  } else {
+    static_assert(std::is_same<scalar_t, acc_t>::value, "float32 / float64 rows load in their own type");
+    std::memcpy(&v, p, sizeof(v));
+  }
+  return v;
+}
+
+// Stores kLanes elements at p (bfloat16: round to nearest even, NaN stays NaN, as c10::BFloat16 rounds).
+template <typename scalar_t, typename acc_t>
+UXNET_LN_MLP_INLINE void store_lanes(scalar_t* p, Lanes<acc_t> v) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    const UintLanes u = (UintLanes)v;
+    const UintLanes rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const UintLanes is_nan = (UintLanes)((u & 0x7fffffffu) > 0x7f800000u);
+    const HalfWordLanes h = __builtin_convertvector((is_nan & 0x7fc0u) | (~is_nan & rounded), HalfWordLanes);
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+    std::memcpy(p, &v, sizeof(v));
+  }
+}
+
+// Lane vector v of a row of `count` elements; lanes past the row's end read as 0.
+template <typename acc_t, typename scalar_t>
+UXNET_LN_MLP_INLINE Lanes<acc_t> row_lanes(const scalar_t* row, int64_t v, int64_t count) {
+  const int64_t start = v * kLanes;
+  if (start + kLanes <= count) {
+    return load_lanes<acc_t>(row + start);
+  }
+  scalar_t tail[kLanes];
+  for (int64_t b = 0; b < kLanes; ++b) {
+    tail[b] = start + b < count ? row[start + b] : static_cast<scalar_t>(0.0f);
+  }
+  return load_lanes<acc_t>(tail);
+}
+
+// Runs body(v, whole) for the lane vectors v of a row of `count` elements; `whole` is std::true_type for the
+// vectors inside the row (plain vector loads and stores) and std::false_type for the partial last one.
+template <typename Body>
+UXNET_LN_MLP_INLINE void for_each_lane_vector(int64_t count, Body body) {
+  const int64_t whole = count / kLanes;
+  for (int64_t v = 0; v < whole; ++v) {
+    body(v, std::true_type{});
+  }
+  if (whole * kLanes < count) {
+    body(whole, std::false_type{});
+  }
+}
+
+template <typename acc_t, typename scalar_t, typename Whole>
+UXNET_LN_MLP_INLINE Lanes<acc_t> lanes_at(const scalar_t* row, int64_t v, int64_t count, Whole) {
+  if constexpr (Whole::value) {
+    return load_lanes<acc_t>(row + v * kLanes);
+  } else {
+    return row_lanes<acc_t>(row, v, count);
+  }
+}
+
+// Writes lane vector v of a row of `count` elements (lanes past the row's end are dropped).
+template <typename scalar_t, typename acc_t>
+UXNET_LN_MLP_INLINE void store_row_lanes(scalar_t* row, int64_t v, int64_t count, Lanes<acc_t> value) {
+  const int64_t start = v * kLanes;
+  if (start + kLanes <= count) {
+    store_lanes<scalar_t, acc_t>(row + start, value);
+    return;
+  }
+  scalar_t tail[kLanes];
+  store_lanes<scalar_t, acc_t>(tail, value);
+  for (int64_t b = 0; start + b < count; ++b) {
+    row[start + b] = tail[b];
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Whole>
+UXNET_LN_MLP_INLINE void store_lanes_at(scalar_t* row, int64_t v, int64_t count, Whole, Lanes<acc_t> value) {
+  if constexpr (Whole::value) {
+    store_lanes<scalar_t, acc_t>(row + v * kLanes, value);
+  } else {
+    store_row_lanes<scalar_t, acc_t>(row, v, count, value);
+  }
+}
+
+// 1 / sqrt(v), lane by lane.
+template <typename V>
+UXNET_LN_MLP_INLINE V lane_rsqrt(V v) {
+  for (int64_t b = 0; b < kLanes; ++b) {
+    v[b] = 1 / std::sqrt(v[b]);
+  }
+  return v;
+}
+
 // Per-voxel mean and 1/sqrt(biased variance + eps) over the C rows of a tile (two passes, acc_t precision).
 template <typename acc_t>
 UXNET_LN_MLP_INLINE void tile_stats(const Lanes<acc_t>* rows, int64_t C, acc_t eps, Lanes<acc_t>* mean,
@@ -226,10 +329,7 @@ UXNET_LN_MLP_INLINE void tile_stats(const Lanes<acc_t>* rows, int64_t C, acc_t e
       const Lanes<acc_t> d = rows[c * kSub + s] - mean[s];
       sq += d * d;
     }
-    const Lanes<acc_t> var = sq / static_cast<acc_t>(C) + eps;
-    for (int64_t b = 0; b < kLanes; ++b) {
-      rstd[s][b] = acc_t(1) / std::sqrt(var[b]);
-    }
+    rstd[s] = lane_rsqrt(sq / static_cast<acc_t>(C) + eps);
   }
 }
 
@@ -245,14 +345,15 @@ UXNET_LN_MLP_INLINE void store_stats(const Lanes<acc_t>* mean, const Lanes<acc_t
   }
 }
 
-// Saved stats of a tile; padding lanes get mean 0 and rstd 0 (their grad_out is 0, so they contribute nothing).
+// Saved stats of a tile (t.tile_voxels lanes); padding lanes get mean 0 and rstd 0 (their grad_out is 0, so they
+// contribute nothing).
 template <typename acc_t>
 UXNET_LN_MLP_INLINE void load_stats(const acc_t* mean_in, const acc_t* rstd_in, const VoxelTiling& t,
                                     const TileRef& tile, Lanes<acc_t>* mean, Lanes<acc_t>* rstd) {
   acc_t* mean_lanes = reinterpret_cast<acc_t*>(mean);
   acc_t* rstd_lanes = reinterpret_cast<acc_t*>(rstd);
   const int64_t base = tile.n * t.voxels + tile.v0;
-  for (int64_t b = 0; b < kTile; ++b) {
+  for (int64_t b = 0; b < t.tile_voxels; ++b) {
     mean_lanes[b] = b < tile.count ? mean_in[base + b] : acc_t(0);
     rstd_lanes[b] = b < tile.count ? rstd_in[base + b] : acc_t(0);
   }
