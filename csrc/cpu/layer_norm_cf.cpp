@@ -38,9 +38,9 @@ template <typename scalar_t, typename acc_t>
 void run_forward(const LayerNormForwardArgs<scalar_t, acc_t>& args) {
   using Fn = void (*)(const LayerNormForwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
   const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_tiles<scalar_t, acc_t>,
-                                     &ln_mlp_avx2::layer_norm_forward_tiles<scalar_t, acc_t>,
-                                     &ln_mlp_default::layer_norm_forward_tiles<scalar_t, acc_t>)
+                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_voxels<scalar_t, acc_t>,
+                                     &ln_mlp_avx2::layer_norm_forward_voxels<scalar_t, acc_t>,
+                                     &ln_mlp_default::layer_norm_forward_voxels<scalar_t, acc_t>)
                     : select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_rows<scalar_t, acc_t>,
                                      &ln_mlp_avx2::layer_norm_forward_rows<scalar_t, acc_t>,
                                      &ln_mlp_default::layer_norm_forward_rows<scalar_t, acc_t>);
@@ -51,19 +51,18 @@ template <typename scalar_t, typename acc_t>
 void run_backward(const LayerNormBackwardArgs<scalar_t, acc_t>& args) {
   using Fn = void (*)(const LayerNormBackwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
   const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_tiles<scalar_t, acc_t>,
-                                     &ln_mlp_avx2::layer_norm_backward_tiles<scalar_t, acc_t>,
-                                     &ln_mlp_default::layer_norm_backward_tiles<scalar_t, acc_t>)
+                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_voxels<scalar_t, acc_t>,
+                                     &ln_mlp_avx2::layer_norm_backward_voxels<scalar_t, acc_t>,
+                                     &ln_mlp_default::layer_norm_backward_voxels<scalar_t, acc_t>)
                     : select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_rows<scalar_t, acc_t>,
                                      &ln_mlp_avx2::layer_norm_backward_rows<scalar_t, acc_t>,
                                      &ln_mlp_default::layer_norm_backward_rows<scalar_t, acc_t>);
   at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 }
 
-// channels_last_3d: kTile-voxel tiles (a tile is one contiguous block); NCDHW: row blocks.
+// Row blocks in both layouts (channels_last_3d: a block is one contiguous run of voxels).
 ln_mlp::VoxelTiling layer_norm_tiling(const at::Tensor& x, at::MemoryFormat format) {
-  const bool channels_last = format == at::MemoryFormat::ChannelsLast3d;
-  return ln_mlp::make_tiling(x, channels_last, /*row_blocks=*/!channels_last);
+  return ln_mlp::make_tiling(x, format == at::MemoryFormat::ChannelsLast3d, /*row_blocks=*/true);
 }
 
 void check_param(const char* op, const at::Tensor& x, const at::Tensor& param, const char* name) {

@@ -7,90 +7,136 @@
 // grad_weight = sum over voxels of grad_out * xhat, grad_bias = sum of grad_out (as per-chunk partials).
 #include "cpu/ln_mlp_tile_math.h"
 
-// ---- channels_last_3d: tiles of kTile voxels ---------------------------------------------------------------
+// ---- channels_last_3d: voxel by voxel; a voxel's C channels are contiguous, lane = channel --------------------
+
+// The C values of a per-channel parameter as lane vectors, zero past C.
+template <typename acc_t>
+UXNET_LN_MLP_INLINE void channel_lanes(const acc_t* param, int64_t C, Lanes<acc_t>* out) {
+  for (int64_t j = 0; j * kLanes < C; ++j) {
+    out[j] = row_lanes<acc_t>(param, j, C);
+  }
+}
+
+// Sum of the lanes, pairwise in a fixed order.
+template <typename V>
+UXNET_LN_MLP_INLINE auto lane_sum(V v) {
+  for (int64_t half = kLanes / 2; half >= 1; half /= 2) {
+    for (int64_t b = 0; b < half; ++b) {
+      v[b] += v[b + half];
+    }
+  }
+  return v[0];
+}
 
 template <typename scalar_t, typename acc_t>
-void layer_norm_forward_tiles(const ::uxnet::ln_mlp::LayerNormForwardArgs<scalar_t, acc_t>& a,
+void layer_norm_forward_voxels(const ::uxnet::ln_mlp::LayerNormForwardArgs<scalar_t, acc_t>& a,
                                int64_t chunk_begin, int64_t chunk_end) {
   using V = Lanes<acc_t>;
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
-  LaneBuffer<V> rows(C * kSub);
-  V mean[kSub], rstd[kSub];
-  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    const int64_t tile_end = std::min(t.num_tiles, (chunk + 1) * t.tiles_per_chunk);
-    for (int64_t i = chunk * t.tiles_per_chunk; i < tile_end; ++i) {
-      const TileRef tile = ::uxnet::ln_mlp::tile_ref(t, i);
-      load_tile<true, scalar_t, acc_t>(a.x, t, tile, rows.data());
-      tile_stats(rows.data(), C, a.eps, mean, rstd);
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t s = 0; s < kSub; ++s) {
-          V& row = rows[c * kSub + s];
-          row = (row - mean[s]) * rstd[s] * a.weight[c] + a.bias[c];
-        }
-      }
-      store_tile<true, scalar_t, acc_t>(rows.data(), t, tile, a.out);
-      store_stats(mean, rstd, t, tile, a.mean, a.rstd);
+  const int64_t channel_vectors = (C + kLanes - 1) / kLanes;
+  LaneBuffer<V> weight(channel_vectors);
+  LaneBuffer<V> bias(channel_vectors);
+  LaneBuffer<V> ones(channel_vectors);  // 1 in the lanes that hold a channel: masks the deviations of padding
+  channel_lanes(a.weight, C, weight.data());
+  channel_lanes(a.bias, C, bias.data());
+  for (int64_t j = 0; j < channel_vectors; ++j) {
+    for (int64_t b = 0; b < kLanes; ++b) {
+      ones[j][b] = j * kLanes + b < C ? acc_t(1) : acc_t(0);
+    }
+  }
+  const int64_t tile_end = std::min(t.num_tiles, chunk_end * t.tiles_per_chunk);
+  for (int64_t i = chunk_begin * t.tiles_per_chunk; i < tile_end; ++i) {
+    const TileRef tile = ::uxnet::ln_mlp::tile_ref(t, i);
+    for (int64_t voxel = tile.n * t.voxels + tile.v0; voxel < tile.n * t.voxels + tile.v0 + tile.count; ++voxel) {
+      const scalar_t* x = a.x + voxel * C;
+      V sum{};
+      for_each_lane_vector(C, [&](int64_t j, auto whole) { sum += lanes_at<acc_t>(x, j, C, whole); });
+      const acc_t mean = lane_sum(sum) / static_cast<acc_t>(C);
+      V squares{};
+      for_each_lane_vector(C, [&](int64_t j, auto whole) {
+        const V d = (lanes_at<acc_t>(x, j, C, whole) - mean) * ones[j];
+        squares += d * d;
+      });
+      const acc_t rstd = acc_t(1) / std::sqrt(lane_sum(squares) / static_cast<acc_t>(C) + a.eps);
+      scalar_t* out = a.out + voxel * C;
+      for_each_lane_vector(C, [&](int64_t j, auto whole) {
+        const V y = (lanes_at<acc_t>(x, j, C, whole) - mean) * rstd * weight[j] + bias[j];
+        store_lanes_at<scalar_t, acc_t>(out, j, C, whole, y);
+      });
+      a.mean[voxel] = mean;
+      a.rstd[voxel] = rstd;
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void layer_norm_backward_tiles(const ::uxnet::ln_mlp::LayerNormBackwardArgs<scalar_t, acc_t>& a,
+void layer_norm_backward_voxels(const ::uxnet::ln_mlp::LayerNormBackwardArgs<scalar_t, acc_t>& a,
                                 int64_t chunk_begin, int64_t chunk_end) {
   using V = Lanes<acc_t>;
+  using DoubleLanes = Lanes<double>;
   constexpr int64_t kRows = ::uxnet::ln_mlp::kLayerNormParams;
+  constexpr int64_t kVoxelsPerFlush = 16;  // float lane sums are moved into the double sums this often
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-  LaneBuffer<V> grad(C * kSub);
-  LaneBuffer<V> x(C * kSub);
-  LaneBuffer<V> lanes(a.partials != nullptr ? C * kRows * kSub : 0);
-  V mean[kSub], rstd[kSub];
+  const int64_t channel_vectors = (C + kLanes - 1) / kLanes;
+  LaneBuffer<V> weight(channel_vectors);
+  LaneBuffer<V> grad_weight(channel_vectors);  // since the last flush
+  LaneBuffer<V> grad_bias(channel_vectors);
+  LaneBuffer<DoubleLanes> param_sums(kRows * channel_vectors);  // [kRows][channel_vectors], this chunk
+  channel_lanes(a.weight, C, weight.data());
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    double* partial = a.partials != nullptr ? a.partials + chunk * kRows * C : nullptr;
-    if (partial != nullptr) {
-      std::fill(partial, partial + kRows * C, 0.0);
-    }
     const int64_t tile_begin = chunk * t.tiles_per_chunk;
     const int64_t tile_end = std::min(t.num_tiles, tile_begin + t.tiles_per_chunk);
     for (int64_t i = tile_begin; i < tile_end; ++i) {
       const TileRef tile = ::uxnet::ln_mlp::tile_ref(t, i);
-      load_tile<true, scalar_t, acc_t>(a.grad_out, t, tile, grad.data());
-      load_tile<true, scalar_t, acc_t>(a.x, t, tile, x.data());
-      load_stats(a.mean, a.rstd, t, tile, mean, rstd);
-      for (int64_t s = 0; s < kSub; ++s) {
-        V sum_g{};
-        V sum_gx{};
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i_cs = c * kSub + s;
-          const V xhat = (x[i_cs] - mean[s]) * rstd[s];
-          if (partial != nullptr) {
-            lanes[(c * kRows + 0) * kSub + s] += grad[i_cs] * xhat;
-            lanes[(c * kRows + 1) * kSub + s] += grad[i_cs];
-          }
-          const V gw = grad[i_cs] * a.weight[c];
+      for (int64_t p = 0; p < tile.count; ++p) {
+        const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
+        const scalar_t* x = a.x + voxel * C;
+        const scalar_t* grad_out = a.grad_out + voxel * C;
+        const acc_t mean = a.mean[voxel];
+        const acc_t rstd = a.rstd[voxel];
+        V sum_g{};   // grad_out * weight (padding lanes: grad_out is 0)
+        V sum_gx{};  // grad_out * weight * xhat
+        for_each_lane_vector(C, [&](int64_t j, auto whole) {
+          const V g = lanes_at<acc_t>(grad_out, j, C, whole);
+          const V xhat = (lanes_at<acc_t>(x, j, C, whole) - mean) * rstd;
+          grad_weight[j] += g * xhat;
+          grad_bias[j] += g;
+          const V gw = g * weight[j];
           sum_g += gw;
           sum_gx += gw * xhat;
-          grad[i_cs] = gw;
-        }
+        });
         if (a.grad_x != nullptr) {
-          const V mean_g = sum_g * inv_c;
-          const V mean_gx = sum_gx * inv_c;
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t i_cs = c * kSub + s;
-            const V xhat = (x[i_cs] - mean[s]) * rstd[s];
-            grad[i_cs] = rstd[s] * (grad[i_cs] - mean_g - xhat * mean_gx);
+          const acc_t mean_g = lane_sum(sum_g) / static_cast<acc_t>(C);
+          const acc_t mean_gx = lane_sum(sum_gx) / static_cast<acc_t>(C);
+          scalar_t* grad_x = a.grad_x + voxel * C;
+          for_each_lane_vector(C, [&](int64_t j, auto whole) {
+            const V g = lanes_at<acc_t>(grad_out, j, C, whole);
+            const V xhat = (lanes_at<acc_t>(x, j, C, whole) - mean) * rstd;
+            store_lanes_at<scalar_t, acc_t>(grad_x, j, C, whole, rstd * (g * weight[j] - mean_g - xhat * mean_gx));
+          });
+        }
+        if ((p + 1) % kVoxelsPerFlush == 0 || p + 1 == tile.count) {
+          for (int64_t j = 0; j < channel_vectors; ++j) {
+            param_sums[j] += __builtin_convertvector(grad_weight[j], DoubleLanes);
+            param_sums[channel_vectors + j] += __builtin_convertvector(grad_bias[j], DoubleLanes);
+            grad_weight[j] = V{};
+            grad_bias[j] = V{};
           }
         }
       }
-      if (a.grad_x != nullptr) {
-        store_tile<true, scalar_t, acc_t>(grad.data(), t, tile, a.grad_x);
+    }
+    if (a.partials != nullptr) {
+      double* partial = a.partials + chunk * kRows * C;
+      for (int64_t row = 0; row < kRows; ++row) {
+        for (int64_t c = 0; c < C; ++c) {
+          partial[row * C + c] = param_sums[row * channel_vectors + c / kLanes][c % kLanes];
+        }
       }
-      const bool flush = (i - tile_begin + 1) % ::uxnet::ln_mlp::kTilesPerFlush == 0 || i + 1 == tile_end;
-      if (partial != nullptr && flush) {
-        flush_lanes<acc_t>(lanes.data(), kRows, C, partial);
-      }
+    }
+    for (int64_t j = 0; j < kRows * channel_vectors; ++j) {
+      param_sums[j] = DoubleLanes{};
     }
   }
 }
