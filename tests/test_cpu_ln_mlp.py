@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import uxnet_kernels  # noqa: F401  (loads _C, registers fake impls and autograd of torch.ops.uxnet)
 from uxnet_kernels import _extension, reference
-from conftest import REQUIRE_EXTENSION, TOLERANCES, assert_close_rel, reference_dtype, to_layout
+from conftest import REQUIRE_EXTENSION, TOLERANCES, assert_close_rel, reference_dtype, rel_error, to_layout
 from op_cases import upcast
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
@@ -114,7 +114,25 @@ def check_against_reference(kernel, ref, args, dtype, ln_weight_index):
         else torch.contiguous_format
     )
     assert out.is_contiguous(memory_format=want_format), "output must keep the first input's memory format"
-    assert_close_rel(out, ref_out, dtype, "output")
+    exact_cache = []
+
+    def exact():
+        if not exact_cache:
+            exact_cache.append(_forward_and_grads(ref, upcast(args, torch.float64), grad_out))
+        return exact_cache[0]
+
+    def assert_close(got, want, exact_of, what):
+        """Within the dtype's tolerance of the reference or, for float32 (flash-attention's rule), no further
+        than 2x PyTorch's own float32 error from the float64 result: few channels and many voxels make some
+        LayerNorms ill-conditioned enough that float32 PyTorch itself misses 1e-5."""
+        if dtype == torch.float32 and rel_error(got, want) > TOLERANCES[dtype]:
+            exact_value = exact_of(exact())
+            ours, torchs = rel_error(got, exact_value), rel_error(want, exact_value)
+            assert ours <= 2 * torchs, f"{what}: error {ours:.3e} vs float64, > 2x PyTorch float32's {torchs:.3e}"
+            return
+        assert_close_rel(got, want, dtype, what)
+
+    assert_close(out, ref_out, lambda e: e[0], "output")
     for i, (g, rg) in enumerate(zip(grads, ref_grads)):
         if rg is None:
             continue
@@ -123,15 +141,14 @@ def check_against_reference(kernel, ref, args, dtype, ln_weight_index):
             # Degenerate LN: with one channel x - mean(x) = 0, with two xhat = +-1 whatever x is, so these gradients
             # are (up to eps terms) zero and a relative error only compares rounding noise amplified by rstd.
             # Compare with a float64 reference instead, relative to |grad_out| * max(rstd).
-            exact = upcast(args, torch.float64)
-            _, exact_grads = _forward_and_grads(ref, exact, grad_out)
+            exact_grads = exact()[1]
             x64 = args[0].double()
             rstd_max = (x64.var(1, unbiased=False) + EPS).rsqrt().max().item()
             scale = grad_out.double().norm().item() * rstd_max
             err = (g.double() - exact_grads[i]).norm().item() / scale
             assert err <= TOLERANCES[dtype], f"grad of argument {i} (degenerate LN): error {err:.3e} x |g| max(rstd)"
             continue
-        assert_close_rel(g, rg, dtype, f"grad of argument {i}")
+        assert_close(g, rg, lambda e, i=i: e[1][i], f"grad of argument {i}")
 
 
 # ---- forward + every gradient vs the reference -----------------------------------------------------------------
@@ -163,15 +180,17 @@ def test_ux_mlp_matches_reference(shape, dtype, layout, residual, gamma):
     check_against_reference(_ux_mlp_kernel, _ux_mlp_reference, args, dtype, 2)
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "ux_mlp"])
-def test_many_chunks_and_flushes(op):
-    """More tiles than kMaxChunks * kTilesPerFlush: chunks of several flushes, plus a tail tile per item."""
-    shape = (2, 3, 41, 47, 43)  # 82,861 voxels per item -> 10,358 tiles -> chunks of 21 tiles
+@pytest.mark.parametrize("op,layout", [("layer_norm", "contiguous"), ("layer_norm", "channels_last_3d"),
+                                       ("ux_mlp", "channels_last_3d")])
+def test_many_chunks_and_flushes(op, layout):
+    """82,861 voxels per item. ux_mlp: 10,358 tiles of 16 -> chunks of 21 tiles, several flushes each, a tail tile.
+    layer_norm: 81 row blocks of 1,024 voxels per item, the last one 941 voxels (a partial lane vector)."""
+    shape = (2, 3, 41, 47, 43)
     if op == "layer_norm":
-        args = layer_norm_inputs(shape, torch.float32, "contiguous")
+        args = layer_norm_inputs(shape, torch.float32, layout)
         check_against_reference(_layer_norm_kernel, _layer_norm_reference, args, torch.float32, 1)
     else:
-        args = ux_mlp_inputs(shape, torch.float32, "channels_last_3d")
+        args = ux_mlp_inputs(shape, torch.float32, layout)
         check_against_reference(_ux_mlp_kernel, _ux_mlp_reference, args, torch.float32, 2)
 
 
@@ -283,18 +302,31 @@ def test_gradcheck_ux_mlp(layout, gamma):
 # ---- determinism ------------------------------------------------------------------------------------------------
 
 
-def test_parameter_grads_bit_identical_across_thread_counts():
-    shape = (2, 8, 20, 19, 18)  # 428 tiles per item -> several chunks
-    args = ux_mlp_inputs(shape, torch.float32, "contiguous")
-    _, mean, rstd = torch.ops.uxnet.ux_mlp(*args, EPS)
+@pytest.mark.parametrize("op,layout", [("ux_mlp", "contiguous"), ("layer_norm", "contiguous"),
+                                       ("layer_norm", "channels_last_3d")])
+def test_parameter_grads_bit_identical_across_thread_counts(op, layout):
+    shape = (2, 8, 20, 19, 18)  # ux_mlp: 428 tiles per item, layer_norm: 7 row blocks per item -> several chunks
     g = torch.randn(shape)
+    if op == "ux_mlp":
+        args = ux_mlp_inputs(shape, torch.float32, layout)
+        _, mean, rstd = torch.ops.uxnet.ux_mlp(*args, EPS)
+
+        def backward():
+            return torch.ops.uxnet.ux_mlp_backward(g, args[0], *args[2:], mean, rstd)
+    else:
+        x, w, b = layer_norm_inputs(shape, torch.float32, layout)
+        _, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)
+
+        def backward():
+            return torch.ops.uxnet.layer_norm_cf_backward(g, x, w, mean, rstd, [True, True, True])
+
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(torch.ops.uxnet.ux_mlp_backward(g, args[0], *args[2:], mean, rstd))
-            results.append(torch.ops.uxnet.ux_mlp_backward(g, args[0], *args[2:], mean, rstd))
+            results.append(backward())
+            results.append(backward())
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

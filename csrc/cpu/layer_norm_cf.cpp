@@ -119,6 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
   const at::Tensor xc = x.contiguous(format);
   const ln_mlp::VoxelTiling tiling = layer_norm_tiling(xc, format);
   at::Tensor partials = want_params ? ln_mlp::empty_partials(x, tiling, ln_mlp::kLayerNormParams) : at::Tensor();
+  at::Tensor grad_weight = x.new_empty({0});
+  at::Tensor grad_bias = x.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_cf_backward_cpu", [&] {
     using acc_t = ln_mlp::acc_type<scalar_t>;
     const at::Tensor w = ln_mlp::param_table<acc_t>(weight);
@@ -133,14 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
                                                 want_params ? partials.data_ptr<double>() : nullptr,
                                                 tiling};
     run_backward(args);
+    if (output_mask[1]) grad_weight = ln_mlp::partial_row_sum<scalar_t>(partials, 0, x.options());
+    if (output_mask[2]) grad_bias = ln_mlp::partial_row_sum<scalar_t>(partials, 1, x.options());
   });
-  at::Tensor grad_weight = x.new_empty({0});
-  at::Tensor grad_bias = x.new_empty({0});
-  if (want_params) {
-    const at::Tensor sums = ln_mlp::sum_partials_in_order(partials).to(x.scalar_type());
-    if (output_mask[1]) grad_weight = sums[0].clone();
-    if (output_mask[2]) grad_bias = sums[1].clone();
-  }
   return {grad_x, grad_weight, grad_bias};
 }
 

@@ -78,7 +78,8 @@ inline VoxelTiling make_tiling(const at::Tensor& x, bool channels_last, bool row
   t.tile_voxels = row_blocks ? row_block_voxels(t.voxels) : kTile;
   t.tiles_per_batch = (t.voxels + t.tile_voxels - 1) / t.tile_voxels;
   t.num_tiles = t.batch * t.tiles_per_batch;
-  const int64_t min_chunk = std::max<int64_t>(1, kTilesPerFlush * kTile / t.tile_voxels);
+  // kTile tiles: a chunk spans at least one flush of the float lane sums; row blocks keep their sums in double.
+  const int64_t min_chunk = row_blocks ? 1 : kTilesPerFlush;
   const int64_t even_split = (t.num_tiles + kMaxChunks - 1) / kMaxChunks;
   t.tiles_per_chunk = even_split > min_chunk ? even_split : min_chunk;
   t.num_chunks = (t.num_tiles + t.tiles_per_chunk - 1) / t.tiles_per_chunk;

@@ -83,5 +83,25 @@ inline at::Tensor sum_partials_in_order(const at::Tensor& partials) {
   return total;
 }
 
+// Row `row` of the chunk partials [num_chunks][rows][C] summed in chunk order (float64, the same bits as
+// sum_partials_in_order), as a (C,) tensor of scalar_t.
+template <typename scalar_t>
+at::Tensor partial_row_sum(const at::Tensor& partials, int64_t row, const at::TensorOptions& options) {
+  const int64_t chunks = partials.size(0);
+  const int64_t rows = partials.size(1);
+  const int64_t C = partials.size(2);
+  at::Tensor out = at::empty({C}, options);
+  const double* src = partials.data_ptr<double>() + row * C;
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      sum += src[k * rows * C + c];
+    }
+    dst[c] = static_cast<scalar_t>(sum);
+  }
+  return out;
+}
+
 }  // namespace ln_mlp
 }  // namespace uxnet

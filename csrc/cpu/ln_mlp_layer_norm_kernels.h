@@ -205,7 +205,6 @@ void layer_norm_backward_rows(const ::uxnet::ln_mlp::LayerNormBackwardArgs<scala
   using V = Lanes<acc_t>;
   using DoubleLanes = Lanes<double>;
   constexpr int64_t kRows = ::uxnet::ln_mlp::kLayerNormParams;
-  constexpr int64_t kChains = 4;  // independent accumulators per parameter sum, to hide the add latency
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
   const int64_t width = t.tile_voxels / kLanes;
@@ -231,23 +230,22 @@ void layer_norm_backward_rows(const ::uxnet::ln_mlp::LayerNormBackwardArgs<scala
         const scalar_t* x_row = a.x + offset + c * t.voxels;
         const scalar_t* g_row = a.grad_out + offset + c * t.voxels;
         const acc_t w = a.weight[c];
-        V dw[kChains] = {};
-        V db[kChains] = {};
+        V dw{};
+        V db{};
         for_each_lane_vector(tile.count, [&](int64_t v, auto whole) {
           __builtin_prefetch(g_row + t.voxels + v * kLanes);
           __builtin_prefetch(x_row + t.voxels + v * kLanes);
           const V g = lanes_at<acc_t>(g_row, v, tile.count, whole);
           const V xhat = (lanes_at<acc_t>(x_row, v, tile.count, whole) - mean[v]) * rstd[v];
-          const int64_t chain = v % kChains;
-          dw[chain] += g * xhat;
-          db[chain] += g;
+          dw += g * xhat;
+          db += g;
           const V gw = g * w;
           mean_g[v] += gw;
           mean_gx[v] += gw * xhat;
         });
         if (a.partials != nullptr) {
-          param_lanes[c * kRows + 0] += __builtin_convertvector((dw[0] + dw[1]) + (dw[2] + dw[3]), DoubleLanes);
-          param_lanes[c * kRows + 1] += __builtin_convertvector((db[0] + db[1]) + (db[2] + db[3]), DoubleLanes);
+          param_lanes[c * kRows + 0] += __builtin_convertvector(dw, DoubleLanes);
+          param_lanes[c * kRows + 1] += __builtin_convertvector(db, DoubleLanes);
         }
       }
       if (a.grad_x == nullptr) {
