@@ -37,13 +37,11 @@ void layer_norm_forward_voxels(const ::uxnet::ln_mlp::LayerNormForwardArgs<scala
   const int64_t channel_vectors = (C + kLanes - 1) / kLanes;
   LaneBuffer<V> weight(channel_vectors);
   LaneBuffer<V> bias(channel_vectors);
-  LaneBuffer<V> ones(channel_vectors);  // 1 in the lanes that hold a channel: masks the deviations of padding
   channel_lanes(a.weight, C, weight.data());
   channel_lanes(a.bias, C, bias.data());
-  for (int64_t j = 0; j < channel_vectors; ++j) {
-    for (int64_t b = 0; b < kLanes; ++b) {
-      ones[j][b] = j * kLanes + b < C ? acc_t(1) : acc_t(0);
-    }
+  V in_last_vector{};  // 1 in the lanes of the partial last channel vector that hold a channel
+  for (int64_t b = 0; b < kLanes; ++b) {
+    in_last_vector[b] = (channel_vectors - 1) * kLanes + b < C ? acc_t(1) : acc_t(0);
   }
   const int64_t tile_end = std::min(t.num_tiles, chunk_end * t.tiles_per_chunk);
   for (int64_t i = chunk_begin * t.tiles_per_chunk; i < tile_end; ++i) {
@@ -55,7 +53,10 @@ void layer_norm_forward_voxels(const ::uxnet::ln_mlp::LayerNormForwardArgs<scala
       const acc_t mean = lane_sum(sum) / static_cast<acc_t>(C);
       V squares{};
       for_each_lane_vector(C, [&](int64_t j, auto whole) {
-        const V d = (lanes_at<acc_t>(x, j, C, whole) - mean) * ones[j];
+        V d = lanes_at<acc_t>(x, j, C, whole) - mean;
+        if constexpr (!decltype(whole)::value) {
+          d *= in_last_vector;  // the padding lanes read 0, not mean
+        }
         squares += d * d;
       });
       const acc_t rstd = acc_t(1) / std::sqrt(lane_sum(squares) / static_cast<acc_t>(C) + a.eps);
