@@ -211,7 +211,7 @@ UXNET_LN_MLP_INLINE void store_tile(const Lanes<acc_t>* rows, const VoxelTiling&
   }
 }
 
-// ---- lane vectors straight from a tensor row (NCDHW LayerNorm) ----------------------------------------------
+// ---- lane vectors straight from tensor memory (LayerNorm: NCDHW rows, channels_last_3d voxels) --------------
 
 using UintLanes = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 using HalfWordLanes = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
