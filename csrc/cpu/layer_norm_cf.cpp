@@ -1,6 +1,6 @@
 // CPU kernels of uxnet::layer_norm_cf and uxnet::layer_norm_cf_backward: LayerNorm over the channel dim of
 // (N, C, D, H, W), NCDHW-contiguous or channels_last_3d, float32 / bfloat16 (float32 math and stats) and
-// float64. The per-tile kernels (ln_mlp_layer_norm_kernels.h) are compiled for AVX-512, AVX2+FMA and the
+// float64. The chunk kernels (ln_mlp_layer_norm_kernels.h) are compiled for AVX-512, AVX2+FMA and the
 // baseline ISA; the one matching the CPU is picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -4,8 +4,9 @@
 // kTile voxels, copy a tile into a channel-major float scratch buffer [C][kTile] (whatever the tensor layout),
 // and compute with every inner loop running over the kTile voxels of the tile: per-voxel reductions over C
 // become element-wise vector adds and per-channel parameter gradients accumulate lane-wise.
-// The NCDHW LayerNorm uses wide tiles ("row blocks", row_block_voxels() voxels) without a scratch copy: its
-// passes stream each channel's contiguous row of the block instead of gathering C short rows a plane apart.
+// The LayerNorm uses wide tiles ("row blocks", row_block_voxels() voxels) and no scratch copy: in NCDHW its
+// passes stream each channel's contiguous row of the block instead of gathering C short rows a plane apart; in
+// channels_last_3d a block is one contiguous run of voxels, processed voxel by voxel.
 //
 // Tiles are grouped into chunks; a chunk is the unit of parallel work and of the deterministic reduction of
 // parameter gradients: each chunk writes its own partial sums, which are then added in chunk order. The chunk
@@ -27,7 +28,7 @@ namespace ln_mlp {
 constexpr int64_t kTile = 16;             // voxels per tile (one AVX-512 float vector)
 constexpr int64_t kTilesPerFlush = 16;    // tiles whose lane sums are flushed into the chunk's double sums
 constexpr int64_t kMaxChunks = 512;       // bounds the memory of the per-chunk partial sums
-constexpr int64_t kMaxRowBlockVoxels = 1024;  // NCDHW LayerNorm: per-voxel state of a block stays in L1
+constexpr int64_t kMaxRowBlockVoxels = 1024;  // LayerNorm (NCDHW): per-voxel state of a block stays in L1
 
 // Parameter rows of the packed ux_mlp parameter table [kMlpParams][C] (also the order of its gradients).
 enum MlpParam : int64_t {
@@ -61,7 +62,7 @@ struct TileRef {
   int64_t count;
 };
 
-// Voxels per NCDHW row block: a quarter of a batch item's voxels (so that small volumes still split across
+// Voxels per LayerNorm row block: a quarter of a batch item's voxels (so that small volumes still split across
 // threads), in whole kTile groups, between kTile and kMaxRowBlockVoxels. Depends on the shape only: row blocks
 // are also the unit of the deterministic parameter-gradient reduction.
 inline int64_t row_block_voxels(int64_t voxels) {
