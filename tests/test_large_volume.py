@@ -1,0 +1,80 @@
+"""The CPU kernels on a volume past 2**31 elements (a 512x512x300 CT at 48 channels has 3.8e9): the last depth
+planes of the second batch item lie at offsets that wrap in int32. Each case checks those planes against the
+reference ops on a slice.
+
+Opt-in (UXNET_LARGE_TESTS=1): a case allocates 9-13 GiB and runs for about half a minute, more than CI machines
+are promised."""
+
+import os
+
+import pytest
+import torch
+from conftest import assert_close_rel, require_compiled
+
+from uxnet_kernels import reference
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("UXNET_LARGE_TESTS") != "1", reason="opt-in: set UXNET_LARGE_TESTS=1 (needs 9-13 GiB of RAM)"
+)
+
+SHAPE = (2, 8, 128, 1024, 1025)  # 2,149,580,800 elements; item 1's last ~3 depth planes start past 2**31
+BLOCK_PLANES = 16
+TAIL = 4  # depth planes of item 1 compared with the reference
+EPS = 1e-6
+LAYOUTS = ["contiguous", "channels_last_3d"]
+
+
+@pytest.fixture(autouse=True)
+def _compiled():
+    require_compiled("cpu")
+
+
+def big_input(layout: str) -> torch.Tensor:
+    """bfloat16 SHAPE in `layout`; every block of BLOCK_PLANES depth planes is a differently rolled copy of one
+    random block, so reading from a wrong block gives wrong values (filling 2e9 values with randn takes minutes)."""
+    n, c, d, h, w = SHAPE
+    block = torch.randn(n, c, BLOCK_PLANES, h, w).to(torch.bfloat16)
+    memory_format = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    x = torch.empty(SHAPE, dtype=torch.bfloat16, memory_format=memory_format)
+    for i in range(d // BLOCK_PLANES):
+        x[:, :, i * BLOCK_PLANES:(i + 1) * BLOCK_PLANES] = block.roll(37 * i, dims=-1)
+    assert x.numel() > 2**31
+    return x
+
+
+def tail(t: torch.Tensor, planes: int = TAIL) -> torch.Tensor:
+    """Item 1's last `planes` depth planes, contiguous, float32."""
+    return t[1:, :, -planes:].float().contiguous()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dwconv3d_forward_and_grad_input_past_2_31(layout):
+    x = big_input(layout)
+    weight = torch.randn(SHAPE[1], 1, 3, 3, 3).to(torch.bfloat16)
+    out = torch.ops.uxnet.dwconv3d(x, weight, None)
+    # k = 3: output plane p needs input planes p-1..p+1, so the reference on the last TAIL planes is exact for all
+    # but its first plane (whose lower neighbour it pads with zeros).
+    want = reference.dwconv3d(tail(x), weight.float(), None)[:, :, 1:]
+    assert_close_rel(tail(out, TAIL - 1), want, torch.bfloat16, "dwconv3d forward, item 1's last planes")
+    del out
+    # grad_x is the forward with the flipped kernel; x serves as grad_out.
+    grad_x = torch.ops.uxnet.dwconv3d_backward(x, x, weight, [True, False, False])[0]
+    want = reference.dwconv3d(tail(x), weight.float().flip(2, 3, 4), None)[:, :, 1:]
+    assert_close_rel(tail(grad_x, TAIL - 1), want, torch.bfloat16, "dwconv3d grad_x, item 1's last planes")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_norm_forward_and_grad_input_past_2_31(layout):
+    x = big_input(layout)
+    c = SHAPE[1]
+    weight = (1 + 0.1 * torch.randn(c)).to(torch.bfloat16)
+    bias = (0.1 * torch.randn(c)).to(torch.bfloat16)
+    out, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, weight, bias, EPS)
+    x_tail = tail(x).requires_grad_()
+    want = reference.layer_norm_channels_first(x_tail, weight.float(), bias.float(), EPS)
+    assert_close_rel(tail(out), want, torch.bfloat16, "layer_norm forward, item 1's last planes")
+    del out
+    # LayerNorm is per voxel: grad_x of the slice is exact; x serves as grad_out.
+    grad_x = torch.ops.uxnet.layer_norm_cf_backward(x, x, weight, mean, rstd, [True, False, False])[0]
+    (want_grad,) = torch.autograd.grad(want, x_tail, tail(x))
+    assert_close_rel(tail(grad_x), want_grad, torch.bfloat16, "layer_norm grad_x, item 1's last planes")
