@@ -1,4 +1,4 @@
-"""The CPU kernels on a volume past 2**31 elements (a 512x512x300 CT at 48 channels has 3.8e9): the last depth
+"""The CPU kernels (dwconv3d, LayerNorm, UX MLP) on a volume past 2**31 elements (a 512x512x300 CT at 48 channels has 3.8e9): the last depth
 planes of the second batch item lie at offsets that wrap in int32. Each case checks those planes against the
 reference ops on a slice.
 
@@ -78,3 +78,16 @@ def test_layer_norm_forward_and_grad_input_past_2_31(layout):
     grad_x = torch.ops.uxnet.layer_norm_cf_backward(x, x, weight, mean, rstd, [True, False, False])[0]
     (want_grad,) = torch.autograd.grad(want, x_tail, tail(x))
     assert_close_rel(tail(grad_x), want_grad, torch.bfloat16, "layer_norm grad_x, item 1's last planes")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ux_mlp_forward_past_2_31(layout):
+    x = big_input(layout)
+    c = SHAPE[1]
+    # the schema's shapes: ln_weight, ln_bias (C); w1, b1, w2 (C, 4); b2, gamma (C)
+    params = [1 + 0.1 * torch.randn(c), 0.1 * torch.randn(c), 0.5 * torch.randn(c, 4), 0.1 * torch.randn(c, 4),
+              0.5 * torch.randn(c, 4), 0.1 * torch.randn(c), torch.randn(c)]
+    lnw, lnb, w1, b1, w2, b2, gamma = [p.to(torch.bfloat16) for p in params]
+    out = torch.ops.uxnet.ux_mlp(x, x, lnw, lnb, w1, b1, w2, b2, gamma, EPS)[0]
+    want = reference.ux_mlp(tail(x), tail(x), *[p.float() for p in (lnw, lnb, w1, b1, w2, b2, gamma)], EPS)
+    assert_close_rel(tail(out), want, torch.bfloat16, "ux_mlp forward, item 1's last planes")
