@@ -1,6 +1,6 @@
-"""The CPU kernels (dwconv3d, LayerNorm, UX MLP) on a volume past 2**31 elements (a 512x512x300 CT at 48 channels has 3.8e9): the last depth
-planes of the second batch item lie at offsets that wrap in int32. Each case checks those planes against the
-reference ops on a slice.
+"""The CPU kernels (dwconv3d, LayerNorm, UX MLP) on a volume past 2**31 elements (a 512x512x300 CT at 48 channels
+has 3.8e9): the last depth planes of the second batch item lie at offsets that wrap in int32. Each case checks
+those planes against the reference ops on a slice.
 
 Opt-in (UXNET_LARGE_TESTS=1): a case allocates 9-13 GiB and runs for about half a minute, more than CI machines
 are promised."""
