@@ -29,35 +29,24 @@ namespace {
 
 using ln_mlp::LayerNormBackwardArgs;
 using ln_mlp::LayerNormForwardArgs;
-using ln_mlp::select_isa;
 
 constexpr const char* kForwardOp = "uxnet::layer_norm_cf";
 constexpr const char* kBackwardOp = "uxnet::layer_norm_cf_backward";
 
 template <typename scalar_t, typename acc_t>
 void run_forward(const LayerNormForwardArgs<scalar_t, acc_t>& args) {
-  using Fn = void (*)(const LayerNormForwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
-  const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_voxels<scalar_t, acc_t>,
-                                     &ln_mlp_avx2::layer_norm_forward_voxels<scalar_t, acc_t>,
-                                     &ln_mlp_default::layer_norm_forward_voxels<scalar_t, acc_t>)
-                    : select_isa<Fn>(&ln_mlp_avx512::layer_norm_forward_rows<scalar_t, acc_t>,
-                                     &ln_mlp_avx2::layer_norm_forward_rows<scalar_t, acc_t>,
-                                     &ln_mlp_default::layer_norm_forward_rows<scalar_t, acc_t>);
-  at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  using Fn = ln_mlp::ChunkKernel<LayerNormForwardArgs<scalar_t, acc_t>>;
+  ln_mlp::run_chunks(args, args.tiling.channels_last
+                               ? UXNET_LN_MLP_ISA_KERNEL(Fn, layer_norm_forward_voxels<scalar_t, acc_t>)
+                               : UXNET_LN_MLP_ISA_KERNEL(Fn, layer_norm_forward_rows<scalar_t, acc_t>));
 }
 
 template <typename scalar_t, typename acc_t>
 void run_backward(const LayerNormBackwardArgs<scalar_t, acc_t>& args) {
-  using Fn = void (*)(const LayerNormBackwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
-  const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_voxels<scalar_t, acc_t>,
-                                     &ln_mlp_avx2::layer_norm_backward_voxels<scalar_t, acc_t>,
-                                     &ln_mlp_default::layer_norm_backward_voxels<scalar_t, acc_t>)
-                    : select_isa<Fn>(&ln_mlp_avx512::layer_norm_backward_rows<scalar_t, acc_t>,
-                                     &ln_mlp_avx2::layer_norm_backward_rows<scalar_t, acc_t>,
-                                     &ln_mlp_default::layer_norm_backward_rows<scalar_t, acc_t>);
-  at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  using Fn = ln_mlp::ChunkKernel<LayerNormBackwardArgs<scalar_t, acc_t>>;
+  ln_mlp::run_chunks(args, args.tiling.channels_last
+                               ? UXNET_LN_MLP_ISA_KERNEL(Fn, layer_norm_backward_voxels<scalar_t, acc_t>)
+                               : UXNET_LN_MLP_ISA_KERNEL(Fn, layer_norm_backward_rows<scalar_t, acc_t>));
 }
 
 // Row blocks in both layouts (channels_last_3d: a block is one contiguous run of voxels).

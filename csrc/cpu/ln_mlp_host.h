@@ -63,6 +63,15 @@ at::Tensor param_table(const at::Tensor& param) {
   return param.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
 }
 
+template <typename Args>
+using ChunkKernel = void (*)(const Args&, int64_t chunk_begin, int64_t chunk_end);
+
+// Runs a chunk kernel over every chunk of args.tiling, split across torch's intra-op threads.
+template <typename Args>
+void run_chunks(const Args& args, ChunkKernel<Args> kernel) {
+  at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+}
+
 // Per-chunk partial sums of `rows` parameter-gradient rows: [num_chunks][rows][C] float64, written by the kernels.
 inline at::Tensor empty_partials(const at::Tensor& x, const VoxelTiling& tiling, int64_t rows) {
   return at::empty({tiling.num_chunks, rows, tiling.channels}, x.options().dtype(at::kDouble));

@@ -28,7 +28,6 @@ namespace uxnet {
 
 namespace {
 
-using ln_mlp::select_isa;
 using ln_mlp::UxMlpBackwardArgs;
 using ln_mlp::UxMlpForwardArgs;
 
@@ -37,28 +36,18 @@ constexpr const char* kBackwardOp = "uxnet::ux_mlp_backward";
 
 template <typename scalar_t, typename acc_t>
 void run_forward(const UxMlpForwardArgs<scalar_t, acc_t>& args) {
-  using Fn = void (*)(const UxMlpForwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
-  const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::ux_mlp_forward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_avx2::ux_mlp_forward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_default::ux_mlp_forward_chunks<scalar_t, acc_t, true>)
-                    : select_isa<Fn>(&ln_mlp_avx512::ux_mlp_forward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_avx2::ux_mlp_forward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_default::ux_mlp_forward_chunks<scalar_t, acc_t, false>);
-  at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  using Fn = ln_mlp::ChunkKernel<UxMlpForwardArgs<scalar_t, acc_t>>;
+  ln_mlp::run_chunks(args, args.tiling.channels_last
+                               ? UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_forward_chunks<scalar_t, acc_t, true>)
+                               : UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_forward_chunks<scalar_t, acc_t, false>));
 }
 
 template <typename scalar_t, typename acc_t>
 void run_backward(const UxMlpBackwardArgs<scalar_t, acc_t>& args) {
-  using Fn = void (*)(const UxMlpBackwardArgs<scalar_t, acc_t>&, int64_t, int64_t);
-  const Fn fn = args.tiling.channels_last
-                    ? select_isa<Fn>(&ln_mlp_avx512::ux_mlp_backward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_avx2::ux_mlp_backward_chunks<scalar_t, acc_t, true>,
-                                     &ln_mlp_default::ux_mlp_backward_chunks<scalar_t, acc_t, true>)
-                    : select_isa<Fn>(&ln_mlp_avx512::ux_mlp_backward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_avx2::ux_mlp_backward_chunks<scalar_t, acc_t, false>,
-                                     &ln_mlp_default::ux_mlp_backward_chunks<scalar_t, acc_t, false>);
-  at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  using Fn = ln_mlp::ChunkKernel<UxMlpBackwardArgs<scalar_t, acc_t>>;
+  ln_mlp::run_chunks(args, args.tiling.channels_last
+                               ? UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_backward_chunks<scalar_t, acc_t, true>)
+                               : UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_backward_chunks<scalar_t, acc_t, false>));
 }
 
 struct MlpParams {
