@@ -97,4 +97,16 @@ TORCH_LIBRARY(uxnet, m) {
       " Tensor b1, Tensor w2, Tensor b2, Tensor? gamma, Tensor mean, Tensor rstd)"
       " -> (Tensor grad_y, Tensor grad_ln_weight, Tensor grad_ln_bias, Tensor grad_w1,"
       " Tensor grad_b1, Tensor grad_w2, Tensor grad_b2, Tensor grad_gamma)");
+  m.def("instance_norm_lrelu(Tensor x, float negative_slope, float eps)"
+        " -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def("instance_norm_lrelu_backward(Tensor grad_out, Tensor out, Tensor rstd, float negative_slope)"
+        " -> Tensor grad_x");
+  m.def(
+      "instance_norm_add_lrelu(Tensor z, Tensor? residual, Tensor[] shortcut_inputs, Tensor[] shortcut_weights,"
+      " float negative_slope, float eps)"
+      " -> (Tensor out, Tensor mean, Tensor rstd, Tensor shortcut_mean, Tensor shortcut_rstd)");
+  m.def(
+      "instance_norm_add_lrelu_backward(Tensor grad_out, Tensor out, Tensor? residual, Tensor[] shortcut_inputs,"
+      " Tensor[] shortcut_weights, Tensor rstd, Tensor shortcut_mean, Tensor shortcut_rstd, float negative_slope)"
+      " -> (Tensor grad_z, Tensor grad_residual, Tensor[] grad_shortcut_inputs, Tensor[] grad_shortcut_weights)");
 }

@@ -7,7 +7,9 @@
 //   dwconv weight            : (C, 1, KD, KH, KW), odd KD/KH/KW;  bias: (C,)
 //   layer norm weight/bias   : (C,)
 //   ux_mlp w1, b1, w2        : (C, 4) contiguous (the grouped 1x1x1 convs, reshaped); b2, gamma: (C,)
-//   mean, rstd               : (N, D, H, W), float64 for float64 inputs, float32 otherwise.
+//   mean, rstd               : (N, D, H, W), float64 for float64 inputs, float32 otherwise; (N, C) for the
+//                              instance-norm ops.
+//   shortcut weights         : (C, C_i, 1, 1, 1), one per shortcut input (N, C_i, D, H, W).
 // Masked-out gradients (output_mask[i] == false) are returned as empty tensors of shape (0,).
 #pragma once
 

@@ -7,7 +7,8 @@ The schemas and device kernels are C++ (csrc/); this module makes the ops tracea
 import torch
 
 from ._extension import LOADED
-from .autograd_rules import dwconv3d_rule, layer_norm_rule, ux_mlp_rule
+from .autograd_rules import (dwconv3d_rule, instance_norm_add_lrelu_rule, instance_norm_lrelu_rule, layer_norm_rule,
+                             ux_mlp_rule)
 
 EMPTY_GRAD_SHAPE = (0,)
 
@@ -27,6 +28,12 @@ def _stats_like(x: torch.Tensor):
     n, _, d, h, w = x.shape
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((n, d, h, w), dtype=dtype), x.new_empty((n, d, h, w), dtype=dtype)
+
+
+def instance_stats_like(x: torch.Tensor):
+    """Empty (mean, rstd) of the instance-norm ops: (N, C), float32 (float64 for float64 inputs)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[:2], dtype=dtype), x.new_empty(x.shape[:2], dtype=dtype)
 
 
 def _grad_or_empty(wanted: bool, like: torch.Tensor) -> torch.Tensor:
@@ -84,6 +91,37 @@ def _register() -> None:
 
     backward, setup = ux_mlp_rule(ops.ux_mlp_backward)
     torch.library.register_autograd("uxnet::ux_mlp", backward, setup_context=setup)
+
+    # ---- instance_norm_lrelu --------------------------------------------------------------------
+    @torch.library.register_fake("uxnet::instance_norm_lrelu")
+    def _instance_norm_lrelu_fake(x, negative_slope, eps):
+        return (_empty_like(x), *instance_stats_like(x))
+
+    @torch.library.register_fake("uxnet::instance_norm_lrelu_backward")
+    def _instance_norm_lrelu_backward_fake(grad_out, out, rstd, negative_slope):
+        return _empty_like(grad_out)
+
+    backward, setup = instance_norm_lrelu_rule(ops.instance_norm_lrelu_backward)
+    torch.library.register_autograd("uxnet::instance_norm_lrelu", backward, setup_context=setup)
+
+    # ---- instance_norm_add_lrelu ----------------------------------------------------------------
+    @torch.library.register_fake("uxnet::instance_norm_add_lrelu")
+    def _instance_norm_add_lrelu_fake(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
+        if shortcut_inputs:
+            shortcut_stats = instance_stats_like(z)
+        else:
+            shortcut_stats = (z.new_empty(EMPTY_GRAD_SHAPE), z.new_empty(EMPTY_GRAD_SHAPE))
+        return (_empty_like(z), *instance_stats_like(z), *shortcut_stats)
+
+    @torch.library.register_fake("uxnet::instance_norm_add_lrelu_backward")
+    def _instance_norm_add_lrelu_backward_fake(grad_out, out, residual, shortcut_inputs, shortcut_weights, rstd,
+                                               shortcut_mean, shortcut_rstd, negative_slope):
+        grad_residual = _empty_like(grad_out) if residual is not None else grad_out.new_empty(EMPTY_GRAD_SHAPE)
+        return (_empty_like(grad_out), grad_residual, [_empty_like(x) for x in shortcut_inputs],
+                [torch.empty_like(w, memory_format=torch.contiguous_format) for w in shortcut_weights])
+
+    backward, setup = instance_norm_add_lrelu_rule(ops.instance_norm_add_lrelu_backward)
+    torch.library.register_autograd("uxnet::instance_norm_add_lrelu", backward, setup_context=setup)
 
 
 if LOADED:

@@ -20,6 +20,11 @@ Policies:
   scale multiplies the half-precision pwconv2 output), the tail runs without the residual and
   ``residual + tail`` is added in the residual's dtype, so the residual stream never loses precision. With no
   residual the output has the autocast dtype.
+* ``instance_norm_lrelu``: instance norm and LeakyReLU are on no autocast list, so it runs in the dtype of ``x``
+  (normally the autocast dtype, as x is a convolution output), statistics in float32.
+* ``instance_norm_add_lrelu``: the projection shortcut is a convolution, so its inputs and weights are cast to the
+  autocast dtype; ``z`` and the residual are then brought to their promoted dtype, the dtype of the official
+  ``instance_norm(z) + r`` (a float32 residual stream stays float32). Statistics in float32.
 """
 
 import contextlib
@@ -80,3 +85,22 @@ def ux_mlp(op: Callable, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma,
             return op(y, _cast(dtype, residual), *params, eps)
         tail = op(y, None, *params, eps)
         return residual + tail.to(residual.dtype)
+
+
+def instance_norm_lrelu(op: Callable, x, negative_slope, eps):
+    with _disabled(x):
+        return op(x, negative_slope, eps)
+
+
+def instance_norm_add_lrelu(op: Callable, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps,
+                            dtype: torch.dtype):
+    shortcut_inputs = [_cast(dtype, t) for t in shortcut_inputs]
+    shortcut_weights = [_cast(dtype, t) for t in shortcut_weights]
+    others = [residual] if residual is not None else shortcut_inputs
+    compute = z.dtype
+    for t in others:
+        if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE and compute in _CASTABLE:
+            compute = torch.promote_types(compute, t.dtype)
+    with _disabled(z):
+        return op(_cast(compute, z), _cast(compute, residual), [_cast(compute, t) for t in shortcut_inputs],
+                  [_cast(compute, t) for t in shortcut_weights], negative_slope, eps)

@@ -64,3 +64,51 @@ def ux_mlp_rule(backward_op) -> AutogradRule:
         return (grad_y, grad_residual, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma if ctx.has_gamma else None, None)
 
     return backward, setup_context
+
+
+def instance_norm_lrelu_rule(backward_op) -> AutogradRule:
+    """backward_op(grad_out, out, rstd, negative_slope) -> grad_x.
+
+    Only the output and rstd are kept: the backward inverts the LeakyReLU to recover the normalised input."""
+
+    def setup_context(ctx, inputs, output):
+        _x, negative_slope, _eps = inputs
+        out, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.negative_slope = negative_slope
+        ctx.save_for_backward(out, rstd)
+
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        out, rstd = ctx.saved_tensors
+        return backward_op(grad_out, out, rstd, ctx.negative_slope), None, None
+
+    return backward, setup_context
+
+
+def instance_norm_add_lrelu_rule(backward_op) -> AutogradRule:
+    """backward_op(grad_out, out, residual, shortcut_inputs, shortcut_weights, rstd, shortcut_mean, shortcut_rstd,
+    negative_slope) -> (grad_z, grad_residual, grad_shortcut_inputs, grad_shortcut_weights).
+
+    Kept: the output, the residual or the shortcut inputs and weights (held by the block's convolutions anyway)
+    and the statistics; neither z nor the shortcut convolution's output."""
+
+    def setup_context(ctx, inputs, output):
+        _z, residual, shortcut_inputs, shortcut_weights, negative_slope, _eps = inputs
+        out, mean, rstd, shortcut_mean, shortcut_rstd = output
+        ctx.mark_non_differentiable(mean, rstd, shortcut_mean, shortcut_rstd)
+        ctx.negative_slope = negative_slope
+        ctx.has_residual = residual is not None
+        ctx.num_shortcut = len(shortcut_inputs)
+        ctx.save_for_backward(out, residual, rstd, shortcut_mean, shortcut_rstd, *shortcut_inputs,
+                              *shortcut_weights)
+
+    def backward(ctx, grad_out, *_grad_stats):
+        out, residual, rstd, shortcut_mean, shortcut_rstd, *shortcut = ctx.saved_tensors
+        k = ctx.num_shortcut
+        grad_z, grad_residual, grad_inputs, grad_weights = backward_op(
+            grad_out, out, residual, shortcut[:k], shortcut[k:], rstd, shortcut_mean, shortcut_rstd,
+            ctx.negative_slope)
+        return (grad_z, grad_residual if ctx.has_residual else None, list(grad_inputs), list(grad_weights), None,
+                None)
+
+    return backward, setup_context

@@ -6,7 +6,7 @@ gradients (empty, or zero for parameters) flowing through autograd.
 Under ``torch.autocast`` each op casts its inputs first (policies in ``uxnet_kernels.autocast``).
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -118,3 +118,75 @@ def ux_mlp(
     w1, b1, w2 = (t.reshape(c, 4).contiguous() for t in (w1, b1, w2))
     backend = dispatch.select("ux_mlp", y)
     return backend.ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, float(eps))
+
+
+def instance_norm_lrelu(x: torch.Tensor, negative_slope: float = 0.01, eps: float = 1e-5) -> torch.Tensor:
+    """``leaky_relu(instance_norm(x), negative_slope)``: the norm + activation of the UNETR decoder blocks.
+
+    Instance norm without affine: per (n, c), ``(x - mean) / sqrt(var + eps)`` with the mean and biased variance
+    over D * H * W, accumulated in float32 (float64 for float64 inputs). Autograd keeps only the output (which the
+    next convolution keeps anyway) and the per-(n, c) statistics: the backward recovers the normalised values by
+    inverting the LeakyReLU (In-Place Activated BatchNorm, Rota Bulo et al. 2018), so the input is not saved.
+
+    Args:
+        x: (N, C, D, H, W), floating, contiguous or channels_last_3d.
+        negative_slope: LeakyReLU slope, > 0 (invertible; 0.01 in MONAI's blocks).
+        eps: > 0 (1e-5, ``nn.InstanceNorm3d``'s default).
+
+    Returns:
+        Tensor shaped like x (same dtype; on the compiled backends, same memory format).
+
+    Raises:
+        ValueError: wrong rank, non-floating dtype, negative_slope <= 0 or not finite, eps <= 0.
+    """
+    amp_dtype = autocast.active_dtype(x)
+    if amp_dtype is not None:
+        return autocast.instance_norm_lrelu(instance_norm_lrelu, x, negative_slope, eps)
+    validation.check_instance_norm_lrelu(x, negative_slope, eps)
+    if x.numel() == 0:
+        return _empty_result(x)
+    return dispatch.select("instance_norm_lrelu", x).instance_norm_lrelu(x, float(negative_slope), float(eps))
+
+
+def instance_norm_add_lrelu(
+    z: torch.Tensor,
+    residual: Optional[torch.Tensor] = None,
+    shortcut_inputs: Sequence[torch.Tensor] = (),
+    shortcut_weights: Sequence[torch.Tensor] = (),
+    negative_slope: float = 0.01,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The UNETR residual-block tail ``leaky_relu(instance_norm(z) + r, negative_slope)`` in one op.
+
+    r is ``residual`` (the block input), or a projection shortcut ``instance_norm(sum_i conv3d(x_i, w_i))`` with
+    bias-free 1x1x1 convolutions (the block's ``conv3`` + ``norm3``; several pairs compute the conv of a channel
+    concatenation of the x_i without materialising it). Autograd keeps the output, ``residual`` or the shortcut
+    inputs (which the block's first convolution keeps anyway) and per-(n, c) statistics; the shortcut convolution
+    is recomputed in backward (a 1x1x1 conv, about 1/27 of the block's 3x3x3 conv) instead of keeping its output.
+
+    Args:
+        z: (N, C, D, H, W), floating, contiguous or channels_last_3d (the block's second conv output).
+        residual: like z, or None when the shortcut is given.
+        shortcut_inputs: tensors (N, C_i, D, H, W); empty when residual is given.
+        shortcut_weights: one (C, C_i, 1, 1, 1) weight per shortcut input.
+        negative_slope: LeakyReLU slope, > 0.
+        eps: instance-norm epsilon, > 0 (for z and the shortcut).
+
+    Returns:
+        Tensor shaped like z.
+
+    Raises:
+        ValueError: wrong rank or shapes, both or neither of residual and shortcut, dtype or device mismatch,
+            non-floating dtypes, negative_slope <= 0, eps <= 0.
+    """
+    shortcut_inputs, shortcut_weights = list(shortcut_inputs), list(shortcut_weights)
+    amp_dtype = autocast.active_dtype(z)
+    if amp_dtype is not None:
+        return autocast.instance_norm_add_lrelu(instance_norm_add_lrelu, z, residual, shortcut_inputs,
+                                                shortcut_weights, negative_slope, eps, amp_dtype)
+    validation.check_instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps)
+    if z.numel() == 0:
+        return _empty_result(z if residual is None else z + residual, *shortcut_inputs, *shortcut_weights)
+    backend = dispatch.select("instance_norm_add_lrelu", z)
+    return backend.instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, float(negative_slope),
+                                           float(eps))

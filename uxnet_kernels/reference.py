@@ -5,12 +5,12 @@ the channels-first LayerNorm written with ``mean``/``pow``, grouped 1x1x1 convol
 so autograd through them gives reference gradients, and they run on any device and dtype PyTorch does.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dwconv3d", "layer_norm_channels_first", "ux_mlp"]
+__all__ = ["dwconv3d", "layer_norm_channels_first", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu"]
 
 
 def dwconv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -55,3 +55,29 @@ def ux_mlp(
     if gamma is not None:
         out = gamma[:, None, None, None] * out
     return out if residual is None else residual + out
+
+
+def instance_norm_lrelu(x: torch.Tensor, negative_slope: float = 0.01, eps: float = 1e-5) -> torch.Tensor:
+    """``leaky_relu(instance_norm(x))`` as the official decoder computes it (``InstanceNorm3d`` without affine or
+    running statistics, then ``LeakyReLU``). x: (N, C, D, H, W)."""
+    return F.leaky_relu(F.instance_norm(x, eps=eps), negative_slope)
+
+
+def instance_norm_add_lrelu(
+    z: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    shortcut_inputs: Sequence[torch.Tensor] = (),
+    shortcut_weights: Sequence[torch.Tensor] = (),
+    negative_slope: float = 0.01,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The residual-block tail ``leaky_relu(instance_norm(z) + r)`` of the official decoder.
+
+    r is ``residual`` (shaped like z), or, for a projection shortcut, ``instance_norm(sum_i conv3d(x_i, w_i))``
+    over ``shortcut_inputs`` x_i (N, C_i, D, H, W) and bias-free 1x1x1 ``shortcut_weights`` w_i (C, C_i, 1, 1, 1)
+    (one pair for the official ``conv3``; the channel halves of a concatenated input for a split one).
+    """
+    if residual is None:
+        projected = sum(F.conv3d(x, w) for x, w in zip(shortcut_inputs, shortcut_weights))
+        residual = F.instance_norm(projected, eps=eps)
+    return F.leaky_relu(F.instance_norm(z, eps=eps) + residual, negative_slope)

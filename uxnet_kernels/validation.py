@@ -89,3 +89,50 @@ def check_ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps) ->
     check_same_dtype_device(op, "y", y, residual=residual, **{k: v[0] for k, v in params.items()})
     if not eps > 0:
         _fail(op, f"expected eps > 0, got {eps}")
+
+
+def _check_slope_eps(op: str, negative_slope, eps) -> None:
+    if not (isinstance(negative_slope, (int, float)) and negative_slope > 0 and negative_slope != float("inf")):
+        _fail(op, f"expected a finite negative_slope > 0, got {negative_slope!r}: the backward recovers the "
+                  "normalised values from the saved output by inverting the LeakyReLU, which needs a slope > 0 "
+                  "(use the reference ops, or torch.nn.functional, for ReLU or a negative slope)")
+    if not eps > 0:
+        _fail(op, f"expected eps > 0, got {eps}")
+
+
+def check_instance_norm_lrelu(x, negative_slope, eps) -> None:
+    op = "instance_norm_lrelu"
+    check_tensor(op, "x", x, 5, "(N, C, D, H, W)")
+    _check_slope_eps(op, negative_slope, eps)
+
+
+def check_instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps) -> None:
+    op = "instance_norm_add_lrelu"
+    check_tensor(op, "z", z, 5, "(N, C, D, H, W)")
+    n, c, *spatial = z.shape
+    if residual is not None:
+        if shortcut_inputs or shortcut_weights:
+            _fail(op, "expected either residual or shortcut_inputs/shortcut_weights, got both")
+        check_tensor(op, "residual", residual, 5, "(N, C, D, H, W)")
+        if residual.shape != z.shape:
+            _fail(op, f"expected residual of shape {tuple(z.shape)} (the shape of z), got {tuple(residual.shape)}")
+        check_same_dtype_device(op, "z", z, residual=residual)
+    else:
+        if not isinstance(shortcut_inputs, (list, tuple)) or not isinstance(shortcut_weights, (list, tuple)):
+            _fail(op, "expected shortcut_inputs and shortcut_weights to be lists of tensors")
+        if len(shortcut_inputs) == 0 or len(shortcut_inputs) != len(shortcut_weights):
+            _fail(op, "expected a residual, or as many shortcut_weights as shortcut_inputs (at least one), got "
+                      f"{len(shortcut_inputs)} inputs and {len(shortcut_weights)} weights")
+        for i, (x, w) in enumerate(zip(shortcut_inputs, shortcut_weights)):
+            check_tensor(op, f"shortcut_inputs[{i}]", x, 5, f"({n}, C_{i}, {', '.join(map(str, spatial))})")
+            if x.shape[1] == 0:
+                _fail(op, f"expected shortcut_inputs[{i}] with at least one channel, got shape {tuple(x.shape)}")
+            if x.shape[0] != n or list(x.shape[2:]) != spatial:
+                _fail(op, f"expected shortcut_inputs[{i}] of shape ({n}, C_{i}, {', '.join(map(str, spatial))}) "
+                          f"(batch and spatial size of z), got {tuple(x.shape)}")
+            check_tensor(op, f"shortcut_weights[{i}]", w, 5, f"({c}, {x.shape[1]}, 1, 1, 1)")
+            if tuple(w.shape) != (c, x.shape[1], 1, 1, 1):
+                _fail(op, f"expected shortcut_weights[{i}] of shape ({c}, {x.shape[1]}, 1, 1, 1) (a 1x1x1 conv "
+                          f"from shortcut_inputs[{i}] to the {c} channels of z), got {tuple(w.shape)}")
+            check_same_dtype_device(op, "z", z, **{f"shortcut_inputs[{i}]": x, f"shortcut_weights[{i}]": w})
+    _check_slope_eps(op, negative_slope, eps)

@@ -9,15 +9,19 @@ Its op methods receive arguments already validated and canonicalised by ``uxnet_
     ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)
                                                       w1, b1, w2: (C, 4) contiguous; b2: (C,); gamma: (C,) or None;
                                                       residual: like y, or None
+    instance_norm_lrelu(x, negative_slope, eps)
+    instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps)
+                                                      residual: like z, or None; shortcut_inputs/_weights: lists
+                                                      (empty when residual is given)
 
 and return the output tensor with autograd attached.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp")
+OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
 
 Verdict = Tuple[bool, str]
 YES: Verdict = (True, "")
@@ -53,6 +57,20 @@ class Backend:
         w2: torch.Tensor,
         b2: torch.Tensor,
         gamma: Optional[torch.Tensor],
+        eps: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def instance_norm_lrelu(self, x: torch.Tensor, negative_slope: float, eps: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def instance_norm_add_lrelu(
+        self,
+        z: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        shortcut_inputs: List[torch.Tensor],
+        shortcut_weights: List[torch.Tensor],
+        negative_slope: float,
         eps: float,
     ) -> torch.Tensor:
         raise NotImplementedError

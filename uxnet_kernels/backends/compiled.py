@@ -10,7 +10,13 @@ _DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float64),
     "cuda": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
 }
-_SCHEMA_NAMES = {"dwconv3d": "dwconv3d", "layer_norm_channels_first": "layer_norm_cf", "ux_mlp": "ux_mlp"}
+_SCHEMA_NAMES = {
+    "dwconv3d": "dwconv3d",
+    "layer_norm_channels_first": "layer_norm_cf",
+    "ux_mlp": "ux_mlp",
+    "instance_norm_lrelu": "instance_norm_lrelu",
+    "instance_norm_add_lrelu": "instance_norm_add_lrelu",
+}
 
 
 class CompiledBackend(Backend):
@@ -51,3 +57,10 @@ class CompiledBackend(Backend):
 
     def ux_mlp(self, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps):
         return torch.ops.uxnet.ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)[0]
+
+    def instance_norm_lrelu(self, x, negative_slope, eps):
+        return torch.ops.uxnet.instance_norm_lrelu(x, negative_slope, eps)[0]
+
+    def instance_norm_add_lrelu(self, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
+        return torch.ops.uxnet.instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights,
+                                                       negative_slope, eps)[0]

@@ -21,3 +21,9 @@ class ReferenceBackend(Backend):
 
     def ux_mlp(self, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps):
         return reference.ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)
+
+    def instance_norm_lrelu(self, x, negative_slope, eps):
+        return reference.instance_norm_lrelu(x, negative_slope, eps)
+
+    def instance_norm_add_lrelu(self, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
+        return reference.instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps)

@@ -13,6 +13,8 @@ from .. import triton as triton_pkg
 from .base import YES, Backend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The ops with Triton kernels (uxnet_kernels/triton/ops.py).
+_OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp")
 
 
 class TritonBackend(Backend):
@@ -43,6 +45,8 @@ class TritonBackend(Backend):
         ok, why = self.available()
         if not ok:
             return ok, why
+        if op not in _OPS:
+            return False, f"no Triton kernel for {op}"
         if x.device.type == "cpu":
             if not self._cpu_ok:
                 return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)"
