@@ -34,6 +34,22 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, 
     assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3e} > {TOLERANCES[dtype]:.0e} ({dtype})"
 
 
+def assert_close_flash(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "",
+                       exact=None, same_dtype=None) -> None:
+    """Within the dtype's relative tolerance of the reference ``want`` or, failing that, flash-attention's rule:
+    no further from the float64 result ``exact`` than 2x PyTorch's own error in the same dtype (``same_dtype``,
+    the reference run in ``dtype``; ``want`` itself when omitted). Callables are evaluated only when needed."""
+    if dtype == torch.float64 or rel_error(got, want) <= TOLERANCES[dtype]:
+        assert_close_rel(got, want, dtype, what)
+        return
+    exact = exact() if callable(exact) else exact
+    same_dtype = same_dtype() if callable(same_dtype) else (want if same_dtype is None else same_dtype)
+    if exact is None:
+        assert_close_rel(got, want, dtype, what)
+    ours, torchs = rel_error(got, exact), rel_error(same_dtype, exact)
+    assert ours <= 2 * torchs, f"{what}: error {ours:.3e} vs float64, > 2x PyTorch's own {dtype} error {torchs:.3e}"
+
+
 def poison_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor shaped and strided like `t` filled with NaN, for out= buffers that the kernel must fully write."""
     return torch.full_like(t, float("nan"))

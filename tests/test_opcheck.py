@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import uxnet_kernels  # noqa: F401  (registers fake impls and autograd)
-from conftest import require_compiled
+from conftest import randn, require_compiled
 from op_cases import dwconv3d_args, layer_norm_args, ux_mlp_args
 
 LAYOUTS = ["contiguous", "channels_last_3d"]
@@ -26,6 +26,19 @@ def _samples(layout):
     yield "layer_norm_cf", (*layer_norm_args(small, layout=layout, grad=True), 1e-6)
     yield "ux_mlp", _canonical_mlp(ux_mlp_args(small, layout=layout, grad=True))
     yield "ux_mlp", _canonical_mlp(ux_mlp_args(small, layout=layout, residual=False, gamma=False, grad=True))
+    for args in _instance_norm_samples(layout, grad=True):
+        yield args
+
+
+def _instance_norm_samples(layout, grad):
+    shape = (2, 3, 4, 5, 6)
+    z = randn(shape, layout=layout, requires_grad=grad)
+    yield "instance_norm_lrelu", (z, 0.01, 1e-5)
+    yield "instance_norm_add_lrelu", (z, randn(shape, layout=layout, requires_grad=grad), [], [], 0.2, 1e-5)
+    inputs = [randn((2, 2, 4, 5, 6), layout=layout, requires_grad=grad), randn((2, 4, 4, 5, 6), requires_grad=grad)]
+    weights = [randn((3, 2, 1, 1, 1), requires_grad=grad), randn((3, 4, 1, 1, 1), requires_grad=grad)]
+    yield "instance_norm_add_lrelu", (z, None, inputs[:1], weights[:1], 0.01, 1e-5)
+    yield "instance_norm_add_lrelu", (z, None, inputs, weights, 0.01, 1e-5)
 
 
 def _backward_samples(layout):
@@ -39,6 +52,15 @@ def _backward_samples(layout):
     _, mean, rstd = torch.ops.uxnet.ux_mlp(*args)
     y, _res, ln_w, ln_b, w1, b1, w2, b2, g, _eps = args
     yield "ux_mlp_backward", (torch.randn_like(y), y, ln_w, ln_b, w1, b1, w2, b2, g, mean, rstd)
+    for name, args in _instance_norm_samples(layout, grad=False):
+        if name == "instance_norm_lrelu":
+            out, _, rstd = torch.ops.uxnet.instance_norm_lrelu(*args)
+            yield "instance_norm_lrelu_backward", (torch.randn_like(out), out, rstd, args[1])
+        else:
+            z, residual, inputs, weights, slope, eps = args
+            out, _, rstd, sc_mean, sc_rstd = torch.ops.uxnet.instance_norm_add_lrelu(*args)
+            yield "instance_norm_add_lrelu_backward", (torch.randn_like(out), out, residual, inputs, weights, rstd,
+                                                       sc_mean, sc_rstd, slope)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,12 +1,28 @@
 """The UNETR-style decoder blocks of 3D UX-Net, equivalent to MONAI's UnetrBasicBlock / UnetrUpBlock /
 UnetOutBlock with ``res_block=True`` (instance norm without affine, LeakyReLU 0.01, bias-free convs), written here
 so MONAI is not required. Submodule names follow MONAI so state_dict keys match the official checkpoints.
+
+With ``fused=True`` (the default in ``UXNet``) and a plain instance norm, a residual block runs its norms and
+activations as two ``uxnet_kernels`` ops, which keep only what their backward needs:
+
+    a1  = instance_norm_lrelu(conv1(x))                    # keeps a1 (conv2 keeps it anyway) + (N, C) stats
+    out = instance_norm_add_lrelu(conv2(a1), x)             # identity shortcut: keeps out and x (conv1 keeps x)
+    out = instance_norm_add_lrelu(conv2(a1), None, [x], [w3])  # projection shortcut: conv3 recomputed in backward
+
+so a block keeps x, a1 and out instead of x, conv1(x), a1, conv2(a1), conv3(x) and out. An up block passes the
+upsampled tensor and the skip connection as separate inputs (``split_concat``): conv1 and conv3 run on both halves
+with the matching slices of their weights, so the concatenation is never materialised or kept.
 """
 
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+import uxnet_kernels as uk
+
+NEGATIVE_SLOPE = 0.01
 
 
 class _Conv(nn.Module):
@@ -32,52 +48,111 @@ def _norm(name: Union[str, tuple], channels: int) -> nn.Module:
     raise ValueError(f"UXNet: unsupported norm_name {name!r}; expected 'instance', 'batch' or ('group', {{...}})")
 
 
-class UnetResBlock(nn.Module):
-    """conv3x3 -> norm -> lrelu -> conv3x3 -> norm, plus a 1x1x1 conv + norm shortcut when channels change."""
+def fusable_instance_norm_eps(name: Union[str, tuple]) -> Optional[float]:
+    """The eps of ``name`` when it is a plain instance norm (no affine, no running statistics), which the fused
+    decoder ops implement; None for any other normalisation."""
+    kind, kwargs = (name, {}) if isinstance(name, str) else (name[0], dict(name[1]) if len(name) > 1 else {})
+    if str(kind).lower() != "instance" or kwargs.get("affine") or kwargs.get("track_running_stats"):
+        return None
+    if set(kwargs) - {"eps", "affine", "track_running_stats", "momentum"}:
+        return None
+    return float(kwargs.get("eps", 1e-5))
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm_name):
+
+class UnetResBlock(nn.Module):
+    """conv3x3 -> norm -> lrelu -> conv3x3 -> norm, plus a 1x1x1 conv + norm shortcut when channels change.
+
+    ``fused``: with a plain instance norm, run norms and activations as the memory-lean ``uxnet_kernels`` ops (see
+    the module docstring); otherwise, or with another norm, the modules below run as in MONAI."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm_name, fused: bool = False):
         super().__init__()
         pad = (kernel_size - 1) // 2
+        self.padding = pad
         self.conv1 = _Conv(nn.Conv3d(in_channels, out_channels, kernel_size, padding=pad, bias=False))
         self.conv2 = _Conv(nn.Conv3d(out_channels, out_channels, kernel_size, padding=pad, bias=False))
-        self.lrelu = nn.LeakyReLU(negative_slope=0.01, inplace=True)
+        self.lrelu = nn.LeakyReLU(negative_slope=NEGATIVE_SLOPE, inplace=True)
         self.norm1 = _norm(norm_name, out_channels)
         self.norm2 = _norm(norm_name, out_channels)
         self.downsample = in_channels != out_channels
         if self.downsample:
             self.conv3 = _Conv(nn.Conv3d(in_channels, out_channels, 1, bias=False))
             self.norm3 = _norm(norm_name, out_channels)
+        self.fused_eps = fusable_instance_norm_eps(norm_name) if fused else None
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_eps is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.forward_parts([x])
         out = self.lrelu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         residual = self.norm3(self.conv3(x)) if self.downsample else x
         return self.lrelu(out + residual)
 
+    def forward_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The fused block on the channel concatenation of ``parts``, without concatenating them: conv1 and conv3
+        run on each part with the matching input-channel slice of their weight."""
+        if not self.fused:
+            return self.forward(torch.cat(tuple(parts), dim=1))
+        eps, parts = self.fused_eps, list(parts)
+        if len(parts) == 1:
+            z1 = self.conv1(parts[0])
+        else:
+            w1 = _split_in_channels(self.conv1.conv.weight, parts)
+            z1 = F.conv3d(parts[0], w1[0], padding=self.padding)
+            for part, w in zip(parts[1:], w1[1:]):
+                z1 = z1 + F.conv3d(part, w, padding=self.padding)
+        a1 = uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, eps)
+        z2 = self.conv2(a1)
+        if self.downsample:
+            w3 = _split_in_channels(self.conv3.conv.weight, parts)
+            return uk.instance_norm_add_lrelu(z2, None, parts, w3, NEGATIVE_SLOPE, eps)
+        return uk.instance_norm_add_lrelu(z2, parts[0], negative_slope=NEGATIVE_SLOPE, eps=eps)
+
+
+def _split_in_channels(weight: torch.Tensor, parts: Sequence[torch.Tensor]):
+    if len(parts) == 1:
+        return [weight]
+    if sum(p.shape[1] for p in parts) != weight.shape[1]:
+        raise ValueError(f"UnetResBlock: inputs with {[p.shape[1] for p in parts]} channels do not add up to the "
+                         f"{weight.shape[1]} input channels of the block")
+    return list(torch.split(weight, [p.shape[1] for p in parts], dim=1))
+
 
 class UnetrBasicBlock(nn.Module):
     """MONAI ``UnetrBasicBlock(res_block=True)``: a residual block kept under ``.layer``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm_name="instance"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm_name="instance",
+                 fused: bool = False):
         super().__init__()
-        self.layer = UnetResBlock(in_channels, out_channels, kernel_size, norm_name)
+        self.layer = UnetResBlock(in_channels, out_channels, kernel_size, norm_name, fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
 
 class UnetrUpBlock(nn.Module):
-    """MONAI ``UnetrUpBlock(res_block=True)``: 2x2x2 stride-2 transposed conv, concat skip, residual block."""
+    """MONAI ``UnetrUpBlock(res_block=True)``: 2x2x2 stride-2 transposed conv, concat skip, residual block.
+
+    ``split_concat`` (fused blocks only): hand the upsampled tensor and the skip to the residual block as two parts
+    instead of concatenating them."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, upsample_kernel_size: int = 2,
-                 norm_name="instance"):
+                 norm_name="instance", fused: bool = False, split_concat: bool = True):
         super().__init__()
         self.transp_conv = _Conv(nn.ConvTranspose3d(in_channels, out_channels, upsample_kernel_size,
                                                     stride=upsample_kernel_size, bias=False))
-        self.conv_block = UnetResBlock(2 * out_channels, out_channels, kernel_size, norm_name)
+        self.conv_block = UnetResBlock(2 * out_channels, out_channels, kernel_size, norm_name, fused)
+        self.split_concat = split_concat
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
+        up = self.transp_conv(x)
+        if self.conv_block.fused and self.split_concat:
+            return self.conv_block.forward_parts([up, skip])
+        return self.conv_block(torch.cat((up, skip), dim=1))
 
 
 class UnetOutBlock(nn.Module):

@@ -184,6 +184,12 @@ class UXNet(nn.Module):
             ``encoder1..5`` residual block and each decoder block, and recompute their insides in backward
             (``torch.utils.checkpoint``, non-reentrant): less activation memory for about one extra forward.
             Eval mode and ``torch.no_grad`` are unaffected. Not part of the state_dict.
+        fused_decoder: run the norms and activations of the UNETR blocks (``encoder1..5``, ``decoder1..5``) as the
+            memory-lean ``uxnet_kernels`` ops ``instance_norm_lrelu`` / ``instance_norm_add_lrelu`` and feed the up
+            blocks' skip connections without ``torch.cat`` (see ``uxnet.decoder_blocks``). Applies only to a plain
+            instance norm (``norm_name="instance"``, the paper's); any other ``norm_name`` (batch, group, instance
+            with affine) runs the MONAI-equivalent modules as before. ``False`` gives the official model's
+            computation, op for op. Not part of the state_dict.
 
     Shapes:
         input (N, in_chans, D, H, W) with D, H, W multiples of 16 -> output (N, out_chans, D, H, W).
@@ -209,6 +215,7 @@ class UXNet(nn.Module):
         rep_branches: Sequence = (),
         kernel_prior: Optional[str] = None,
         activation_checkpointing: bool = False,
+        fused_decoder: bool = True,
     ):
         super().__init__()
         if spatial_dims != 3:
@@ -234,20 +241,23 @@ class UXNet(nn.Module):
             self.config["kernel_prior"] = kernel_prior
         if activation_checkpointing:
             self.config["activation_checkpointing"] = True
+        if not fused_decoder:
+            self.config["fused_decoder"] = False
         self.in_chans, self.out_chans = in_chans, out_chans
         f = list(feat_size)
         self.uxnet_3d = UXNetEncoder(in_chans, depths, f, drop_path_rate, layer_scale_init_value, kernel_size,
                                      rep_branches, kernel_prior)
-        self.encoder1 = UnetrBasicBlock(in_chans, f[0], 3, norm_name)
-        self.encoder2 = UnetrBasicBlock(f[0], f[1], 3, norm_name)
-        self.encoder3 = UnetrBasicBlock(f[1], f[2], 3, norm_name)
-        self.encoder4 = UnetrBasicBlock(f[2], f[3], 3, norm_name)
-        self.encoder5 = UnetrBasicBlock(f[3], hidden_size, 3, norm_name)
-        self.decoder5 = UnetrUpBlock(hidden_size, f[3], 3, 2, norm_name)
-        self.decoder4 = UnetrUpBlock(f[3], f[2], 3, 2, norm_name)
-        self.decoder3 = UnetrUpBlock(f[2], f[1], 3, 2, norm_name)
-        self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name)
-        self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name)
+        fused = fused_decoder
+        self.encoder1 = UnetrBasicBlock(in_chans, f[0], 3, norm_name, fused)
+        self.encoder2 = UnetrBasicBlock(f[0], f[1], 3, norm_name, fused)
+        self.encoder3 = UnetrBasicBlock(f[1], f[2], 3, norm_name, fused)
+        self.encoder4 = UnetrBasicBlock(f[2], f[3], 3, norm_name, fused)
+        self.encoder5 = UnetrBasicBlock(f[3], hidden_size, 3, norm_name, fused)
+        self.decoder5 = UnetrUpBlock(hidden_size, f[3], 3, 2, norm_name, fused)
+        self.decoder4 = UnetrUpBlock(f[3], f[2], 3, 2, norm_name, fused)
+        self.decoder3 = UnetrUpBlock(f[2], f[1], 3, 2, norm_name, fused)
+        self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name, fused)
+        self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name, fused)
         self.out = UnetOutBlock(f[0], out_chans)
         self.activation_checkpointing = activation_checkpointing
 

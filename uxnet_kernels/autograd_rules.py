@@ -7,7 +7,17 @@ that ``register_autograd`` takes.
 
 from typing import Callable, Tuple
 
+import torch
+
 AutogradRule = Tuple[Callable, Callable]
+
+
+def refuse_double_backward(op: str, *tensors) -> None:
+    """The backward ops have no derivative of their own: building a graph through them (``create_graph=True``, e.g.
+    a gradient penalty) would silently give wrong second derivatives, so it is an error instead."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(f"uxnet_kernels.{op}: double backward (create_graph=True through this op) is not "
+                           "supported; use the reference backend (uxnet_kernels.use_backend('reference')) for it")
 
 
 def dwconv3d_rule(backward_op) -> AutogradRule:
@@ -20,6 +30,7 @@ def dwconv3d_rule(backward_op) -> AutogradRule:
 
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
+        refuse_double_backward("dwconv3d", grad_out, x, weight)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         grads = backward_op(grad_out, x, weight, mask)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask))
@@ -38,6 +49,7 @@ def layer_norm_rule(backward_op) -> AutogradRule:
 
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
+        refuse_double_backward("layer_norm_channels_first", grad_out, x, weight)
         mask = list(ctx.needs_input_grad[:3])
         grads = backward_op(grad_out, x, weight, mean, rstd, mask)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,)
@@ -59,6 +71,7 @@ def ux_mlp_rule(backward_op) -> AutogradRule:
         ctx.save_for_backward(y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
 
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        refuse_double_backward("ux_mlp", grad_out, *ctx.saved_tensors)
         grad_y, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma = backward_op(grad_out, *ctx.saved_tensors)
         grad_residual = grad_out if ctx.has_residual else None
         return (grad_y, grad_residual, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma if ctx.has_gamma else None, None)
@@ -80,6 +93,7 @@ def instance_norm_lrelu_rule(backward_op) -> AutogradRule:
 
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         out, rstd = ctx.saved_tensors
+        refuse_double_backward("instance_norm_lrelu", grad_out, out)
         return backward_op(grad_out, out, rstd, ctx.negative_slope), None, None
 
     return backward, setup_context
@@ -104,6 +118,7 @@ def instance_norm_add_lrelu_rule(backward_op) -> AutogradRule:
 
     def backward(ctx, grad_out, *_grad_stats):
         out, residual, rstd, shortcut_mean, shortcut_rstd, *shortcut = ctx.saved_tensors
+        refuse_double_backward("instance_norm_add_lrelu", grad_out, out, residual, *shortcut)
         k = ctx.num_shortcut
         grad_z, grad_residual, grad_inputs, grad_weights = backward_op(
             grad_out, out, residual, shortcut[:k], shortcut[k:], rstd, shortcut_mean, shortcut_rstd,

@@ -100,15 +100,25 @@ def _check_slope_eps(op: str, negative_slope, eps) -> None:
         _fail(op, f"expected eps > 0, got {eps}")
 
 
+def _check_spatial_size(op: str, name: str, x: torch.Tensor) -> None:
+    if x.shape[2] * x.shape[3] * x.shape[4] == 1:
+        _fail(op, f"expected more than one voxel per (n, c) to normalise over, got {name} of shape {tuple(x.shape)}: "
+                  "the instance norm of a single value is 0 whatever the input (torch.nn.functional.instance_norm "
+                  "refuses it too; in UXNet, an input of 16 voxels along every axis leaves one voxel at the 1/16 "
+                  "bottleneck)")
+
+
 def check_instance_norm_lrelu(x, negative_slope, eps) -> None:
     op = "instance_norm_lrelu"
     check_tensor(op, "x", x, 5, "(N, C, D, H, W)")
+    _check_spatial_size(op, "x", x)
     _check_slope_eps(op, negative_slope, eps)
 
 
 def check_instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps) -> None:
     op = "instance_norm_add_lrelu"
     check_tensor(op, "z", z, 5, "(N, C, D, H, W)")
+    _check_spatial_size(op, "z", z)
     n, c, *spatial = z.shape
     if residual is not None:
         if shortcut_inputs or shortcut_weights:
