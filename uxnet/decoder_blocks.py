@@ -12,6 +12,12 @@ activations as two ``uxnet_kernels`` ops, which keep only what their backward ne
 so a block keeps x, a1 and out instead of x, conv1(x), a1, conv2(a1), conv3(x) and out. An up block passes the
 upsampled tensor and the skip connection as separate inputs (``split_concat``): conv1 and conv3 run on both halves
 with the matching slices of their weights, so the concatenation is never materialised or kept.
+
+``recompute_a1`` (set by ``UXNet(activation_checkpointing=True)``) runs conv1 -> instance_norm_lrelu -> conv2 under
+non-reentrant activation checkpointing: a1, the only tensor the fused block keeps besides its input and output, is
+dropped and recomputed in backward from x by conv1 (the recomputation stops before conv2's forward, whose saved
+tensors are a1 and its weight). The block's output op stays outside the region, so neither its output nor the
+shortcut is recomputed.
 """
 
 from typing import Optional, Sequence, Union
@@ -19,6 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import uxnet_kernels as uk
 
@@ -79,6 +86,7 @@ class UnetResBlock(nn.Module):
             self.conv3 = _Conv(nn.Conv3d(in_channels, out_channels, 1, bias=False))
             self.norm3 = _norm(norm_name, out_channels)
         self.fused_eps = fusable_instance_norm_eps(norm_name) if fused else None
+        self.recompute_a1 = False
 
     @property
     def fused(self) -> bool:
@@ -98,6 +106,18 @@ class UnetResBlock(nn.Module):
         if not self.fused:
             return self.forward(torch.cat(tuple(parts), dim=1))
         eps, parts = self.fused_eps, list(parts)
+        if self.recompute_a1 and self.training and torch.is_grad_enabled():
+            z2 = checkpoint(self._conv_norm_conv, *parts, use_reentrant=False)
+        else:
+            z2 = self._conv_norm_conv(*parts)
+        if self.downsample:
+            w3 = _split_in_channels(self.conv3.conv.weight, parts)
+            return uk.instance_norm_add_lrelu(z2, None, parts, w3, NEGATIVE_SLOPE, eps)
+        return uk.instance_norm_add_lrelu(z2, parts[0], negative_slope=NEGATIVE_SLOPE, eps=eps)
+
+
+    def _conv_norm_conv(self, *parts: torch.Tensor) -> torch.Tensor:
+        """conv2(instance_norm_lrelu(conv1(concat(parts)))) without the concatenation."""
         if len(parts) == 1:
             z1 = self.conv1(parts[0])
         else:
@@ -105,12 +125,7 @@ class UnetResBlock(nn.Module):
             z1 = F.conv3d(parts[0], w1[0], padding=self.padding)
             for part, w in zip(parts[1:], w1[1:]):
                 z1 = z1 + F.conv3d(part, w, padding=self.padding)
-        a1 = uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, eps)
-        z2 = self.conv2(a1)
-        if self.downsample:
-            w3 = _split_in_channels(self.conv3.conv.weight, parts)
-            return uk.instance_norm_add_lrelu(z2, None, parts, w3, NEGATIVE_SLOPE, eps)
-        return uk.instance_norm_add_lrelu(z2, parts[0], negative_slope=NEGATIVE_SLOPE, eps=eps)
+        return self.conv2(uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, self.fused_eps))
 
 
 def _split_in_channels(weight: torch.Tensor, parts: Sequence[torch.Tensor]):
@@ -133,6 +148,10 @@ class UnetrBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
+    @property
+    def res_block(self) -> UnetResBlock:
+        return self.layer
+
 
 class UnetrUpBlock(nn.Module):
     """MONAI ``UnetrUpBlock(res_block=True)``: 2x2x2 stride-2 transposed conv, concat skip, residual block.
@@ -153,6 +172,10 @@ class UnetrUpBlock(nn.Module):
         if self.conv_block.fused and self.split_concat:
             return self.conv_block.forward_parts([up, skip])
         return self.conv_block(torch.cat((up, skip), dim=1))
+
+    @property
+    def res_block(self) -> UnetResBlock:
+        return self.conv_block
 
 
 class UnetOutBlock(nn.Module):

@@ -7,15 +7,16 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 import uxnet_kernels as uk
 
+from .checkpointing import checkpointing_mode, run_checkpointed, run_keeping_convolutions
 from .decoder_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from .reparam import RepBranch, kernel_prior_mask, merged_kernel, parse_branches
 
 KernelSize = Union[int, Sequence[int]]
 SPATIAL_MULTIPLE = 16
+UNETR_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder5",
+                "decoder5", "decoder4", "decoder3", "decoder2", "decoder1")
 
 
 def as_kernel_3d(kernel_size: KernelSize, what: str = "kernel_size") -> Tuple[int, int, int]:
@@ -24,14 +25,6 @@ def as_kernel_3d(kernel_size: KernelSize, what: str = "kernel_size") -> Tuple[in
     if len(ks) != 3 or not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in ks):
         raise ValueError(f"UXNet: {what} must be an odd positive int or a 3-tuple of them, got {kernel_size!r}")
     return ks
-
-
-def run_maybe_checkpointed(enabled: bool, fn, *args):
-    """``fn(*args)``; with ``enabled`` and grad on, under non-reentrant activation checkpointing: only the inputs
-    are kept and ``fn`` is recomputed in backward (RNG state, e.g. drop-path masks, is replayed)."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 class ChannelsFirstLayerNorm(nn.Module):
@@ -152,7 +145,10 @@ class UXNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         outs = []
         for i in range(4):
-            x, normed = run_maybe_checkpointed(self.activation_checkpointing and self.training, self.stage, i, x)
+            if self.activation_checkpointing and self.training:
+                x, normed = run_checkpointed(self.stage, i, x)
+            else:
+                x, normed = self.stage(i, x)
             outs.append(normed)
         return tuple(outs)
 
@@ -180,10 +176,11 @@ class UXNet(nn.Module):
         kernel_prior: None, or ``"distance"``: train the large kernel as ``W * M`` with the fixed per-tap scale
             ``M = 1 / (1 + distance from the centre)``. ``uxnet.reparameterize`` turns a model with branches or a
             prior into a plain one with the official state_dict.
-        activation_checkpointing: while training, keep only the inputs of each encoder stage, each
-            ``encoder1..5`` residual block and each decoder block, and recompute their insides in backward
-            (``torch.utils.checkpoint``, non-reentrant): less activation memory for about one extra forward.
-            Eval mode and ``torch.no_grad`` are unaffected. Not part of the state_dict.
+        activation_checkpointing: while training, trade compute for activation memory (``uxnet.checkpointing``).
+            ``True`` / ``"selective"``: recompute only what is cheap (the encoder stages, and each UNETR block's
+            conv1 + norm, so that the block keeps just its input and output). ``"full"``: recompute every encoder
+            stage and UNETR block whole from its inputs (about one extra forward). ``False``: off. Eval mode and
+            ``torch.no_grad`` are unaffected. Not part of the state_dict.
         fused_decoder: run the norms and activations of the UNETR blocks (``encoder1..5``, ``decoder1..5``) as the
             memory-lean ``uxnet_kernels`` ops ``instance_norm_lrelu`` / ``instance_norm_add_lrelu`` and feed the up
             blocks' skip connections without ``torch.cat`` (see ``uxnet.decoder_blocks``). Applies only to a plain
@@ -214,7 +211,7 @@ class UXNet(nn.Module):
         kernel_size: KernelSize = 7,
         rep_branches: Sequence = (),
         kernel_prior: Optional[str] = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: Union[bool, str] = False,
         fused_decoder: bool = True,
     ):
         super().__init__()
@@ -239,8 +236,6 @@ class UXNet(nn.Module):
         if kernel_prior is not None:
             kernel_prior_mask(kernel_size, kernel_prior)  # validates the name before any module is built
             self.config["kernel_prior"] = kernel_prior
-        if activation_checkpointing:
-            self.config["activation_checkpointing"] = True
         if not fused_decoder:
             self.config["fused_decoder"] = False
         self.in_chans, self.out_chans = in_chans, out_chans
@@ -262,19 +257,31 @@ class UXNet(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     @property
-    def activation_checkpointing(self) -> bool:
-        return self.uxnet_3d.activation_checkpointing
+    def activation_checkpointing(self) -> Union[bool, str]:
+        """False, True (selective) or "full"; settable."""
+        return {"off": False, "selective": True, "full": "full"}[self._checkpointing]
 
     @activation_checkpointing.setter
-    def activation_checkpointing(self, enabled: bool) -> None:
-        self.uxnet_3d.activation_checkpointing = bool(enabled)
-        if enabled:
-            self.config["activation_checkpointing"] = True
-        else:
+    def activation_checkpointing(self, value: Union[bool, str]) -> None:
+        mode = checkpointing_mode(value)
+        self._checkpointing = mode
+        self.uxnet_3d.activation_checkpointing = mode != "off"
+        for name in UNETR_BLOCKS:
+            getattr(self, name).res_block.recompute_a1 = mode == "selective"
+        if mode == "off":
             self.config.pop("activation_checkpointing", None)
+        else:
+            self.config["activation_checkpointing"] = self.activation_checkpointing
 
     def block(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
-        return run_maybe_checkpointed(self.activation_checkpointing and self.training, getattr(self, name), *inputs)
+        block = getattr(self, name)
+        if not self.training or self._checkpointing == "off":
+            return block(*inputs)
+        if self._checkpointing == "full":
+            return run_checkpointed(block, *inputs)
+        if block.res_block.fused:
+            return block(*inputs)  # the block recomputes its a1 itself (recompute_a1)
+        return run_keeping_convolutions(block, *inputs)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_chans:

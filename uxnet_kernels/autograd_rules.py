@@ -71,8 +71,9 @@ def ux_mlp_rule(backward_op) -> AutogradRule:
         ctx.save_for_backward(y, ln_weight, ln_bias, w1, b1, w2, b2, gamma, mean, rstd)
 
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        refuse_double_backward("ux_mlp", grad_out, *ctx.saved_tensors)
-        grad_y, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma = backward_op(grad_out, *ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        refuse_double_backward("ux_mlp", grad_out, *saved)
+        grad_y, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma = backward_op(grad_out, *saved)
         grad_residual = grad_out if ctx.has_residual else None
         return (grad_y, grad_residual, g_lnw, g_lnb, g_w1, g_b1, g_w2, g_b2, g_gamma if ctx.has_gamma else None, None)
 
