@@ -358,9 +358,9 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.uxnet.ux_mlp_backward(y, y, lnw, lnb, w1, b1, w2, b2, gamma, mean[:, :1], rstd)
 
 
-# ---- the baseline-ISA build of the kernels --------------------------------------------------------------------
+# ---- the generic build of the kernels ----------------------------------------------------------------------------
 
-_BASELINE_SCRIPT = r"""
+_GENERIC_SCRIPT = r"""
 import torch, uxnet_kernels
 torch.manual_seed(0)
 c = 5
@@ -372,19 +372,17 @@ torch.save([out, *grads], __import__("sys").argv[1])
 """
 
 
-def test_baseline_isa_matches_vectorised_isa(tmp_path):
-    """ATEN_CPU_CAPABILITY=default forces the baseline build of the kernels; it must agree with the default pick."""
+def test_generic_isa_matches_selected_isa_in_a_fresh_process(tmp_path):
+    """UXNET_CPU_ISA=generic in the environment of a new process forces the generic build of the kernels; it must
+    agree with the automatic pick."""
     results = {}
-    for cap in ("default", None):
-        env = dict(os.environ)
-        env.pop("ATEN_CPU_CAPABILITY", None)
-        if cap is not None:
-            env["ATEN_CPU_CAPABILITY"] = cap
-        path = tmp_path / f"{cap}.pt"
-        subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(path)], env=env, check=True, timeout=120)
-        results[cap] = torch.load(path)
-    for got, want in zip(results["default"], results[None]):
-        assert_close_rel(got, want, torch.float32, "baseline ISA vs runtime-selected ISA")
+    for isa_name in ("generic", "auto"):
+        env = dict(os.environ, UXNET_CPU_ISA=isa_name)
+        path = tmp_path / f"{isa_name}.pt"
+        subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT, str(path)], env=env, check=True, timeout=120)
+        results[isa_name] = torch.load(path)
+    for got, want in zip(results["generic"], results["auto"]):
+        assert_close_rel(got, want, torch.float32, "generic ISA vs runtime-selected ISA")
 
 
 # ---- property test ------------------------------------------------------------------------------------------

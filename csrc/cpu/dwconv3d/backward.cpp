@@ -12,8 +12,9 @@
 #include <tuple>
 #include <vector>
 
-#include "../uxnet_ops.h"
-#include "dwconv3d_layout.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/dwconv3d/drivers.h"
+#include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
@@ -36,7 +37,7 @@ template <typename scalar_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                     std::array<bool, 3> mask, at::Tensor& grad_x, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using Tc = compute_t<scalar_t>;
-  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa());
+  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa_for(kOp));
   const Geometry g = make_geometry(x, weight, kernels.lanes);
 
   if (mask[0]) {

@@ -1,4 +1,4 @@
-// uxnet::dwconv3d on the CPU: block the weights, then let the driver (dwconv3d_layout.h) stream x's depth
+// uxnet::dwconv3d on the CPU: block the weights, then let the driver (drivers.h) stream x's depth
 // planes through the ISA kernels into an output in x's memory format.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -6,8 +6,9 @@
 
 #include <vector>
 
-#include "../uxnet_ops.h"
-#include "dwconv3d_layout.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/dwconv3d/drivers.h"
+#include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
@@ -18,7 +19,7 @@ template <typename scalar_t>
 void forward_typed(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    at::Tensor& out) {
   using Tc = compute_t<scalar_t>;
-  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa());
+  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa_for("uxnet::dwconv3d"));
   const Geometry g = make_geometry(x, weight, kernels.lanes);
   std::vector<Tc> w_blocked(static_cast<size_t>(g.Cb * g.taps() * g.lanes));
   std::vector<Tc> b_blocked(static_cast<size_t>(g.Cb * g.lanes));
