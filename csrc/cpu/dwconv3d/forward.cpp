@@ -8,6 +8,7 @@
 
 #include "cpu/common/isa_check.h"
 #include "cpu/dwconv3d/drivers.h"
+#include "cpu/dwconv3d/nonfinite.h"
 #include "uxnet_ops.h"
 
 namespace uxnet {
@@ -28,6 +29,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   if (has_bias) block_bias(bias->contiguous().data_ptr<scalar_t>(), g, b_blocked.data());
   conv_volume(kernels, g, x.data_ptr<scalar_t>(), strides_of(x), w_blocked.data(),
               has_bias ? b_blocked.data() : nullptr, out.data_ptr<scalar_t>(), strides_of(out));
+  const std::vector<uint8_t> bad_taps = nonfinite_taps(weight.contiguous().data_ptr<scalar_t>(), g);
+  if (!bad_taps.empty()) poison_channels(bad_taps, g, out.data_ptr<scalar_t>(), strides_of(out));
 }
 
 at::Tensor dwconv3d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
