@@ -47,7 +47,10 @@ def _extensions() -> list:
     if os.environ.get("UXNET_NO_EXTENSION") == "1":
         return []
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, or C++20 from torch 2.10 on).
-    cxx_flags = ["-O3", "-fopenmp"] if sys.platform != "darwin" else ["-O3"]
+    # -ffp-contract=off: g++ fuses a * b + c into an FMA on its own in C++ (any -std); the CPU kernels say fma()
+    # where they want one, so every ISA variant rounds alike (docs/ARCHITECTURE.md, "CPU SIMD layer").
+    # -Wno-psabi: GCC notes an ABI change for 64-byte vectors passed to inlined functions (csrc/cpu/simd).
+    cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-psabi"] + (["-fopenmp"] if sys.platform != "darwin" else [])
     macros = [("UXNET_PYTHON_EXTENSION", None)]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     link_args = ["-fopenmp"] if sys.platform != "darwin" else []

@@ -8,10 +8,49 @@
 #ifdef UXNET_PYTHON_EXTENSION
 #include <Python.h>
 
+#include "cpu/simd/isa.h"
+
+namespace {
+
+PyObject* string_list(const std::vector<std::string>& items) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(items.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < items.size(); ++i) {
+    PyObject* item = PyUnicode_FromString(items[i].c_str());
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
+// _C.cpu_isa() -> {"requested", "selected", "error", "available", "unavailable"} (uxnet::cpu::simd::isa_report).
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  const uxnet::cpu::simd::IsaReport report = uxnet::cpu::simd::isa_report();
+  PyObject* available = string_list(report.available);
+  PyObject* unavailable = string_list(report.unavailable);
+  PyObject* result = (available != nullptr && unavailable != nullptr)
+                         ? Py_BuildValue("{s:s,s:s,s:s,s:O,s:O}", "requested", report.requested.c_str(),
+                                         "selected", report.selected.c_str(), "error", report.error.c_str(),
+                                         "available", available, "unavailable", unavailable)
+                         : nullptr;
+  Py_XDECREF(available);
+  Py_XDECREF(unavailable);
+  return result;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernels' ISA variants: requested, selected, available."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import uxnet_kernels._C` loads this shared object, which runs the static registrations below.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -1,5 +1,6 @@
 """Shared test helpers: tolerances, poisoning, error metrics and random inputs."""
 
+import contextlib
 import os
 import zlib
 
@@ -100,3 +101,51 @@ def require_compiled(device_type: str = "cpu"):
     if REQUIRE_EXTENSION and device_type == "cpu":
         pytest.fail("UXNET_REQUIRE_EXTENSION=1 but the compiled CPU backend is not available")
     pytest.skip(f"compiled {device_type} backend not available")
+
+
+# ---- ISA variants of the CPU kernels (UXNET_CPU_ISA, uxnet_kernels.cpu_isa) --------------------------------------
+
+CPU_ISAS = ("generic", "avx2", "avx512", "avx512-emulated")
+# Set for the whole run (e.g. CI's `UXNET_CPU_ISA=avx512-emulated pytest`): the per-ISA tests then run that variant
+# only, and every other CPU test runs it too.
+SESSION_CPU_ISA = os.environ.get("UXNET_CPU_ISA") or "auto"
+
+
+def cpu_isa_unavailable(name: str):
+    """None if this machine runs the variant, else why not."""
+    from uxnet_kernels import cpu_isa as isa_info
+
+    rep = isa_info.report()
+    if name in rep["available"]:
+        return None
+    for line in rep["unavailable"]:
+        if line.startswith(name + ":"):
+            return line
+    return f"{name}: {rep['error'] or 'not available'}"
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """Runs the block with UXNET_CPU_ISA=name (the kernels read it at every call), then restores it."""
+    previous = os.environ.get("UXNET_CPU_ISA")
+    os.environ["UXNET_CPU_ISA"] = name
+    try:
+        yield name
+    finally:
+        if previous is None:
+            os.environ.pop("UXNET_CPU_ISA", None)
+        else:
+            os.environ["UXNET_CPU_ISA"] = previous
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request):
+    """Each ISA variant this machine runs (only the session's when UXNET_CPU_ISA is set for the run)."""
+    require_compiled("cpu")
+    if SESSION_CPU_ISA != "auto" and request.param != SESSION_CPU_ISA:
+        pytest.skip(f"UXNET_CPU_ISA={SESSION_CPU_ISA} restricts this run to that variant")
+    why = cpu_isa_unavailable(request.param)
+    if why is not None:
+        pytest.skip(f"this machine cannot run the variant ({why})")
+    with use_cpu_isa(request.param):
+        yield request.param

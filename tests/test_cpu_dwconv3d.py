@@ -1,21 +1,27 @@
-"""The CPU kernels of uxnet::dwconv3d and uxnet::dwconv3d_backward (csrc/cpu/dwconv3d_*).
+"""The CPU kernels of uxnet::dwconv3d and uxnet::dwconv3d_backward (csrc/cpu/dwconv3d/).
 
 Every check compares each element's tensor against the F.conv3d reference computed in float32/float64 from the
 same (rounded) inputs. The ops allocate their outputs, so there is no buffer to poison; instead every output is
-compared in full and must be finite. Each test runs on every kernel ISA this CPU supports (UXNET_CPU_ISA).
+compared in full and must be finite. Tests taking the `isa` fixture (conftest.py) run on every kernel ISA variant
+this machine runs (UXNET_CPU_ISA), including avx512-emulated.
 """
-
-import os
 
 import pytest
 import torch
-from conftest import assert_close_rel, reference_dtype, require_compiled, to_layout
+from conftest import (
+    CPU_ISAS,
+    assert_close_rel,
+    cpu_isa_unavailable,
+    reference_dtype,
+    require_compiled,
+    to_layout,
+    use_cpu_isa,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from uxnet_kernels import reference
 
-ISAS = ("generic", "avx2", "avx512")
 LAYOUTS = ("contiguous", "channels_last_3d", "strided_view", "permuted_view")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -23,39 +29,6 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 @pytest.fixture(autouse=True)
 def _compiled():
     require_compiled("cpu")
-
-
-def _isa_supported(isa):
-    x = torch.zeros(1, 1, 1, 1, 1)
-    w = torch.zeros(1, 1, 1, 1, 1)
-    previous = os.environ.get("UXNET_CPU_ISA")
-    os.environ["UXNET_CPU_ISA"] = isa
-    try:
-        torch.ops.uxnet.dwconv3d(x, w, None)
-        return True
-    except RuntimeError as exc:
-        assert "does not support" in str(exc), str(exc)
-        return False
-    finally:
-        _restore_isa(previous)
-
-
-def _restore_isa(previous):
-    if previous is None:
-        os.environ.pop("UXNET_CPU_ISA", None)
-    else:
-        os.environ["UXNET_CPU_ISA"] = previous
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    require_compiled("cpu")
-    if not _isa_supported(request.param):
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    previous = os.environ.get("UXNET_CPU_ISA")
-    os.environ["UXNET_CPU_ISA"] = request.param
-    yield request.param
-    _restore_isa(previous)
 
 
 def _ops():
@@ -220,33 +193,25 @@ def test_grad_weight_is_deterministic_across_runs_and_thread_counts(isa):
 
 
 def test_isas_agree():
-    """Every supported ISA gives the reference's answer on one shape bigger than a register block."""
+    """Every ISA variant this machine runs gives the reference's answer on one shape bigger than a register block."""
     ops = _ops()
     x, w, b = torch.randn(1, 21, 6, 7, 30), torch.randn(21, 1, 7, 5, 9), torch.randn(21)
     want = reference.dwconv3d(x, w, b)
-    previous = os.environ.get("UXNET_CPU_ISA")
     checked = []
-    try:
-        for isa_name in ISAS:
-            if not _isa_supported(isa_name):
-                continue
-            os.environ["UXNET_CPU_ISA"] = isa_name
+    for isa_name in CPU_ISAS:
+        if cpu_isa_unavailable(isa_name) is not None:
+            continue
+        with use_cpu_isa(isa_name):
             _check(ops.dwconv3d(x, w, b), want, torch.float32, isa_name)
-            checked.append(isa_name)
-    finally:
-        _restore_isa(previous)
+        checked.append(isa_name)
     assert "generic" in checked
 
 
 def test_unknown_isa_is_a_clear_error():
     ops = _ops()
-    previous = os.environ.get("UXNET_CPU_ISA")
-    os.environ["UXNET_CPU_ISA"] = "sse9"
-    try:
-        with pytest.raises(RuntimeError, match="UXNET_CPU_ISA must be one of"):
+    with use_cpu_isa("sse9"):
+        with pytest.raises(RuntimeError, match="uxnet::dwconv3d: .*UXNET_CPU_ISA must be one of"):
             ops.dwconv3d(torch.randn(1, 1, 1, 1, 1), torch.randn(1, 1, 1, 1, 1), None)
-    finally:
-        _restore_isa(previous)
 
 
 @pytest.mark.parametrize(

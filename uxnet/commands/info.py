@@ -32,7 +32,7 @@ def cpu_features() -> dict:
 def collect() -> dict:
     import uxnet
     import uxnet_kernels
-    from uxnet_kernels import _extension
+    from uxnet_kernels import _extension, cpu_isa
 
     try:
         import triton
@@ -50,6 +50,7 @@ def collect() -> dict:
         "extension_loaded": _extension.LOADED,
         "extension_cuda_kernels": _extension.has_kernel("dwconv3d", "CUDA"),
         "cpu": cpu_features(),
+        "cpu_kernels_isa": cpu_isa.report(),
         "gpus": gpus,
         "backends_cpu": uxnet_kernels.backend_report("cpu"),
     }
@@ -70,6 +71,12 @@ def run(args) -> int:
     cpu = report["cpu"]
     print(f"cpu: {cpu['machine']}, {cpu['threads']} threads, torch capability {cpu['torch_cpu_capability']}, "
           f"flags {' '.join(cpu['flags']) or '-'}")
+    isa = report["cpu_kernels_isa"]
+    selected = isa["selected"] or f"none ({isa['error']})"
+    print(f"cpu kernels: ISA {selected} (UXNET_CPU_ISA={isa['requested']}); "
+          f"available: {', '.join(isa['available']) or '-'}")
+    for line in isa["unavailable"]:
+        print(f"  not available: {line}")
     print(f"gpus: {', '.join(report['gpus']) or 'none'}")
     for key in ("backends_cpu", "backends_cuda"):
         if key not in report:

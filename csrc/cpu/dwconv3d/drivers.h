@@ -1,5 +1,5 @@
 // The parallel drivers shared by the dwconv3d forward and backward: they pack input planes just in time into
-// the blocked layout (dwconv3d_params.h), call the ISA kernels and store rows into the output tensor. Packing
+// the blocked layout (params.h), call the ISA kernels and store rows into the output tensor. Packing
 // and storing take any element strides (NCDHW, channels_last_3d and arbitrary views are read and written in
 // place) and convert the dtype on the fly (bf16/fp16 computed in float32, float64 in float64). No scratch
 // tensor the size of an activation is allocated.
@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "dwconv3d_params.h"
+#include "cpu/dwconv3d/params.h"
 
 namespace uxnet {
 namespace cpu {

@@ -1,7 +1,7 @@
-// Raw-pointer parameters and kernel tables of the CPU depthwise 3D convolution.
+// Raw-pointer parameters and kernel tables of the CPU depthwise 3D convolution (no torch headers).
 //
 // The kernels never see an at::Tensor. They work on "blocked" copies of input depth planes, made just in time
-// by the drivers (dwconv3d_layout.h) into a small per-thread ring of KD planes:
+// by the drivers (drivers.h) into a small per-thread ring of KD planes:
 //   plane[h][w][lane]   channel c = cb * lanes + lane of channel block cb, lanes = SIMD width of the ISA,
 // with pad_w() zero columns on each side of every W row and zero lanes past C. One SIMD vector then holds
 // `lanes` channels of one voxel, which is what a depthwise convolution wants (every channel has its own
@@ -10,6 +10,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "cpu/simd/isa.h"
 
 namespace uxnet {
 namespace cpu {
@@ -49,22 +51,18 @@ struct KernelTable {
                             bool want_weight, bool want_bias);
 };
 
-enum class Isa { generic, avx2, avx512 };
-
-const KernelTable<float>& generic_kernels_f32();
-const KernelTable<double>& generic_kernels_f64();
-const KernelTable<float>& avx2_kernels_f32();
-const KernelTable<double>& avx2_kernels_f64();
-const KernelTable<float>& avx512_kernels_f32();
-const KernelTable<double>& avx512_kernels_f64();
-
-// The ISA the kernels run on: the best one this CPU supports, or the one named by the environment variable
-// UXNET_CPU_ISA (generic | avx2 | avx512 | auto), which raises if the CPU cannot run it. Read on every call so
-// tests can cover each path in one process.
-Isa selected_isa();
+// The kernel table of an ISA variant (kernels.cpp).
+const KernelTable<float>& kernels_f32(simd::Isa isa);
+const KernelTable<double>& kernels_f64(simd::Isa isa);
 
 template <typename T>
-const KernelTable<T>& kernels_for(Isa isa);
+const KernelTable<T>& kernels_for(simd::Isa isa) {
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return kernels_f64(isa);
+  } else {
+    return kernels_f32(isa);
+  }
+}
 
 }  // namespace dwconv3d
 }  // namespace cpu

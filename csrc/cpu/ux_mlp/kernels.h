@@ -1,11 +1,19 @@
 // Chunk kernels of the CPU fused UX MLP (forward and backward), one pass over each voxel's C channels:
 //   n_c = LN(y)_c * ln_weight_c + ln_bias_c;  u_cj = w1_cj * n_c + b1_cj;  h_cj = u_cj * Phi(u_cj)
 //   z_c = sum_j w2_cj * h_cj + b2_c;          out_c = residual_c + gamma_c * z_c
-// The backward recomputes n, u, h from y and the saved per-voxel mean / rstd; nothing 4C-wide is stored.
+// The backward recomputes n, u, h from y, the saved per-voxel rstd and the mean (recomputed in float64, see
+// centred() in tile_math.h); nothing 4C-wide is stored.
 //
-// NO include guard: ux_mlp.cpp includes this once per instruction set, each time inside its own namespace
-// and `#pragma GCC target` region (see ln_mlp_tile_math.h).
-#include "cpu/ln_mlp_tile_math.h"
+// NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per ISA variant.
+#include "cpu/common/tile_math.h"
+
+namespace ux_mlp_kernels {
+
+using namespace ::uxnet::cpu::ln_mlp;  // tiling and the parameter rows (kLnWeight, ...)
+template <typename scalar_t, typename acc_t>
+using ForwardArgs = ::uxnet::cpu::ux_mlp::ForwardArgs<scalar_t, acc_t>;
+template <typename scalar_t, typename acc_t>
+using BackwardArgs = ::uxnet::cpu::ux_mlp::BackwardArgs<scalar_t, acc_t>;
 
 template <typename acc_t>
 struct MlpChannelParams {
@@ -13,8 +21,7 @@ struct MlpChannelParams {
 };
 
 template <typename acc_t>
-UXNET_LN_MLP_INLINE MlpChannelParams<acc_t> mlp_channel_params(const acc_t* table, int64_t C, int64_t c) {
-  using namespace ::uxnet::ln_mlp;
+UXNET_SIMD_INLINE MlpChannelParams<acc_t> mlp_channel_params(const acc_t* table, int64_t C, int64_t c) {
   MlpChannelParams<acc_t> p;
   p.ln_weight = table[kLnWeight * C + c];
   p.ln_bias = table[kLnBias * C + c];
@@ -29,8 +36,7 @@ UXNET_LN_MLP_INLINE MlpChannelParams<acc_t> mlp_channel_params(const acc_t* tabl
 }
 
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
-void ux_mlp_forward_chunks(const ::uxnet::ln_mlp::UxMlpForwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin,
-                           int64_t chunk_end) {
+void forward_chunks(const ForwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
   using V = Lanes<acc_t>;
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
@@ -40,7 +46,7 @@ void ux_mlp_forward_chunks(const ::uxnet::ln_mlp::UxMlpForwardArgs<scalar_t, acc
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t tile_end = std::min(t.num_tiles, (chunk + 1) * t.tiles_per_chunk);
     for (int64_t i = chunk * t.tiles_per_chunk; i < tile_end; ++i) {
-      const TileRef tile = ::uxnet::ln_mlp::tile_ref(t, i);
+      const TileRef tile = tile_ref(t, i);
       load_tile<kChannelsLast, scalar_t, acc_t>(a.y, t, tile, rows.data());
       if (a.residual != nullptr) {
         load_tile<kChannelsLast, scalar_t, acc_t>(a.residual, t, tile, residual.data());
@@ -50,15 +56,15 @@ void ux_mlp_forward_chunks(const ::uxnet::ln_mlp::UxMlpForwardArgs<scalar_t, acc
         const MlpChannelParams<acc_t> p = mlp_channel_params(a.params, C, c);
         for (int64_t s = 0; s < kSub; ++s) {
           const int64_t i_cs = c * kSub + s;
-          const V n = (rows[i_cs] - mean[s]) * rstd[s] * p.ln_weight + p.ln_bias;
-          V z = broadcast(p.b2);
+          const V n = fma((rows[i_cs] - mean[s]) * rstd[s], broadcast<V>(p.ln_weight), broadcast<V>(p.ln_bias));
+          V z = broadcast<V>(p.b2);
           for (int j = 0; j < 4; ++j) {
-            const V u = n * p.w1[j] + p.b1[j];
+            const V u = fma(n, broadcast<V>(p.w1[j]), broadcast<V>(p.b1[j]));
             V cdf, pdf;
             normal_cdf_pdf(u, cdf, pdf);
-            z += p.w2[j] * (u * cdf);
+            z = fma(broadcast<V>(p.w2[j]), u * cdf, z);
           }
-          rows[i_cs] = residual[i_cs] + p.gamma * z;
+          rows[i_cs] = fma(broadcast<V>(p.gamma), z, residual[i_cs]);
         }
       }
       store_tile<kChannelsLast, scalar_t, acc_t>(rows.data(), t, tile, a.out);
@@ -72,9 +78,7 @@ void ux_mlp_forward_chunks(const ::uxnet::ln_mlp::UxMlpForwardArgs<scalar_t, acc
 //   d b1_j += gu_j;  d w1_j += gu_j * n;  gn = sum_j gu_j * w1_j;  d ln_bias += gn;  d ln_weight += gn * xhat
 // then the LayerNorm input gradient of gxhat = gn * ln_weight, as in the LayerNorm backward.
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
-void ux_mlp_backward_chunks(const ::uxnet::ln_mlp::UxMlpBackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin,
-                            int64_t chunk_end) {
-  using namespace ::uxnet::ln_mlp;
+void backward_chunks(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
   using V = Lanes<acc_t>;
   constexpr int64_t kRows = kMlpParams;
   const VoxelTiling& t = a.tiling;
@@ -83,7 +87,8 @@ void ux_mlp_backward_chunks(const ::uxnet::ln_mlp::UxMlpBackwardArgs<scalar_t, a
   LaneBuffer<V> grad(C * kSub);
   LaneBuffer<V> y(C * kSub);
   LaneBuffer<V> lanes(C * kRows * kSub);
-  V mean[kSub], rstd[kSub];
+  DoubleLanes mean[kSub];
+  V rstd[kSub];
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     double* partial = a.partials + chunk * kRows * C;
     std::fill(partial, partial + kRows * C, 0.0);
@@ -93,7 +98,8 @@ void ux_mlp_backward_chunks(const ::uxnet::ln_mlp::UxMlpBackwardArgs<scalar_t, a
       const TileRef tile = tile_ref(t, i);
       load_tile<kChannelsLast, scalar_t, acc_t>(a.grad_out, t, tile, grad.data());
       load_tile<kChannelsLast, scalar_t, acc_t>(a.y, t, tile, y.data());
-      load_stats(a.mean, a.rstd, t, tile, mean, rstd);
+      load_rstd(a.rstd, t, tile, rstd);
+      tile_means(y.data(), C, mean);
       for (int64_t s = 0; s < kSub; ++s) {
         V sum_g{};
         V sum_gx{};
@@ -102,37 +108,40 @@ void ux_mlp_backward_chunks(const ::uxnet::ln_mlp::UxMlpBackwardArgs<scalar_t, a
           const int64_t i_cs = c * kSub + s;
           V* lane = lanes.data() + c * kRows * kSub + s;  // row r of channel c at lane[r * kSub]
           const V g = grad[i_cs];
-          const V xhat = (y[i_cs] - mean[s]) * rstd[s];
-          const V n = xhat * p.ln_weight + p.ln_bias;
+          const V xhat = centred<acc_t>(y[i_cs], mean[s]) * rstd[s];
+          const V n = fma(xhat, broadcast<V>(p.ln_weight), broadcast<V>(p.ln_bias));
           const V gz = g * p.gamma;
-          V z = broadcast(p.b2);
+          V z = broadcast<V>(p.b2);
           V gn{};
           for (int j = 0; j < 4; ++j) {
-            const V u = n * p.w1[j] + p.b1[j];
+            const V w1 = broadcast<V>(p.w1[j]);
+            const V w2 = broadcast<V>(p.w2[j]);
+            const V u = fma(n, w1, broadcast<V>(p.b1[j]));
             V cdf, pdf;
             normal_cdf_pdf(u, cdf, pdf);
             const V h = u * cdf;
-            const V gu = gz * p.w2[j] * (cdf + u * pdf);
-            z += p.w2[j] * h;
-            lane[(kW2 + j) * kSub] += gz * h;
+            const V gu = gz * w2 * fma(u, pdf, cdf);
+            z = fma(w2, h, z);
+            lane[(kW2 + j) * kSub] = fma(gz, h, lane[(kW2 + j) * kSub]);
             lane[(kB1 + j) * kSub] += gu;
-            lane[(kW1 + j) * kSub] += gu * n;
-            gn += gu * p.w1[j];
+            lane[(kW1 + j) * kSub] = fma(gu, n, lane[(kW1 + j) * kSub]);
+            gn = fma(gu, w1, gn);
           }
-          lane[kGamma * kSub] += g * z;
+          lane[kGamma * kSub] = fma(g, z, lane[kGamma * kSub]);
           lane[kB2 * kSub] += gz;
           lane[kLnBias * kSub] += gn;
-          lane[kLnWeight * kSub] += gn * xhat;
+          lane[kLnWeight * kSub] = fma(gn, xhat, lane[kLnWeight * kSub]);
           const V gx = gn * p.ln_weight;
           sum_g += gx;
-          sum_gx += gx * xhat;
+          sum_gx = fma(gx, xhat, sum_gx);
           grad[i_cs] = gx;
         }
         const V mean_g = sum_g * inv_c;
         const V mean_gx = sum_gx * inv_c;
         for (int64_t c = 0; c < C; ++c) {
           const int64_t i_cs = c * kSub + s;
-          const V xhat = (y[i_cs] - mean[s]) * rstd[s];
+          const V xhat = centred<acc_t>(y[i_cs], mean[s]) * rstd[s];
+          // Unfused on purpose: for C = 1, grad - mean_g is exactly 0 and xhat is exactly 0.
           grad[i_cs] = rstd[s] * (grad[i_cs] - mean_g - xhat * mean_gx);
         }
       }
@@ -143,3 +152,5 @@ void ux_mlp_backward_chunks(const ::uxnet::ln_mlp::UxMlpBackwardArgs<scalar_t, a
     }
   }
 }
+
+}  // namespace ux_mlp_kernels

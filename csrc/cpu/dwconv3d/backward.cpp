@@ -1,5 +1,6 @@
 // uxnet::dwconv3d_backward on the CPU.
-//   grad_x      = the forward convolution of grad_out with the kernel flipped along every axis;
+//   grad_x      = the forward convolution of grad_out with the kernel flipped along every axis (non-finite weights:
+//                 nonfinite.h);
 //   grad_weight = per-task partial sums of grad_out * shifted x over a fixed partition of (channel block,
 //                 slice of the N*D planes), reduced in task order: bit-identical for any thread count;
 //   grad_bias   = the same tasks' sums of grad_out.
@@ -12,8 +13,10 @@
 #include <tuple>
 #include <vector>
 
-#include "../uxnet_ops.h"
-#include "dwconv3d_layout.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/dwconv3d/drivers.h"
+#include "cpu/dwconv3d/nonfinite.h"
+#include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
@@ -36,14 +39,18 @@ template <typename scalar_t>
 void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                     std::array<bool, 3> mask, at::Tensor& grad_x, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using Tc = compute_t<scalar_t>;
-  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa());
+  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa_for(kOp));
   const Geometry g = make_geometry(x, weight, kernels.lanes);
 
   if (mask[0]) {
+    const at::Tensor w = weight.contiguous();
     std::vector<Tc> w_flipped(static_cast<size_t>(g.Cb * g.taps() * g.lanes));
-    block_weight(weight.contiguous().data_ptr<scalar_t>(), g, /*flip=*/true, w_flipped.data());
+    block_weight(w.data_ptr<scalar_t>(), g, /*flip=*/true, w_flipped.data());
+    const std::vector<uint8_t> bad_taps = nonfinite_taps(w.data_ptr<scalar_t>(), g);
+    if (!bad_taps.empty()) zero_nonfinite_taps(bad_taps, g, /*flipped=*/true, w_flipped.data());
     conv_volume(kernels, g, grad_out.data_ptr<scalar_t>(), strides_of(grad_out), w_flipped.data(),
                 static_cast<const Tc*>(nullptr), grad_x.data_ptr<scalar_t>(), strides_of(grad_x));
+    if (!bad_taps.empty()) poison_reached_voxels(bad_taps, g, grad_x.data_ptr<scalar_t>(), strides_of(grad_x));
   }
   if (!mask[1] && !mask[2]) return;
 

@@ -1,4 +1,4 @@
-// uxnet::dwconv3d on the CPU: block the weights, then let the driver (dwconv3d_layout.h) stream x's depth
+// uxnet::dwconv3d on the CPU: block the weights, then let the driver (drivers.h) stream x's depth
 // planes through the ISA kernels into an output in x's memory format.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -6,8 +6,10 @@
 
 #include <vector>
 
-#include "../uxnet_ops.h"
-#include "dwconv3d_layout.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/dwconv3d/drivers.h"
+#include "cpu/dwconv3d/nonfinite.h"
+#include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
@@ -18,7 +20,7 @@ template <typename scalar_t>
 void forward_typed(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    at::Tensor& out) {
   using Tc = compute_t<scalar_t>;
-  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa());
+  const KernelTable<Tc>& kernels = kernels_for<Tc>(selected_isa_for("uxnet::dwconv3d"));
   const Geometry g = make_geometry(x, weight, kernels.lanes);
   std::vector<Tc> w_blocked(static_cast<size_t>(g.Cb * g.taps() * g.lanes));
   std::vector<Tc> b_blocked(static_cast<size_t>(g.Cb * g.lanes));
@@ -27,6 +29,8 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   if (has_bias) block_bias(bias->contiguous().data_ptr<scalar_t>(), g, b_blocked.data());
   conv_volume(kernels, g, x.data_ptr<scalar_t>(), strides_of(x), w_blocked.data(),
               has_bias ? b_blocked.data() : nullptr, out.data_ptr<scalar_t>(), strides_of(out));
+  const std::vector<uint8_t> bad_taps = nonfinite_taps(weight.contiguous().data_ptr<scalar_t>(), g);
+  if (!bad_taps.empty()) poison_channels(bad_taps, g, out.data_ptr<scalar_t>(), strides_of(out));
 }
 
 at::Tensor dwconv3d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

@@ -1,54 +1,30 @@
-// CPU kernels of uxnet::ux_mlp and uxnet::ux_mlp_backward: the UX block tail
+// CPU ops uxnet::ux_mlp and uxnet::ux_mlp_backward: the UX block tail
 // residual + gamma * pwconv2(GELU(pwconv1(LN(y)))) fused into one pass per voxel, NCDHW-contiguous or
-// channels_last_3d, float32 / bfloat16 (float32 math and stats) and float64. The per-tile kernels
-// (ln_mlp_ux_mlp_kernels.h) are compiled for AVX-512, AVX2+FMA and the baseline ISA; the one matching the CPU
-// is picked at run time.
+// channels_last_3d, float32 / bfloat16 (float32 math and stats) and float64. Checks, allocation and threading
+// here; the chunk kernels (kernels.h, compiled per ISA variant in kernels.cpp) run with the variant
+// simd::selected_isa() picks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
-#include <vector>
+#include <utility>
 
-#include "cpu/ln_mlp_common.h"
-#include "cpu/ln_mlp_host.h"
+#include "cpu/common/host.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/ux_mlp/params.h"
 #include "uxnet_ops.h"
 
-#define UXNET_LN_MLP_KERNELS_HEADER "cpu/ln_mlp_ux_mlp_kernels.h"
-#include "cpu/ln_mlp_isa_variants.inc"
-#undef UXNET_LN_MLP_KERNELS_HEADER
-
 namespace uxnet {
-
+namespace cpu {
+namespace ux_mlp {
 namespace {
-
-using ln_mlp::UxMlpBackwardArgs;
-using ln_mlp::UxMlpForwardArgs;
 
 constexpr const char* kForwardOp = "uxnet::ux_mlp";
 constexpr const char* kBackwardOp = "uxnet::ux_mlp_backward";
-
-template <typename scalar_t, typename acc_t>
-void run_forward(const UxMlpForwardArgs<scalar_t, acc_t>& args) {
-  using Fn = ln_mlp::ChunkKernel<UxMlpForwardArgs<scalar_t, acc_t>>;
-  ln_mlp::run_chunks(args, args.tiling.channels_last
-                               ? UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_forward_chunks<scalar_t, acc_t, true>)
-                               : UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_forward_chunks<scalar_t, acc_t, false>));
-}
-
-template <typename scalar_t, typename acc_t>
-void run_backward(const UxMlpBackwardArgs<scalar_t, acc_t>& args) {
-  using Fn = ln_mlp::ChunkKernel<UxMlpBackwardArgs<scalar_t, acc_t>>;
-  ln_mlp::run_chunks(args, args.tiling.channels_last
-                               ? UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_backward_chunks<scalar_t, acc_t, true>)
-                               : UXNET_LN_MLP_ISA_KERNEL(Fn, ux_mlp_backward_chunks<scalar_t, acc_t, false>));
-}
 
 struct MlpParams {
   const at::Tensor& ln_weight;
@@ -99,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cpu(
     const at::Tensor& b2, const c10::optional<at::Tensor>& gamma, double eps) {
   const MlpParams params{ln_weight, ln_bias, w1, b1, w2, b2, gamma};
   check_params(kForwardOp, y, params);
+  const simd::Isa isa = selected_isa_for(kForwardOp);
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) {
     ln_mlp::check_like(kForwardOp, *residual, "residual", y, "y");
@@ -117,16 +94,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cpu(
   const at::Tensor rc = has_residual ? residual->contiguous(format) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "uxnet_ux_mlp_cpu", [&] {
     using acc_t = ln_mlp::acc_type<scalar_t>;
+    using kernel_t = ln_mlp::kernel_type<scalar_t>;
     const at::Tensor table = pack_params<acc_t>(params);
-    UxMlpForwardArgs<scalar_t, acc_t> args{yc.data_ptr<scalar_t>(),
-                                           has_residual ? rc.data_ptr<scalar_t>() : nullptr,
-                                           table.data_ptr<acc_t>(),
-                                           out.data_ptr<scalar_t>(),
-                                           mean.data_ptr<acc_t>(),
-                                           rstd.data_ptr<acc_t>(),
-                                           static_cast<acc_t>(eps),
-                                           ln_mlp::make_tiling(yc, format == at::MemoryFormat::ChannelsLast3d)};
-    run_forward(args);
+    const ForwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(yc),
+                                            has_residual ? ln_mlp::kernel_data<scalar_t>(rc) : nullptr,
+                                            table.data_ptr<acc_t>(),
+                                            ln_mlp::kernel_data_mut<scalar_t>(out),
+                                            mean.data_ptr<acc_t>(),
+                                            rstd.data_ptr<acc_t>(),
+                                            static_cast<acc_t>(eps),
+                                            ln_mlp::make_tiling(yc, format, /*row_blocks=*/false)};
+    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, args.tiling.channels_last).forward);
   });
   return {out, mean, rstd};
 }
@@ -138,6 +116,7 @@ ux_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y, const at::T
                     const at::Tensor& rstd) {
   const MlpParams params{ln_weight, ln_bias, w1, b1, w2, b2, gamma};
   check_params(kBackwardOp, y, params);
+  const simd::Isa isa = selected_isa_for(kBackwardOp);
   ln_mlp::check_like(kBackwardOp, grad_out, "grad_out", y, "y");
   ln_mlp::check_stats(kBackwardOp, y, mean, "mean");
   ln_mlp::check_stats(kBackwardOp, y, rstd, "rstd");
@@ -148,18 +127,18 @@ ux_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y, const at::T
   if (y.numel() != 0) {
     const at::Tensor gc = grad_out.contiguous(format);
     const at::Tensor yc = y.contiguous(format);
-    const ln_mlp::VoxelTiling tiling = ln_mlp::make_tiling(yc, format == at::MemoryFormat::ChannelsLast3d);
+    const ln_mlp::VoxelTiling tiling = ln_mlp::make_tiling(yc, format, /*row_blocks=*/false);
     at::Tensor partials = ln_mlp::empty_partials(y, tiling, ln_mlp::kMlpParams);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "uxnet_ux_mlp_backward_cpu", [&] {
       using acc_t = ln_mlp::acc_type<scalar_t>;
+      using kernel_t = ln_mlp::kernel_type<scalar_t>;
       const at::Tensor table = pack_params<acc_t>(params);
-      const at::Tensor mean_c = mean.contiguous();
       const at::Tensor rstd_c = rstd.contiguous();
-      UxMlpBackwardArgs<scalar_t, acc_t> args{gc.data_ptr<scalar_t>(),   yc.data_ptr<scalar_t>(),
-                                              table.data_ptr<acc_t>(),   mean_c.data_ptr<acc_t>(),
-                                              rstd_c.data_ptr<acc_t>(),  grad_y.data_ptr<scalar_t>(),
-                                              partials.data_ptr<double>(), tiling};
-      run_backward(args);
+      const BackwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(gc),     ln_mlp::kernel_data<scalar_t>(yc),
+                                               table.data_ptr<acc_t>(),               rstd_c.data_ptr<acc_t>(),
+                                               ln_mlp::kernel_data_mut<scalar_t>(grad_y), partials.data_ptr<double>(),
+                                               tiling};
+      ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last).backward);
     });
     sums = ln_mlp::sum_partials_in_order(partials);
   }
@@ -173,9 +152,11 @@ ux_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y, const at::T
 }
 
 }  // namespace
+}  // namespace ux_mlp
+}  // namespace cpu
 }  // namespace uxnet
 
 TORCH_LIBRARY_IMPL(uxnet, CPU, m) {
-  m.impl("ux_mlp", &uxnet::ux_mlp_cpu);
-  m.impl("ux_mlp_backward", &uxnet::ux_mlp_backward_cpu);
+  m.impl("ux_mlp", &uxnet::cpu::ux_mlp::ux_mlp_cpu);
+  m.impl("ux_mlp_backward", &uxnet::cpu::ux_mlp::ux_mlp_backward_cpu);
 }

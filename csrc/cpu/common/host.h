@@ -1,5 +1,6 @@
-// Tensor-level helpers of the CPU LayerNorm / UX MLP ops: argument checks, stats and parameter tables,
-// and the fixed-order reduction of per-chunk parameter-gradient partials.
+// Tensor-level helpers of the CPU LayerNorm / UX MLP ops: argument checks, stats and parameter tables, the
+// kernels' view of a tensor's data, the chunk runner, and the fixed-order reduction of per-chunk
+// parameter-gradient partials.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,14 +9,39 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "cpu/ln_mlp_common.h"
+#include "cpu/common/voxel_tiling.h"
+#include "cpu/simd/config.h"
 
 namespace uxnet {
+namespace cpu {
 namespace ln_mlp {
 
 // Math and statistics type: float for float32 and bfloat16, double for float64.
 template <typename scalar_t>
 using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+// The kernels' storage type of a tensor dtype: c10::BFloat16 becomes the bit-compatible simd::bf16.
+template <typename scalar_t>
+using kernel_type =
+    typename std::conditional<std::is_same<scalar_t, c10::BFloat16>::value, simd::bf16, scalar_t>::type;
+static_assert(sizeof(simd::bf16) == sizeof(c10::BFloat16) && alignof(simd::bf16) == alignof(c10::BFloat16),
+              "simd::bf16 must have c10::BFloat16's layout");
+
+template <typename scalar_t>
+const kernel_type<scalar_t>* kernel_data(const at::Tensor& t) {
+  return reinterpret_cast<const kernel_type<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+kernel_type<scalar_t>* kernel_data_mut(at::Tensor& t) {
+  return reinterpret_cast<kernel_type<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
+// The op's tiling of x (canonical layout `format`); row_blocks: LayerNorm's row blocks.
+inline VoxelTiling make_tiling(const at::Tensor& x, at::MemoryFormat format, bool row_blocks) {
+  return make_tiling(x.size(0), x.size(1), x.size(2) * x.size(3) * x.size(4),
+                     format == at::MemoryFormat::ChannelsLast3d, row_blocks);
+}
 
 inline void check_kernel_dtype(const char* op, const at::Tensor& x) {
   const auto dtype = x.scalar_type();
@@ -62,9 +88,6 @@ template <typename acc_t>
 at::Tensor param_table(const at::Tensor& param) {
   return param.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
 }
-
-template <typename Args>
-using ChunkKernel = void (*)(const Args&, int64_t chunk_begin, int64_t chunk_end);
 
 // Runs a chunk kernel over every chunk of args.tiling, split across torch's intra-op threads.
 template <typename Args>
@@ -113,4 +136,5 @@ at::Tensor partial_row_sum(const at::Tensor& partials, int64_t row, const at::Te
 }
 
 }  // namespace ln_mlp
+}  // namespace cpu
 }  // namespace uxnet

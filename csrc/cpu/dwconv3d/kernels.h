@@ -1,0 +1,151 @@
+// The depthwise 3D convolution kernels, written once over the SIMD layer and compiled once per ISA variant.
+//
+// NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per variant, inside that
+// variant's namespace, after simd/vec.h. Only raw pointers, int64 offsets and Vec operations here.
+//
+// A Vec holds kLanes<T> channels of one voxel (the blocked layout of params.h). Register blocks: kOutBlock outputs
+// along W (convolution) and kTapBlock kw taps (weight gradient) are kept in registers, plus the weight (or grad)
+// vector: 16 + 1 of 32 registers for avx512 and its emulation, 12 + 1 of 16 otherwise.
+
+namespace dwconv3d_kernels {
+
+using ::uxnet::cpu::dwconv3d::Geometry;
+using ::uxnet::cpu::dwconv3d::KernelTable;
+
+constexpr int kOutBlock = kVectorRegisters >= 32 ? 16 : 12;
+constexpr int kTapBlock = kVectorRegisters >= 32 ? 16 : 12;
+
+// `WB` consecutive outputs along W (starting at w0) of output row h, all lanes of one channel block.
+template <typename T, int WB>
+inline void conv_block(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias,
+                                  int64_t h, int64_t w0, int64_t kh0, int64_t kh1, T* out_px) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t row_len = g.row_len();
+  const int64_t KW = g.KW;
+  V acc[WB];
+  const V init = bias ? load<V>(bias) : zero<V>();
+#pragma GCC unroll 16
+  for (int j = 0; j < WB; ++j) acc[j] = init;
+  for (int64_t kd = 0; kd < g.KD; ++kd) {
+    const T* plane = in_planes[kd];
+    if (plane == nullptr) continue;
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const T* row = plane + ((h + kh - g.pad_h()) * row_len + w0) * L;
+      const T* wk = weight + (kd * g.KH + kh) * KW * L;
+      // The KD * KH rows one block reads do not fit L1 together; fetch the part of this row that the next
+      // block along W (or, past the row's end, the next output row) will read while this block computes.
+      const char* ahead = reinterpret_cast<const char*>(row + (WB + KW - 1) * L);
+      for (int64_t byte = 0; byte < WB * L * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(ahead + byte, 0, 3);
+      }
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const V wv = load<V>(wk + kw * L);
+        const T* p = row + kw * L;
+#pragma GCC unroll 16
+        for (int j = 0; j < WB; ++j) acc[j] = fma(wv, load<V>(p + j * L), acc[j]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < WB; ++j) store(out_px + j * L, acc[j]);
+}
+
+// conv_block<T, n> for a run-time block size 1 <= n <= WB.
+template <typename T, int WB, class... Args>
+inline void conv_block_dispatch(int64_t n, Args... args) {
+  if constexpr (WB > 1) {
+    if (n < WB) return conv_block_dispatch<T, WB - 1>(n, args...);
+  }
+  conv_block<T, WB>(args...);
+}
+
+template <typename T>
+void conv_row(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
+              T* out_row) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t kh0 = h < g.pad_h() ? g.pad_h() - h : 0;
+  const int64_t kh1 = g.H + g.pad_h() - h < g.KH ? g.H + g.pad_h() - h : g.KH;
+  const int64_t n_blocks = (g.W + kOutBlock - 1) / kOutBlock;
+  for (int64_t b = 0; b < n_blocks; ++b) {  // near-equal blocks, so the W tail is not a slow 1- or 2-wide block
+    const int64_t w0 = b * g.W / n_blocks;
+    const int64_t w1 = (b + 1) * g.W / n_blocks;
+    conv_block_dispatch<T, kOutBlock>(w1 - w0, g, in_planes, weight, bias, h, w0, kh0, kh1, out_row + w0 * L);
+  }
+}
+
+// partial[kw0 .. kw0 + KB) += sum over rows h in [h0, h1), w in [0, W) of grad(h, w) * in(h + kh_off, w + kw).
+template <typename T, int KB>
+inline void weight_grad_block(const Geometry& g, const T* grad_plane, const T* in_plane, int64_t h0,
+                                         int64_t h1, int64_t kh_off, int64_t kw0, T* partial_taps) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t row_len = g.row_len();
+  V acc[KB];
+#pragma GCC unroll 16
+  for (int j = 0; j < KB; ++j) acc[j] = zero<V>();
+  for (int64_t h = h0; h < h1; ++h) {
+    const T* grow = grad_plane + (h * row_len + g.pad_w()) * L;
+    const T* xrow = in_plane + ((h + kh_off) * row_len + kw0) * L;
+    for (int64_t w = 0; w < g.W; ++w) {
+      const V gv = load<V>(grow + w * L);
+#pragma GCC unroll 16
+      for (int j = 0; j < KB; ++j) acc[j] = fma(gv, load<V>(xrow + (w + j) * L), acc[j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < KB; ++j) store(partial_taps + j * L, load<V>(partial_taps + j * L) + acc[j]);
+}
+
+template <typename T, int KB, class... Args>
+inline void weight_grad_block_dispatch(int64_t n, Args... args) {
+  if constexpr (KB > 1) {
+    if (n < KB) return weight_grad_block_dispatch<T, KB - 1>(n, args...);
+  }
+  weight_grad_block<T, KB>(args...);
+}
+
+template <typename T>
+void weight_grad_plane(const Geometry& g, const T* grad_plane, const T* const* in_planes, T* partial,
+                       bool want_weight, bool want_bias) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t row_len = g.row_len();
+  if (want_bias) {
+    V sum = zero<V>();
+    for (int64_t h = 0; h < g.H; ++h) {
+      const T* grow = grad_plane + (h * row_len + g.pad_w()) * L;
+      for (int64_t w = 0; w < g.W; ++w) sum += load<V>(grow + w * L);
+    }
+    T* bias_partial = partial + g.taps() * L;
+    store(bias_partial, load<V>(bias_partial) + sum);
+  }
+  if (!want_weight) return;
+  const int64_t kw_blocks = (g.KW + kTapBlock - 1) / kTapBlock;
+  for (int64_t kd = 0; kd < g.KD; ++kd) {
+    const T* in_plane = in_planes[kd];
+    if (in_plane == nullptr) continue;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t kh_off = kh - g.pad_h();
+      const int64_t h0 = kh_off < 0 ? -kh_off : 0;
+      const int64_t h1 = g.H - kh_off < g.H ? g.H - kh_off : g.H;
+      if (h0 >= h1) continue;
+      T* partial_row = partial + (kd * g.KH + kh) * g.KW * L;
+      for (int64_t b = 0; b < kw_blocks; ++b) {
+        const int64_t kw0 = b * g.KW / kw_blocks;
+        const int64_t kw1 = (b + 1) * g.KW / kw_blocks;
+        weight_grad_block_dispatch<T, kTapBlock>(kw1 - kw0, g, grad_plane, in_plane, h0, h1, kh_off, kw0,
+                                                 partial_row + kw0 * L);
+      }
+    }
+  }
+}
+
+template <typename T>
+const KernelTable<T>& table() {
+  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>, &conv_row<T>,
+                                      &weight_grad_plane<T>};
+  return kernels;
+}
+
+}  // namespace dwconv3d_kernels

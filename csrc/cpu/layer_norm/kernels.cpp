@@ -1,0 +1,36 @@
+// The LayerNorm chunk kernels (kernels.h) compiled for every ISA variant, and their tables. No torch headers.
+#include <algorithm>
+#include <cstdlib>
+#include <new>
+
+#include "cpu/layer_norm/params.h"
+#include "cpu/simd/config.h"
+#include "cpu/simd/per_isa.h"
+
+#define UXNET_SIMD_KERNELS "cpu/layer_norm/kernels.h"
+#include "cpu/simd/compile_per_isa.inc"
+
+namespace uxnet {
+namespace cpu {
+namespace layer_norm {
+
+template <typename scalar_t, typename acc_t>
+Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last) {
+  using Forward = ln_mlp::ChunkKernel<ForwardArgs<scalar_t, acc_t>>;
+  using Backward = ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>>;
+  static const auto forward_voxels = UXNET_SIMD_PER_ISA(Forward, layer_norm_kernels::forward_voxels<scalar_t, acc_t>);
+  static const auto forward_rows = UXNET_SIMD_PER_ISA(Forward, layer_norm_kernels::forward_rows<scalar_t, acc_t>);
+  static const auto backward_voxels =
+      UXNET_SIMD_PER_ISA(Backward, layer_norm_kernels::backward_voxels<scalar_t, acc_t>);
+  static const auto backward_rows = UXNET_SIMD_PER_ISA(Backward, layer_norm_kernels::backward_rows<scalar_t, acc_t>);
+  return channels_last ? Kernels<scalar_t, acc_t>{forward_voxels[isa], backward_voxels[isa]}
+                       : Kernels<scalar_t, acc_t>{forward_rows[isa], backward_rows[isa]};
+}
+
+template Kernels<float, float> kernels(simd::Isa, bool);
+template Kernels<simd::bf16, float> kernels(simd::Isa, bool);
+template Kernels<double, double> kernels(simd::Isa, bool);
+
+}  // namespace layer_norm
+}  // namespace cpu
+}  // namespace uxnet

@@ -1,0 +1,397 @@
+// The SIMD layer of the CPU kernels: fixed-width vectors of float, double and int lanes, with the operations the
+// kernels need. Written once; compiled once per ISA variant.
+//
+// NO include guard: compile_per_isa.inc includes this (and the kernel header after it) once per variant, each
+// time inside that variant's namespace and `#pragma GCC target` region, with these macros set:
+//   UXNET_SIMD_ISA_ID        the variant, an Isa enumerator (isa.h)
+//   UXNET_SIMD_VECTOR_BYTES  bytes of one Vec: 16 (generic), 32 (avx2), 64 (avx512, avx512-emulated)
+//   UXNET_SIMD_NATIVE_BYTES  bytes of one hardware register: equal to VECTOR_BYTES, except for the emulation
+//                            (32 on x86-64: a Vec is two AVX2 registers; 16 on arm64: four NEON registers)
+//   UXNET_SIMD_REGISTERS     vector registers the kernels' register blocks are sized for (16, or 32 for avx512
+//                            and its emulation, which must use the same block sizes)
+//   UXNET_SIMD_FMA           how fma() is computed: 0 = a * b + c rounded twice (x86-64 baseline, no FMA unit),
+//                            1 = x86 FMA3 / AVX-512 vfmadd, 2 = NEON vfmaq; 1 and 2 are fused (one rounding)
+//
+// Vectors are GCC/Clang vector types (operators + - * / and [] work lane-wise), e.g. in a kernel:
+//   using VF = Vec<float>;                         // kLanes<float> = 4 / 8 / 16 lanes
+//   VF acc = zero<VF>();
+//   for (...) acc = fma(load<VF>(w + i), load<VF>(x + i), acc);
+//   const float total = hsum(acc);
+// The build passes -ffp-contract=off, so the compiler never fuses a * b + c on its own: every fused multiply-add
+// is an explicit fma(), and a kernel computes the same roundings in every variant with the same lane count
+// (avx512 and avx512-emulated give bitwise-identical results).
+//
+// Operations (V is a Vec of float or double, S its scalar, M = Mask<V> the matching int vector):
+//   zero<V>(), broadcast<V>(s)
+//   load<V>(p), store(p, v)                       p: float*, double*, or bf16* for float vectors
+//   load_partial<V>(p, n), store_partial(p, v, n) the first n lanes (0 <= n <= lanes); lanes >= n load as 0 and
+//                                                 are not stored
+//   a + b, a - b, a * b, a / b, -a               IEEE, lane-wise
+//   fma(a, b, c) = a * b + c, fnma(a, b, c) = c - a * b   (fused, see UXNET_SIMD_FMA)
+//   sqrt(a)                                       IEEE square root
+//   min(a, b), max(a, b)                          a < b ? a : b, a > b ? a : b (b where either is NaN)
+//   lt, le, gt, ge, eq, ne(a, b) -> M             all ones where true
+//   select(m, a, b)                               m ? a : b lane-wise (e.g. LeakyReLU: select(gt(x, 0), x, s * x))
+//   abs(a), bits(a) -> M, from_bits<V>(m)         reinterpretation of the lanes
+//   hsum(v)                                       sum of the lanes, pairwise halves in a fixed order
+//   widen_lo(vf), widen_hi(vf) -> VD              float lanes [0, L/2) / [L/2, L) as doubles (exact)
+//   narrow(lo, hi) -> VF                          two double vectors as one float vector (rounded to nearest)
+//   to_wide<W>(v)                                 lane-wise conversion to a vector W of the same lane count
+// bf16 stores round to nearest even and keep NaN (a quiet NaN), exactly as c10::BFloat16 does.
+
+constexpr ::uxnet::cpu::simd::Isa kIsa = UXNET_SIMD_ISA_ID;
+constexpr int kVectorBytes = UXNET_SIMD_VECTOR_BYTES;
+constexpr int kNativeBytes = UXNET_SIMD_NATIVE_BYTES;
+constexpr int kVectorRegisters = UXNET_SIMD_REGISTERS;
+template <typename T>
+constexpr int64_t kLanes = kVectorBytes / static_cast<int64_t>(sizeof(T));
+
+using ::uxnet::cpu::simd::bf16;
+
+template <typename T, int64_t N>
+struct VecOf {
+  static_assert(N >= 1 && (N & (N - 1)) == 0, "lane counts are powers of two");
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+
+// N lanes of T (by default one vector of the variant).
+template <typename T, int64_t N = kLanes<T>>
+using Vec = typename VecOf<T, N>::type;
+
+template <typename V>
+using Scalar = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+template <typename V>
+constexpr int64_t kLanesOf = sizeof(V) / sizeof(Scalar<V>);
+
+template <int kBytes>
+struct IntOfSize;
+template <>
+struct IntOfSize<4> {
+  using type = int32_t;
+};
+template <>
+struct IntOfSize<8> {
+  using type = int64_t;
+};
+// The mask / bit pattern type of V: signed ints of the lane width, all ones for true.
+template <typename V>
+using Mask = Vec<typename IntOfSize<sizeof(Scalar<V>)>::type, kLanesOf<V>>;
+
+namespace detail {
+
+// A vector wider than a hardware register (the emulation's 64-byte vectors, or double vectors of a float
+// vector's lane count) is processed as kPieces native-width vectors. GCC splits arithmetic on such vectors into
+// native instructions by itself, but not comparisons, selects or intrinsics: those go through these helpers.
+template <typename V>
+struct Pieces {
+  static constexpr int64_t kBytes = sizeof(V) < static_cast<size_t>(kNativeBytes) ? sizeof(V) : kNativeBytes;
+  static constexpr int64_t kCount = sizeof(V) / kBytes;
+  using Piece = Vec<Scalar<V>, kBytes / sizeof(Scalar<V>)>;
+};
+
+template <typename R, typename V, typename F>
+UXNET_SIMD_INLINE R map1(V a, F f) {
+  using P = typename Pieces<V>::Piece;
+  using RP = typename Pieces<R>::Piece;
+  static_assert(Pieces<V>::kCount == Pieces<R>::kCount, "same number of pieces");
+  if constexpr (Pieces<V>::kCount == 1) {
+    return f(a);
+  } else {
+    P pa[Pieces<V>::kCount];
+    RP pr[Pieces<V>::kCount];
+    std::memcpy(pa, &a, sizeof(a));
+    for (int64_t i = 0; i < Pieces<V>::kCount; ++i) pr[i] = f(pa[i]);
+    R r;
+    std::memcpy(&r, pr, sizeof(r));
+    return r;
+  }
+}
+
+template <typename R, typename V, typename F>
+UXNET_SIMD_INLINE R map2(V a, V b, F f) {
+  using P = typename Pieces<V>::Piece;
+  using RP = typename Pieces<R>::Piece;
+  static_assert(Pieces<V>::kCount == Pieces<R>::kCount, "same number of pieces");
+  if constexpr (Pieces<V>::kCount == 1) {
+    return f(a, b);
+  } else {
+    P pa[Pieces<V>::kCount], pb[Pieces<V>::kCount];
+    RP pr[Pieces<V>::kCount];
+    std::memcpy(pa, &a, sizeof(a));
+    std::memcpy(pb, &b, sizeof(b));
+    for (int64_t i = 0; i < Pieces<V>::kCount; ++i) pr[i] = f(pa[i], pb[i]);
+    R r;
+    std::memcpy(&r, pr, sizeof(r));
+    return r;
+  }
+}
+
+template <typename V, typename F>
+UXNET_SIMD_INLINE V map3(V a, V b, V c, F f) {
+  using P = typename Pieces<V>::Piece;
+  if constexpr (Pieces<V>::kCount == 1) {
+    return f(a, b, c);
+  } else {
+    P pa[Pieces<V>::kCount], pb[Pieces<V>::kCount], pc[Pieces<V>::kCount];
+    std::memcpy(pa, &a, sizeof(a));
+    std::memcpy(pb, &b, sizeof(b));
+    std::memcpy(pc, &c, sizeof(c));
+    for (int64_t i = 0; i < Pieces<V>::kCount; ++i) pa[i] = f(pa[i], pb[i], pc[i]);
+    V r;
+    std::memcpy(&r, pa, sizeof(r));
+    return r;
+  }
+}
+
+// One native-width piece: a * b + c with one rounding (or two, UXNET_SIMD_FMA == 0).
+template <typename P>
+UXNET_SIMD_INLINE P fma_piece(P a, P b, P c) {
+#if UXNET_SIMD_FMA == 1
+  using S = Scalar<P>;
+  if constexpr (sizeof(P) == 64 && std::is_same<S, float>::value) {
+    return (P)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  } else if constexpr (sizeof(P) == 64) {
+    return (P)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+  } else if constexpr (sizeof(P) == 32 && std::is_same<S, float>::value) {
+    return (P)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  } else if constexpr (sizeof(P) == 32) {
+    return (P)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+  } else if constexpr (sizeof(P) == 16 && std::is_same<S, float>::value) {
+    return (P)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+  } else if constexpr (sizeof(P) == 16) {
+    return (P)_mm_fmadd_pd((__m128d)a, (__m128d)b, (__m128d)c);
+  } else {  // a narrower piece (a half vector): lane by lane, still fused
+    for (int64_t i = 0; i < kLanesOf<P>; ++i) a[i] = std::fma(a[i], b[i], c[i]);
+    return a;
+  }
+#elif UXNET_SIMD_FMA == 2
+  using S = Scalar<P>;
+  if constexpr (sizeof(P) == 16 && std::is_same<S, float>::value) {
+    return (P)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+  } else if constexpr (sizeof(P) == 16) {
+    return (P)vfmaq_f64((float64x2_t)c, (float64x2_t)a, (float64x2_t)b);
+  } else {
+    for (int64_t i = 0; i < kLanesOf<P>; ++i) a[i] = std::fma(a[i], b[i], c[i]);
+    return a;
+  }
+#else
+  return a * b + c;
+#endif
+}
+
+template <typename P>
+UXNET_SIMD_INLINE P sqrt_piece(P a) {
+  using S = Scalar<P>;
+  constexpr bool f32 = std::is_same<S, float>::value;
+#if defined(UXNET_SIMD_X86)
+  // (Only pieces up to kNativeBytes reach here, so no branch needs more than the region's target.)
+  // (The zero-masked forms: the plain ones start from _mm512_undefined_*, which GCC 12 warns about.)
+  if constexpr (sizeof(P) == 64) {
+    return f32 ? (P)_mm512_maskz_sqrt_ps(static_cast<__mmask16>(-1), (__m512)a)
+               : (P)_mm512_maskz_sqrt_pd(static_cast<__mmask8>(-1), (__m512d)a);
+  }
+  if constexpr (sizeof(P) == 32) return f32 ? (P)_mm256_sqrt_ps((__m256)a) : (P)_mm256_sqrt_pd((__m256d)a);
+  if constexpr (sizeof(P) == 16) return f32 ? (P)_mm_sqrt_ps((__m128)a) : (P)_mm_sqrt_pd((__m128d)a);
+#elif defined(UXNET_SIMD_ARM64)
+  if constexpr (sizeof(P) == 16) return f32 ? (P)vsqrtq_f32((float32x4_t)a) : (P)vsqrtq_f64((float64x2_t)a);
+#endif
+  for (int64_t i = 0; i < kLanesOf<P>; ++i) a[i] = std::sqrt(a[i]);
+  return a;
+}
+
+}  // namespace detail
+
+// ---- construction, loads and stores ------------------------------------------------------------------------
+
+template <typename V>
+UXNET_SIMD_INLINE V zero() {
+  return V{};
+}
+
+template <typename V>
+UXNET_SIMD_INLINE V broadcast(Scalar<V> s) {
+  return V{} + s;
+}
+
+template <typename V>
+UXNET_SIMD_INLINE V load(const Scalar<V>* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+UXNET_SIMD_INLINE void store(Scalar<V>* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// bfloat16 memory <-> float lanes.
+template <typename V>
+UXNET_SIMD_INLINE V load(const bf16* p) {
+  static_assert(std::is_same<Scalar<V>, float>::value, "bf16 loads into float lanes");
+  using Wide = Vec<uint32_t, kLanesOf<V>>;
+  Vec<uint16_t, kLanesOf<V>> h;
+  std::memcpy(&h, p, sizeof(h));
+  return (V)(__builtin_convertvector(h, Wide) << 16);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE void store(bf16* p, V v) {
+  static_assert(std::is_same<Scalar<V>, float>::value, "bf16 stores from float lanes");
+  using U = Vec<uint32_t, kLanesOf<V>>;
+  const U u = (U)v;
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  // NaN: exponent all ones and a nonzero mantissa, i.e. (u & 0x7fffffff) > 0x7f800000, from integer
+  // arithmetic only (no comparison, which GCC would split lane by lane on emulated vectors).
+  const U is_nan = (U)((Mask<V>)(0x7f800000u - (u & 0x7fffffffu)) >> 31);
+  using Half = Vec<uint16_t, kLanesOf<V>>;
+  const Half h = __builtin_convertvector((is_nan & 0x7fc0u) | (~is_nan & rounded), Half);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// The first n lanes from p (0 <= n <= lanes); the others are 0. Reads only p[0 .. n).
+template <typename V, typename Mem>
+UXNET_SIMD_INLINE V load_partial(const Mem* p, int64_t n) {
+  Mem buf[kLanesOf<V>];
+  std::memset(static_cast<void*>(buf), 0, sizeof(buf));
+  for (int64_t i = 0; i < n; ++i) buf[i] = p[i];
+  return load<V>(buf);
+}
+
+// Stores the first n lanes of v at p (0 <= n <= lanes). Writes only p[0 .. n).
+template <typename V, typename Mem>
+UXNET_SIMD_INLINE void store_partial(Mem* p, V v, int64_t n) {
+  Mem buf[kLanesOf<V>];
+  store(buf, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+}
+
+// ---- arithmetic ---------------------------------------------------------------------------------------------
+
+template <typename V>
+UXNET_SIMD_INLINE V fma(V a, V b, V c) {
+  return detail::map3(a, b, c, [](auto x, auto y, auto z) { return detail::fma_piece(x, y, z); });
+}
+
+// c - a * b with one rounding (where fma is fused).
+template <typename V>
+UXNET_SIMD_INLINE V fnma(V a, V b, V c) {
+  return fma(-a, b, c);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE V sqrt(V a) {
+  return detail::map1<V>(a, [](auto x) { return detail::sqrt_piece(x); });
+}
+
+// ---- comparisons and selects ----------------------------------------------------------------------------------
+
+template <typename V>
+UXNET_SIMD_INLINE Mask<V> lt(V a, V b) {
+  return detail::map2<Mask<V>>(a, b, [](auto x, auto y) { return x < y; });
+}
+template <typename V>
+UXNET_SIMD_INLINE Mask<V> le(V a, V b) {
+  return detail::map2<Mask<V>>(a, b, [](auto x, auto y) { return x <= y; });
+}
+template <typename V>
+UXNET_SIMD_INLINE Mask<V> gt(V a, V b) {
+  return lt(b, a);
+}
+template <typename V>
+UXNET_SIMD_INLINE Mask<V> ge(V a, V b) {
+  return le(b, a);
+}
+template <typename V>
+UXNET_SIMD_INLINE Mask<V> eq(V a, V b) {
+  return detail::map2<Mask<V>>(a, b, [](auto x, auto y) { return x == y; });
+}
+template <typename V>
+UXNET_SIMD_INLINE Mask<V> ne(V a, V b) {
+  return detail::map2<Mask<V>>(a, b, [](auto x, auto y) { return x != y; });
+}
+
+template <typename V>
+UXNET_SIMD_INLINE Mask<V> bits(V a) {
+  return (Mask<V>)a;
+}
+
+template <typename V>
+UXNET_SIMD_INLINE V from_bits(Mask<V> m) {
+  return (V)m;
+}
+
+// m ? a : b lane by lane, for masks of all ones / all zeros (as comparisons return): bitwise, so it is exact for
+// every value and costs native instructions on emulated vectors too.
+template <typename V>
+UXNET_SIMD_INLINE V select(Mask<V> m, V a, V b) {
+  return (V)((m & bits(a)) | (~m & bits(b)));
+}
+
+template <typename V>
+UXNET_SIMD_INLINE V min(V a, V b) {
+  return select(lt(a, b), a, b);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE V max(V a, V b) {
+  return select(lt(b, a), a, b);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE V abs(V a) {
+  using I = typename IntOfSize<sizeof(Scalar<V>)>::type;
+  const I magnitude = static_cast<I>(~(static_cast<std::make_unsigned_t<I>>(1) << (8 * sizeof(I) - 1)));
+  return (V)(bits(a) & magnitude);
+}
+
+// ---- reductions and conversions -------------------------------------------------------------------------------
+
+// Sum of the lanes: the upper half is added to the lower half until one lane is left (a fixed order, so every
+// variant with the same lane count gives the same bits).
+template <typename V>
+UXNET_SIMD_INLINE Scalar<V> hsum(V v) {
+  if constexpr (kLanesOf<V> == 2) {
+    return v[0] + v[1];
+  } else {
+    using H = Vec<Scalar<V>, kLanesOf<V> / 2>;
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hsum(lo + hi);
+  }
+}
+
+// Lane-wise conversion to a vector type W with the same number of lanes (float <-> double, int <-> float, ...).
+template <typename W, typename V>
+UXNET_SIMD_INLINE W to_wide(V v) {
+  static_assert(kLanesOf<W> == kLanesOf<V>, "same lane count");
+  return __builtin_convertvector(v, W);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE Vec<double, kLanesOf<V> / 2> widen_lo(V v) {
+  using D = Vec<double, kLanesOf<V> / 2>;
+  Vec<float, kLanesOf<V> / 2> h;
+  std::memcpy(&h, &v, sizeof(h));
+  return __builtin_convertvector(h, D);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE Vec<double, kLanesOf<V> / 2> widen_hi(V v) {
+  using D = Vec<double, kLanesOf<V> / 2>;
+  Vec<float, kLanesOf<V> / 2> h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(h), sizeof(h));
+  return __builtin_convertvector(h, D);
+}
+
+template <typename D>
+UXNET_SIMD_INLINE Vec<float, 2 * kLanesOf<D>> narrow(D lo, D hi) {
+  using F = Vec<float, kLanesOf<D>>;
+  const F l = __builtin_convertvector(lo, F);
+  const F h = __builtin_convertvector(hi, F);
+  Vec<float, 2 * kLanesOf<D>> r;
+  std::memcpy(&r, &l, sizeof(l));
+  std::memcpy(reinterpret_cast<char*>(&r) + sizeof(l), &h, sizeof(h));
+  return r;
+}

@@ -1,0 +1,37 @@
+// The UX MLP chunk kernels (kernels.h) compiled for every ISA variant, and their tables. No torch headers.
+#include <algorithm>
+#include <cstdlib>
+#include <new>
+
+#include "cpu/simd/config.h"
+#include "cpu/simd/per_isa.h"
+#include "cpu/ux_mlp/params.h"
+
+#define UXNET_SIMD_KERNELS "cpu/ux_mlp/kernels.h"
+#include "cpu/simd/compile_per_isa.inc"
+
+namespace uxnet {
+namespace cpu {
+namespace ux_mlp {
+
+template <typename scalar_t, typename acc_t>
+Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last) {
+  using Forward = ln_mlp::ChunkKernel<ForwardArgs<scalar_t, acc_t>>;
+  using Backward = ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>>;
+  static const auto forward_cl = UXNET_SIMD_PER_ISA(Forward, ux_mlp_kernels::forward_chunks<scalar_t, acc_t, true>);
+  static const auto forward_cf = UXNET_SIMD_PER_ISA(Forward, ux_mlp_kernels::forward_chunks<scalar_t, acc_t, false>);
+  static const auto backward_cl =
+      UXNET_SIMD_PER_ISA(Backward, ux_mlp_kernels::backward_chunks<scalar_t, acc_t, true>);
+  static const auto backward_cf =
+      UXNET_SIMD_PER_ISA(Backward, ux_mlp_kernels::backward_chunks<scalar_t, acc_t, false>);
+  return channels_last ? Kernels<scalar_t, acc_t>{forward_cl[isa], backward_cl[isa]}
+                       : Kernels<scalar_t, acc_t>{forward_cf[isa], backward_cf[isa]};
+}
+
+template Kernels<float, float> kernels(simd::Isa, bool);
+template Kernels<simd::bf16, float> kernels(simd::Isa, bool);
+template Kernels<double, double> kernels(simd::Isa, bool);
+
+}  // namespace ux_mlp
+}  // namespace cpu
+}  // namespace uxnet

@@ -1,0 +1,55 @@
+// Arguments and kernel tables of the CPU fused UX MLP (no torch headers).
+//
+// out = residual + gamma * pwconv2(GELU(pwconv1(LN(y)))) per voxel. scalar_t is the storage type (float,
+// simd::bf16, double), acc_t the math and statistics type (float for float and bf16, double for double). Tensors
+// are in the op's canonical layout (NCDHW-contiguous or channels_last_3d, as tiling.channels_last says).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/common/voxel_tiling.h"
+#include "cpu/simd/config.h"
+#include "cpu/simd/isa.h"
+
+namespace uxnet {
+namespace cpu {
+namespace ux_mlp {
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* y;
+  const scalar_t* residual;  // nullptr: no residual
+  const acc_t* params;       // [kMlpParams][C]; the gamma row is all ones when gamma is None
+  scalar_t* out;
+  acc_t* mean;
+  acc_t* rstd;
+  acc_t eps;
+  ln_mlp::VoxelTiling tiling;  // kTile tiles
+};
+
+// The backward recomputes each voxel's mean from y in float64 (see layer_norm/params.h) and uses the saved rstd.
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* y;
+  const acc_t* params;
+  const acc_t* rstd;
+  scalar_t* grad_y;
+  double* partials;  // [num_chunks][kMlpParams][C]
+  ln_mlp::VoxelTiling tiling;
+};
+
+template <typename scalar_t, typename acc_t>
+struct Kernels {
+  ln_mlp::ChunkKernel<ForwardArgs<scalar_t, acc_t>> forward;
+  ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>> backward;
+};
+
+// The kernels of an ISA variant for a layout (kernels.cpp); instantiated for (float, float), (bf16, float) and
+// (double, double).
+template <typename scalar_t, typename acc_t>
+Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last);
+
+}  // namespace ux_mlp
+}  // namespace cpu
+}  // namespace uxnet

@@ -1,0 +1,323 @@
+"""Differential fuzz of the compiled CPU kernels against a float64 truth, under every ISA variant.
+
+Each case draws an op (dwconv3d, layer_norm_channels_first, ux_mlp), a shape (N up to 3, C from 1 with odd and
+16-lane-boundary counts, spatial dims from 1, often smaller than the kernel), per-axis odd kernels up to 31, a dtype
+(float32, bfloat16, float64), a layout (NCDHW, channels_last_3d, a strided view) and, in some cases, a NaN or
++-Inf in x or in a weight. It runs the forward and every gradient (through the registered autograd, so the
+backward ops too) and compares each with the reference ops run in float64 on the same rounded inputs (the truth):
+
+- non-finite values must sit at exactly the positions where the truth has them;
+- float32 / bfloat16, on the finite positions, the tests' rule (tests/test_cpu_ln_mlp.py): within the dtype's
+  tolerance of the truth (||kernel - truth|| <= tol ||truth||, tol = 1e-5 / 1e-2 as in conftest.TOLERANCES), or,
+  where even that is out of reach because the result is ill-conditioned, no further from the truth than twice
+  PyTorch's own error in that dtype (the flash-attention rule): ||kernel - truth|| <= 2 ||torch - truth|| +
+  2 u ||truth||, "torch" being the reference ops run in the kernel's dtype and u the dtype's unit roundoff (the
+  rounding of the result itself, which both must pay). A result whose truth is exactly 0 (C = 1 gradients) must
+  then be exactly 0, unless PyTorch misses it too;
+- float64 (the reference in float64 *is* the truth, so there is no same-dtype error to compare with):
+  ||kernel - truth|| <= 1e-10 ||truth|| + 1e-5 ||torch_float32 - truth||, the second term for results that are
+  pure rounding noise (a gradient that is exactly 0, which the float64 reference returns as ~1e-13).
+
+Every case is reproducible from its seed, printed with every mismatch:
+
+    python tests/cpu_fuzz.py --seed 1 --cases 10000 --isa all        # 10,000 cases, each under every variant
+    python tests/cpu_fuzz.py --case-seed 123456789 --isa avx2 -v      # one case
+
+The reference results are computed once per case and every variant's kernels are checked against them.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import uxnet_kernels  # noqa: F401  (loads _C and registers the autograd of torch.ops.uxnet)
+from uxnet_kernels import cpu_isa, reference
+
+EPS = 1e-6
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative, as conftest.TOLERANCES
+FLOAT64_TOLERANCE = 1e-10
+FLOAT64_PER_FLOAT32 = 1e-5  # the tests' float64 / float32 tolerance ratio
+OPS = ("dwconv3d", "layer_norm", "ux_mlp")
+# float64 reference work per case (N * C * D * H * W * taps for dwconv3d) is kept under this.
+MAX_CONV_WORK = 3_000_000
+
+
+@dataclasses.dataclass
+class Case:
+    seed: int
+    op: str
+    shape: Tuple[int, int, int, int, int]
+    kernel: Tuple[int, int, int]  # dwconv3d only
+    dtype: str
+    layout: str  # contiguous | channels_last_3d | strided
+    poison: Optional[Tuple[str, int, str]]  # (tensor name, flat index, "nan" | "inf" | "-inf")
+    residual: bool  # ux_mlp
+    gamma: bool  # ux_mlp
+
+    def describe(self) -> str:
+        extra = f" k={self.kernel}" if self.op == "dwconv3d" else ""
+        if self.op == "ux_mlp":
+            extra = f" residual={self.residual} gamma={self.gamma}"
+        return (f"case seed {self.seed}: {self.op} {self.shape}{extra} {self.dtype} {self.layout}"
+                f" poison={self.poison}")
+
+
+def _channels(rng: random.Random) -> int:
+    return rng.choice([1, 2, 3, rng.randint(1, 9), rng.randint(1, 9), rng.choice([15, 16, 17, 31, 32, 33]),
+                       rng.randint(4, 40), 48])
+
+
+def _spatial(rng: random.Random, big: bool) -> int:
+    return rng.randint(1, 24) if big else rng.choice([1, 1, 2, 3, rng.randint(1, 6), rng.randint(1, 12)])
+
+
+def draw_case(seed: int) -> Case:
+    """The case of `seed` (a pure function of it)."""
+    rng = random.Random(seed)
+    op = rng.choice(OPS)
+    n = rng.choice([1, 1, 2, 3])
+    c = _channels(rng)
+    kernel = (1, 1, 1)
+    while True:
+        big_axis = rng.randrange(4)  # one axis may be long (W register blocks, row tails), or none
+        d, h, w = (_spatial(rng, big_axis == i) for i in range(3))
+        if op == "dwconv3d":
+            kernel = tuple(rng.choice([1, 3, 3, 5, 7, rng.randrange(1, 32, 2)]) for _ in range(3))
+            if rng.random() < 0.1:
+                kernel = (rng.randrange(1, 32, 2),) * 3
+            work = n * c * d * h * w * kernel[0] * kernel[1] * kernel[2]
+        else:
+            work = n * c * d * h * w
+        if work <= MAX_CONV_WORK:
+            break
+    dtype = rng.choice(list(DTYPES))
+    layout = rng.choice(["contiguous", "channels_last_3d", "strided"])
+    poison = None
+    if rng.random() < 0.2:
+        names = {"dwconv3d": ["x", "weight", "bias"], "layer_norm": ["x", "weight", "bias"],
+                 "ux_mlp": ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]}[op]
+        poison = (rng.choice(names), rng.randrange(1 << 30), rng.choice(["nan", "inf", "-inf"]))
+    return Case(seed, op, (n, c, d, h, w), kernel, dtype, layout, poison, rng.random() < 0.7, rng.random() < 0.7)
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last_3d":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "strided":  # every other W element of a wider tensor: not contiguous in any format
+        return torch.cat([t, torch.zeros_like(t)], dim=4)[..., ::2] if t.shape[4] > 0 else t
+    return t.contiguous()
+
+
+def make_inputs(case: Case) -> Dict[str, Optional[torch.Tensor]]:
+    """The case's inputs, in its dtype and layout (activations) and contiguous (parameters)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    dtype = DTYPES[case.dtype]
+    n, c, d, h, w = case.shape
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+
+    if case.op == "dwconv3d":
+        fan = case.kernel[0] * case.kernel[1] * case.kernel[2]
+        inputs = {"x": rand(n, c, d, h, w), "weight": rand(c, 1, *case.kernel, scale=1 / math.sqrt(fan)),
+                  "bias": rand(c)}
+    elif case.op == "layer_norm":
+        inputs = {"x": rand(n, c, d, h, w, scale=1.5, offset=0.7), "weight": rand(c, scale=0.5, offset=1.0),
+                  "bias": rand(c, scale=0.5)}
+    else:
+        inputs = {"y": rand(n, c, d, h, w, offset=0.3), "residual": rand(n, c, d, h, w) if case.residual else None,
+                  "ln_weight": rand(c, scale=0.5, offset=1.0), "ln_bias": rand(c, scale=0.5), "w1": rand(c, 4),
+                  "b1": rand(c, 4, scale=0.5), "w2": rand(c, 4, scale=0.5), "b2": rand(c, scale=0.5),
+                  "gamma": rand(c) if case.gamma else None}
+    inputs["grad_out"] = rand(n, c, d, h, w)
+    if case.poison is not None:
+        name, index, kind = case.poison
+        target = inputs.get(name)
+        if target is not None and target.numel() > 0:
+            target.view(-1)[index % target.numel()] = float(kind)
+    for name in ("x", "y", "residual", "grad_out"):
+        if inputs.get(name) is not None:
+            inputs[name] = _layout(inputs[name], case.layout)
+    return inputs
+
+
+# ---- running an op: forward and every gradient ----------------------------------------------------------------
+
+
+def _leaves(inputs, dtype):
+    """Detached copies of the differentiable inputs in `dtype`, requiring grad (same dtype: the same strides;
+    another dtype: `.to` keeps dense layouts, and makes strided views contiguous, which only the truth sees)."""
+    return {name: t if name == "grad_out" or t is None else t.detach().to(dtype).requires_grad_(True)
+            for name, t in inputs.items()}
+
+
+def run(op: str, inputs, dtype, kernel: bool) -> List[Tuple[str, torch.Tensor]]:
+    """[(name, tensor)] for the forward output and the gradient of every differentiable input, computed in
+    `dtype` by the compiled op (kernel=True) or by the reference ops."""
+    leaves = _leaves(inputs, dtype)
+    if op == "dwconv3d":
+        args = [leaves["x"], leaves["weight"], leaves["bias"]]
+        names = ["x", "weight", "bias"]
+        out = torch.ops.uxnet.dwconv3d(*args) if kernel else reference.dwconv3d(*args)
+    elif op == "layer_norm":
+        args = [leaves["x"], leaves["weight"], leaves["bias"]]
+        names = ["x", "weight", "bias"]
+        out = (torch.ops.uxnet.layer_norm_cf(*args, EPS)[0] if kernel
+               else reference.layer_norm_channels_first(*args, EPS))
+    else:
+        names = ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]
+        args = [leaves[k] for k in names]
+        out = torch.ops.uxnet.ux_mlp(*args, EPS)[0] if kernel else reference.ux_mlp(*args, EPS)
+    wrt = [(name, a) for name, a in zip(names, args) if a is not None]
+    grads = torch.autograd.grad(out, [a for _, a in wrt], inputs["grad_out"].to(dtype), allow_unused=True)
+    results = [("out", out.detach())]
+    for (name, a), g in zip(wrt, grads):
+        results.append((f"grad_{name}", torch.zeros_like(a) if g is None else g))
+    return results
+
+
+# ---- the comparison -------------------------------------------------------------------------------------------
+
+
+def compare(got: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor, dtype) -> Optional[str]:
+    """None if `got` passes (see the module docstring), else why not. `torch_same_dtype`: the reference ops in
+    the kernel's dtype (float32 for float64 kernels)."""
+    if got.shape != truth.shape:
+        return f"shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    got64, torch64 = got.double(), torch_same_dtype.double()
+    finite = torch.isfinite(truth)
+    wrong = torch.isfinite(got64) != finite
+    if wrong.any():
+        where = wrong.nonzero()[0].tolist()
+        return (f"non-finite positions differ at {int(wrong.sum())} elements, e.g. {where}: kernel "
+                f"{got64[tuple(where)].item()}, truth {truth[tuple(where)].item()}")
+    ref_norm = truth[finite].norm().item()
+    err = (got64[finite] - truth[finite]).norm().item()
+    torch_finite = torch.isfinite(torch64) & finite
+    torch_err = (torch64[torch_finite] - truth[torch_finite]).norm().item()
+    if (~torch.isfinite(torch64) & finite).any():  # PyTorch itself is non-finite there: no error to compare
+        torch_err = math.inf
+    if dtype == torch.float64:
+        bound = FLOAT64_TOLERANCE * ref_norm + FLOAT64_PER_FLOAT32 * torch_err
+        rule = f"1e-10 ||truth|| + 1e-5 x PyTorch float32's {torch_err:.3e}"
+    else:
+        bound = max(TOLERANCE[dtype] * ref_norm, 2 * torch_err + 2 * UNIT_ROUNDOFF[dtype] * ref_norm)
+        rule = f"max({TOLERANCE[dtype]:.0e} ||truth||, 2 x PyTorch's {torch_err:.3e} + 2u ||truth||)"
+    if not err <= bound:
+        return f"error {err:.3e} (||truth|| {ref_norm:.3e}) > {bound:.3e} = {rule}"
+    return None
+
+
+@dataclasses.dataclass
+class Tally:
+    cases: int = 0
+    checks: int = 0
+    mismatches: int = 0
+    seconds: float = 0.0
+
+
+def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbose: bool = False) -> List[str]:
+    """Runs one case under every variant in `isas`; returns the mismatch messages."""
+    dtype = DTYPES[case.dtype]
+    inputs = make_inputs(case)
+    truth = dict(run(case.op, inputs, torch.float64, kernel=False))
+    # float64 has no higher-precision truth; PyTorch's float32 error is the yardstick of how ill-conditioned a result
+    # is (e.g. gradients that are exactly 0 but come out as rounding noise from the float64 reference).
+    same = dict(run(case.op, inputs, dtype if dtype != torch.float64 else torch.float32, kernel=False))
+    failures = []
+    previous = os.environ.get("UXNET_CPU_ISA")
+    try:
+        for isa in isas:
+            os.environ["UXNET_CPU_ISA"] = isa
+            start = time.perf_counter()
+            got = run(case.op, inputs, dtype, kernel=True)
+            tally = tallies[isa]
+            tally.seconds += time.perf_counter() - start
+            tally.cases += 1
+            for name, tensor in got:
+                tally.checks += 1
+                why = compare(tensor, same[name], truth[name], dtype)
+                if why is not None:
+                    tally.mismatches += 1
+                    failures.append(f"[{isa}] {case.describe()}: {name}: {why}\n"
+                                    f"    reproduce: python tests/cpu_fuzz.py --case-seed {case.seed} --isa {isa} -v")
+                elif verbose:
+                    print(f"[{isa}] {case.describe()}: {name} ok")
+    finally:
+        if previous is None:
+            os.environ.pop("UXNET_CPU_ISA", None)
+        else:
+            os.environ["UXNET_CPU_ISA"] = previous
+    return failures
+
+
+def case_seeds(seed: int, cases: int) -> List[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1 << 62) for _ in range(cases)]
+
+
+def resolve_isas(spec: str) -> List[str]:
+    """"all": every variant this machine runs; else a comma-separated list."""
+    if spec == "all":
+        return cpu_isa.available()
+    return [s for s in spec.split(",") if s]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=None, help="master seed (default: random, printed)")
+    parser.add_argument("--cases", type=int, default=200, help="cases (each runs under every variant)")
+    parser.add_argument("--case-seed", type=int, default=None, help="run only this case")
+    parser.add_argument("--isa", default="all", help="'all' (every variant this machine runs) or a list: avx2,generic")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    isas = resolve_isas(args.isa)
+    unavailable = [i for i in isas if i not in cpu_isa.available()]
+    if unavailable:
+        print(f"not available here: {unavailable}; available: {cpu_isa.available()}", file=sys.stderr)
+        return 2
+    if args.case_seed is not None:
+        seeds = [args.case_seed]
+        print(f"one case, seed {args.case_seed}, variants {', '.join(isas)}")
+    else:
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+        seeds = case_seeds(seed, args.cases)
+        print(f"fuzz seed {seed}: {args.cases} cases x variants {', '.join(isas)}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads (reproduce: python tests/cpu_fuzz.py --seed {seed} "
+              f"--cases {args.cases} --isa {args.isa})", flush=True)
+    tallies = {isa: Tally() for isa in isas}
+    failures = []
+    start = time.perf_counter()
+    for i, case_seed in enumerate(seeds):
+        case = draw_case(case_seed)
+        if args.verbose:
+            print(case.describe())
+        for message in check_case(case, isas, tallies, args.verbose):
+            print(message, flush=True)
+            failures.append(message)
+        if (i + 1) % 1000 == 0:
+            print(f"  {i + 1} cases, {len(failures)} mismatches, {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{'variant':16s} {'cases':>7s} {'checks':>8s} {'mismatches':>10s} {'kernel s':>9s}")
+    for isa, t in tallies.items():
+        print(f"{isa:16s} {t.cases:7d} {t.checks:8d} {t.mismatches:10d} {t.seconds:9.1f}")
+    print(f"total {time.perf_counter() - start:.0f} s (references included)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
