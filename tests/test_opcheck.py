@@ -35,6 +35,9 @@ def _instance_norm_samples(layout, grad):
     z = randn(shape, layout=layout, requires_grad=grad)
     yield "instance_norm_lrelu", (z, 0.01, 1e-5)
     yield "instance_norm_add_lrelu", (z, randn(shape, layout=layout, requires_grad=grad), [], [], 0.2, 1e-5)
+    z16 = randn(shape, torch.bfloat16, layout=layout, requires_grad=grad)
+    yield "instance_norm_add_lrelu", (z16, randn(shape, torch.bfloat16, layout=layout, requires_grad=grad), [], [],
+                                      0.01, 1e-5)
     inputs = [randn((2, 2, 4, 5, 6), layout=layout, requires_grad=grad), randn((2, 4, 4, 5, 6), requires_grad=grad)]
     weights = [randn((3, 2, 1, 1, 1), requires_grad=grad), randn((3, 4, 1, 1, 1), requires_grad=grad)]
     yield "instance_norm_add_lrelu", (z, None, inputs[:1], weights[:1], 0.01, 1e-5)

@@ -107,10 +107,9 @@ def _register() -> None:
     # ---- instance_norm_add_lrelu ----------------------------------------------------------------
     @torch.library.register_fake("uxnet::instance_norm_add_lrelu")
     def _instance_norm_add_lrelu_fake(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
-        if shortcut_inputs:
-            shortcut_stats = instance_stats_like(z)
-        else:
-            shortcut_stats = (z.new_empty(EMPTY_GRAD_SHAPE), z.new_empty(EMPTY_GRAD_SHAPE))
+        shortcut_stats = instance_stats_like(z)
+        if not shortcut_inputs:
+            shortcut_stats = tuple(t.new_empty(EMPTY_GRAD_SHAPE) for t in shortcut_stats)
         return (_empty_like(z), *instance_stats_like(z), *shortcut_stats)
 
     @torch.library.register_fake("uxnet::instance_norm_add_lrelu_backward")

@@ -2,11 +2,12 @@
 // (statistics per (n, c) over D*H*W, no affine) fused with LeakyReLU and, for the residual-block tail, the residual
 // add or the normalised 1x1x1 projection shortcut. NCDHW-contiguous or channels_last_3d; float32, bfloat16 (float32
 // math, float32 statistics) and float64. The backward recovers the normalised values from the saved output by
-// inverting the LeakyReLU; the shortcut convolution (ATen's) is recomputed instead of saved.
+// inverting the LeakyReLU; the shortcut convolution (ATen's) is recomputed instead of saved. Checks, allocation,
+// the shortcut convolution and threading here; the kernels (kernels.h, compiled per ISA variant in kernels.cpp)
+// run with the variant simd::selected_isa() picks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -15,43 +16,38 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/instance_norm/instance_norm_kernels.h"
+#include "cpu/common/host.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/instance_norm/params.h"
 #include "uxnet_ops.h"
 
 namespace uxnet {
 namespace {
 
-using instance_norm::Layout;
-using instance_norm::ResidualMode;
-using instance_norm::Tensors;
+namespace ln_mlp = cpu::ln_mlp;
+namespace simd = cpu::simd;
+using cpu::instance_norm::Args;
+using cpu::instance_norm::kBackwardSums;
+using cpu::instance_norm::kernels;
+using cpu::instance_norm::Layout;
+using cpu::instance_norm::ResidualMode;
+using cpu::instance_norm::StatsArgs;
 
 constexpr const char* kForwardOp = "uxnet::instance_norm_lrelu";
 constexpr const char* kBackwardOp = "uxnet::instance_norm_lrelu_backward";
 constexpr const char* kAddForwardOp = "uxnet::instance_norm_add_lrelu";
 constexpr const char* kAddBackwardOp = "uxnet::instance_norm_add_lrelu_backward";
-// channels_last_3d: voxels per chunk of the per-channel sums (chunks depend on the shape only).
+// channels_last_3d: the voxels of an item are cut into at most this many chunks of at least kMinChunkVoxels (a
+// partition that depends on the shape only: the unit of parallel work and of the ordered float64 reduction).
 constexpr int64_t kMaxChunksPerItem = 64;
 constexpr int64_t kMinChunkVoxels = 256;
-
-template <typename scalar_t>
-using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 at::ScalarType stats_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_input(const char* op, const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 5, op, ": expected ", name, " of shape (N, C, D, H, W), got ", x.dim(),
               "-d tensor of shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble, op,
-              ": the CPU kernel supports float32, bfloat16 and float64 inputs, got ", dtype);
-}
-
-void check_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected ", name, " of shape ", like.sizes(), " (the shape of ",
-              like_name, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " dtype ", like.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
+  ln_mlp::check_kernel_dtype(op, x);
 }
 
 void check_slope_eps(const char* op, double slope, double eps) {
@@ -93,15 +89,16 @@ Layout layout_of(const at::Tensor& x, at::MemoryFormat format) {
 }
 
 int64_t chunk_voxels(const Layout& l) {
-  const int64_t by_count = (l.voxels + kMaxChunksPerItem - 1) / kMaxChunksPerItem;
-  return std::max(by_count, kMinChunkVoxels);
+  return std::max((l.voxels + kMaxChunksPerItem - 1) / kMaxChunksPerItem, kMinChunkVoxels);
 }
 
-// channels_last_3d: runs fn(n, v0, v1, chunk) over every (batch item, voxel chunk), in parallel.
+int64_t voxel_chunks(const Layout& l) { return (l.voxels + chunk_voxels(l) - 1) / chunk_voxels(l); }
+
+// channels_last_3d: fn(n, v0, v1, chunk) for every (batch item, voxel chunk), in parallel.
 template <typename Fn>
 void for_each_voxel_chunk(const Layout& l, Fn fn) {
   const int64_t per_chunk = chunk_voxels(l);
-  const int64_t chunks = (l.voxels + per_chunk - 1) / per_chunk;
+  const int64_t chunks = voxel_chunks(l);
   at::parallel_for(0, l.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / chunks, k = i % chunks;
@@ -110,94 +107,76 @@ void for_each_voxel_chunk(const Layout& l, Fn fn) {
   });
 }
 
-int64_t voxel_chunks(const Layout& l) {
-  const int64_t per_chunk = chunk_voxels(l);
-  return (l.voxels + per_chunk - 1) / per_chunk;
+// NCDHW: fn(p0, p1) over the N * C planes, in parallel.
+template <typename Fn>
+void for_each_plane_range(const Layout& l, Fn fn) {
+  at::parallel_for(0, l.batch * l.channels, 1, fn);
 }
 
-// Per-(n, c) mean and rstd of x (canonical layout).
-template <typename scalar_t>
-void compute_stats(const at::Tensor& x, const Layout& l, double eps, at::Tensor& mean, at::Tensor& rstd) {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  acc_t* mp = mean.data_ptr<acc_t>();
-  acc_t* rp = rstd.data_ptr<acc_t>();
-  const int64_t C = l.channels;
-  if (!l.channels_last) {
-    at::parallel_for(0, l.batch * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        double shift, sums[2];
-        instance_norm::plane_shifted_sums(xp + p * l.voxels, l.voxels, &shift, sums);
-        instance_norm::finalize_stats(shift, sums[0], sums[1], l.voxels, eps, mp + p, rp + p);
-      }
-    });
-    return;
-  }
-  const int64_t chunks = voxel_chunks(l);
+// channels_last_3d: per-(n, c) mean and rstd of x (kernel storage type).
+template <typename kernel_t, typename acc_t>
+void compute_stats_voxels(simd::Isa isa, const kernel_t* x, const Layout& l, double eps, acc_t* mean, acc_t* rstd) {
+  const auto& k = kernels<kernel_t, acc_t>(isa);
+  const StatsArgs<kernel_t, acc_t> args{x, mean, rstd, eps, l};
+  const int64_t C = l.channels, chunks = voxel_chunks(l);
   std::vector<double> partial(static_cast<size_t>(l.batch * chunks * 2 * C), 0.0);
-  for_each_voxel_chunk(l, [&](int64_t n, int64_t v0, int64_t v1, int64_t k) {
-    double* s = partial.data() + (n * chunks + k) * 2 * C;
-    instance_norm::voxel_shifted_sums(xp + n * l.voxels * C, C, v0, v1, s, s + C);
+  for_each_voxel_chunk(l, [&](int64_t n, int64_t v0, int64_t v1, int64_t chunk) {
+    k.stats_voxels(args, n, v0, v1, partial.data() + (n * chunks + chunk) * 2 * C);
   });
   for (int64_t n = 0; n < l.batch; ++n) {
     for (int64_t c = 0; c < C; ++c) {
       double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < chunks; ++k) {
-        s1 += partial[(n * chunks + k) * 2 * C + c];
-        s2 += partial[(n * chunks + k) * 2 * C + C + c];
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        s1 += partial[(n * chunks + chunk) * 2 * C + c];
+        s2 += partial[(n * chunks + chunk) * 2 * C + C + c];
       }
-      instance_norm::finalize_stats(instance_norm::to_double(xp[n * l.voxels * C + c]), s1, s2, l.voxels, eps,
-                                    mp + n * C + c, rp + n * C + c);
+      const double shift = simd::convert<double>(x[n * l.voxels * C + c]);
+      const double m = s1 / static_cast<double>(l.voxels);
+      const double var = std::max(s2 / static_cast<double>(l.voxels) - m * m, 0.0);  // NaN stays NaN
+      mean[n * C + c] = static_cast<acc_t>(shift + m);
+      rstd[n * C + c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
     }
   }
 }
 
-template <typename scalar_t>
-void run_forward(const Tensors<scalar_t, acc_type<scalar_t>>& t) {
-  const Layout& l = t.layout;
+template <typename kernel_t, typename acc_t>
+void run_forward(simd::Isa isa, const Args<kernel_t, acc_t>& a) {
+  const auto& k = kernels<kernel_t, acc_t>(isa);
+  const Layout& l = a.layout;
   if (!l.channels_last) {
-    at::parallel_for(0, l.batch * l.channels, 1,
-                     [&](int64_t begin, int64_t end) { instance_norm::forward_planes(t, begin, end); });
-  } else {
-    for_each_voxel_chunk(l, [&](int64_t n, int64_t v0, int64_t v1, int64_t) {
-      instance_norm::forward_voxels(t, n, v0, v1);
-    });
-  }
-}
-
-template <typename scalar_t>
-void run_backward(const Tensors<scalar_t, acc_type<scalar_t>>& t) {
-  using acc_t = acc_type<scalar_t>;
-  using Coefficients = instance_norm::BackwardCoefficients<acc_t>;
-  const Layout& l = t.layout;
-  const int64_t C = l.channels;
-  if (!l.channels_last) {
-    at::parallel_for(0, l.batch * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        double sums[3];
-        instance_norm::backward_plane_sums(t, p, sums);
-        instance_norm::backward_plane_apply(t, p, instance_norm::backward_coefficients<acc_t>(sums, l.voxels));
-      }
-    });
+    for_each_plane_range(l, [&](int64_t p0, int64_t p1) { k.forward_planes(a, p0, p1); });
     return;
   }
-  const int64_t chunks = voxel_chunks(l);
-  std::vector<double> partial(static_cast<size_t>(l.batch * chunks * 3 * C), 0.0);
-  for_each_voxel_chunk(l, [&](int64_t n, int64_t v0, int64_t v1, int64_t k) {
-    instance_norm::backward_voxel_sums(t, n, v0, v1, partial.data() + (n * chunks + k) * 3 * C);
+  compute_stats_voxels(isa, a.z, l, a.eps, a.mean, a.rstd);
+  if (a.mode == ResidualMode::normalized) compute_stats_voxels(isa, a.r, l, a.eps, a.r_mean, a.r_rstd);
+  for_each_voxel_chunk(l, [&](int64_t n, int64_t v0, int64_t v1, int64_t) { k.forward_voxels(a, n, v0, v1); });
+}
+
+template <typename kernel_t, typename acc_t>
+void run_backward(simd::Isa isa, const Args<kernel_t, acc_t>& a) {
+  const auto& k = kernels<kernel_t, acc_t>(isa);
+  const Layout& l = a.layout;
+  if (!l.channels_last) {
+    for_each_plane_range(l, [&](int64_t p0, int64_t p1) { k.backward_planes(a, p0, p1); });
+    return;
+  }
+  const int64_t C = l.channels, chunks = voxel_chunks(l);
+  std::vector<double> partial(static_cast<size_t>(l.batch * chunks * kBackwardSums * C), 0.0);
+  for_each_voxel_chunk(l, [&](int64_t n, int64_t v0, int64_t v1, int64_t chunk) {
+    k.backward_sums_voxels(a, n, v0, v1, partial.data() + (n * chunks + chunk) * kBackwardSums * C);
   });
-  std::vector<Coefficients> coefficients(static_cast<size_t>(l.batch * C));
+  // coefficients [N][3][C]: a = mean(gs), b = mean(gs * xhat), b_r = mean(gs * r_hat), summed in chunk order
+  std::vector<acc_t> coefficients(static_cast<size_t>(l.batch * kBackwardSums * C));
+  const double inv = 1.0 / static_cast<double>(l.voxels);
   for (int64_t n = 0; n < l.batch; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      double sums[3] = {0.0, 0.0, 0.0};
-      for (int64_t k = 0; k < chunks; ++k) {
-        for (int j = 0; j < 3; ++j) sums[j] += partial[((n * chunks + k) * 3 + j) * C + c];
-      }
-      coefficients[n * C + c] = instance_norm::backward_coefficients<acc_t>(sums, l.voxels);
+    for (int64_t j = 0; j < kBackwardSums * C; ++j) {
+      double sum = 0.0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[(n * chunks + chunk) * kBackwardSums * C + j];
+      coefficients[n * kBackwardSums * C + j] = static_cast<acc_t>(sum * inv);
     }
   }
   for_each_voxel_chunk(l, [&](int64_t n, int64_t v0, int64_t v1, int64_t) {
-    instance_norm::backward_voxel_apply(t, n, v0, v1, coefficients.data() + n * C);
+    k.backward_apply_voxels(a, n, v0, v1, coefficients.data() + n * kBackwardSums * C);
   });
 }
 
@@ -212,38 +191,33 @@ at::Tensor shortcut_projection(at::TensorList inputs, at::TensorList weights, at
   return sum.contiguous(format);
 }
 
-template <typename scalar_t>
-Tensors<scalar_t, acc_type<scalar_t>> forward_tensors(const at::Tensor& zc, const at::Tensor& r, ResidualMode mode,
-                                                      const at::Tensor& mean, const at::Tensor& rstd,
-                                                      const at::Tensor& r_mean, const at::Tensor& r_rstd,
-                                                      at::Tensor& out, double slope, const Layout& l) {
-  using acc_t = acc_type<scalar_t>;
-  const bool norm = mode == ResidualMode::normalized;
-  return {zc.data_ptr<scalar_t>(),
-          nullptr,
-          nullptr,
-          mode == ResidualMode::none ? nullptr : r.data_ptr<scalar_t>(),
-          mean.data_ptr<acc_t>(),
-          rstd.data_ptr<acc_t>(),
-          norm ? r_mean.data_ptr<acc_t>() : nullptr,
-          norm ? r_rstd.data_ptr<acc_t>() : nullptr,
-          out.data_ptr<scalar_t>(),
-          nullptr,
-          mode,
-          static_cast<acc_t>(slope),
-          l};
-}
-
-// out = lrelu(IN(z) + r_hat); fills mean/rstd of z, and r_mean/r_rstd of r when mode is normalized.
-void forward(const at::Tensor& z, const at::Tensor& r, ResidualMode mode, double slope, double eps,
+// out = lrelu(IN(z) + r_hat); fills mean/rstd of z, and r_mean/r_rstd of r when mode is normalized (r is then the
+// shortcut projection, already in z's layout).
+void forward(const char* op, const at::Tensor& z, const at::Tensor& r, ResidualMode mode, double slope, double eps,
              at::Tensor& out, at::Tensor& mean, at::Tensor& rstd, at::Tensor& r_mean, at::Tensor& r_rstd) {
+  const simd::Isa isa = cpu::selected_isa_for(op);
   const at::MemoryFormat format = suggested_memory_format(z);
   const at::Tensor zc = z.contiguous(format);
   const Layout l = layout_of(zc, format);
+  const bool norm = mode == ResidualMode::normalized;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "uxnet_instance_norm_forward_cpu", [&] {
-    compute_stats<scalar_t>(zc, l, eps, mean, rstd);
-    if (mode == ResidualMode::normalized) compute_stats<scalar_t>(r, l, eps, r_mean, r_rstd);
-    run_forward<scalar_t>(forward_tensors<scalar_t>(zc, r, mode, mean, rstd, r_mean, r_rstd, out, slope, l));
+    using acc_t = ln_mlp::acc_type<scalar_t>;
+    using kernel_t = ln_mlp::kernel_type<scalar_t>;
+    const Args<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(zc),
+                                     nullptr,
+                                     nullptr,
+                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data<scalar_t>(r),
+                                     mean.data_ptr<acc_t>(),
+                                     rstd.data_ptr<acc_t>(),
+                                     norm ? r_mean.data_ptr<acc_t>() : nullptr,
+                                     norm ? r_rstd.data_ptr<acc_t>() : nullptr,
+                                     ln_mlp::kernel_data_mut<scalar_t>(out),
+                                     nullptr,
+                                     mode,
+                                     static_cast<acc_t>(slope),
+                                     eps,
+                                     l};
+    run_forward(isa, args);
   });
 }
 
@@ -260,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_lrelu_cpu(const at:
     return {out, mean, rstd};
   }
   at::Tensor unused;
-  forward(x, unused, ResidualMode::none, negative_slope, eps, out, mean, rstd, unused, unused);
+  forward(kForwardOp, x, unused, ResidualMode::none, negative_slope, eps, out, mean, rstd, unused, unused);
   return {out, mean, rstd};
 }
 
@@ -280,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> instance_
   at::Tensor r_rstd = has_residual ? z.new_empty({0}, z.options().dtype(stats_dtype(z))) : empty_stats(z);
   at::Tensor r;
   if (has_residual) {
-    check_like(kAddForwardOp, *residual, "residual", z, "z");
+    ln_mlp::check_like(kAddForwardOp, *residual, "residual", z, "z");
     r = residual->contiguous(format);
   } else {
     check_shortcut(kAddForwardOp, z, shortcut_inputs, shortcut_weights);
@@ -290,15 +264,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> instance_
     return {out, mean, rstd, r_mean, r_rstd};
   }
   if (!has_residual) r = shortcut_projection(shortcut_inputs, shortcut_weights, format);
-  forward(z, r, has_residual ? ResidualMode::plain : ResidualMode::normalized, negative_slope, eps,
+  forward(kAddForwardOp, z, r, has_residual ? ResidualMode::plain : ResidualMode::normalized, negative_slope, eps,
           out, mean, rstd, r_mean, r_rstd);
   return {out, mean, rstd, r_mean, r_rstd};
 }
 
 // grad_z (and grad_r for a residual) from grad_out and the saved output.
-void backward(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& r,
+void backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& r,
               ResidualMode mode, const at::Tensor& rstd, const at::Tensor& r_mean, const at::Tensor& r_rstd,
               double slope, at::Tensor& grad_z, at::Tensor& grad_r) {
+  const simd::Isa isa = cpu::selected_isa_for(op);
   const at::MemoryFormat format = suggested_memory_format(grad_out);
   const at::Tensor gc = grad_out.contiguous(format);
   const at::Tensor oc = out.contiguous(format);
@@ -306,37 +281,39 @@ void backward(const at::Tensor& grad_out, const at::Tensor& out, const at::Tenso
   const Layout l = layout_of(gc, format);
   const bool norm = mode == ResidualMode::normalized;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "uxnet_instance_norm_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const at::Tensor rstd_c = rstd.contiguous();
-    const at::Tensor r_mean_c = norm ? r_mean.contiguous() : r_mean;
-    const at::Tensor r_rstd_c = norm ? r_rstd.contiguous() : r_rstd;
-    Tensors<scalar_t, acc_t> t{nullptr,
-                               oc.data_ptr<scalar_t>(),
-                               gc.data_ptr<scalar_t>(),
-                               mode == ResidualMode::none ? nullptr : rc.data_ptr<scalar_t>(),
-                               nullptr,
-                               rstd_c.data_ptr<acc_t>(),
-                               norm ? r_mean_c.data_ptr<acc_t>() : nullptr,
-                               norm ? r_rstd_c.data_ptr<acc_t>() : nullptr,
-                               grad_z.data_ptr<scalar_t>(),
-                               mode == ResidualMode::none ? nullptr : grad_r.data_ptr<scalar_t>(),
-                               mode,
-                               static_cast<acc_t>(slope),
-                               l};
-    run_backward<scalar_t>(t);
+    using acc_t = ln_mlp::acc_type<scalar_t>;
+    using kernel_t = ln_mlp::kernel_type<scalar_t>;
+    at::Tensor rstd_c = rstd.contiguous();
+    at::Tensor r_mean_c = norm ? r_mean.contiguous() : r_mean;
+    at::Tensor r_rstd_c = norm ? r_rstd.contiguous() : r_rstd;
+    const Args<kernel_t, acc_t> args{nullptr,
+                                     ln_mlp::kernel_data<scalar_t>(oc),
+                                     ln_mlp::kernel_data<scalar_t>(gc),
+                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data<scalar_t>(rc),
+                                     nullptr,
+                                     rstd_c.data_ptr<acc_t>(),
+                                     norm ? r_mean_c.data_ptr<acc_t>() : nullptr,
+                                     norm ? r_rstd_c.data_ptr<acc_t>() : nullptr,
+                                     ln_mlp::kernel_data_mut<scalar_t>(grad_z),
+                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data_mut<scalar_t>(grad_r),
+                                     mode,
+                                     static_cast<acc_t>(slope),
+                                     0.0,
+                                     l};
+    run_backward(isa, args);
   });
 }
 
 at::Tensor instance_norm_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& rstd,
                                             double negative_slope) {
   check_input(kBackwardOp, out, "out");
-  check_like(kBackwardOp, grad_out, "grad_out", out, "out");
+  ln_mlp::check_like(kBackwardOp, grad_out, "grad_out", out, "out");
   check_stats(kBackwardOp, out, rstd, "rstd");
   check_slope_eps(kBackwardOp, negative_slope, 1.0);
   at::Tensor grad_x = at::empty(out.sizes(), out.options().memory_format(suggested_memory_format(grad_out)));
   if (out.numel() == 0) return grad_x;
   at::Tensor none, unused;
-  backward(grad_out, out, none, ResidualMode::none, rstd, none, none, negative_slope, grad_x, unused);
+  backward(kBackwardOp, grad_out, out, none, ResidualMode::none, rstd, none, none, negative_slope, grad_x, unused);
   return grad_x;
 }
 
@@ -347,7 +324,7 @@ instance_norm_add_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& shortcut_mean, const at::Tensor& shortcut_rstd,
                                      double negative_slope) {
   check_input(kAddBackwardOp, out, "out");
-  check_like(kAddBackwardOp, grad_out, "grad_out", out, "out");
+  ln_mlp::check_like(kAddBackwardOp, grad_out, "grad_out", out, "out");
   check_stats(kAddBackwardOp, out, rstd, "rstd");
   check_slope_eps(kAddBackwardOp, negative_slope, 1.0);
   const bool has_residual = residual.has_value() && residual->defined();
@@ -359,7 +336,7 @@ instance_norm_add_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   std::vector<at::Tensor> grad_inputs, grad_weights;
   at::Tensor r;
   if (has_residual) {
-    check_like(kAddBackwardOp, *residual, "residual", out, "out");
+    ln_mlp::check_like(kAddBackwardOp, *residual, "residual", out, "out");
     r = *residual;
   } else {
     check_shortcut(kAddBackwardOp, out, shortcut_inputs, shortcut_weights);
@@ -368,7 +345,7 @@ instance_norm_add_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   }
   if (out.numel() > 0) {
     if (!has_residual) r = shortcut_projection(shortcut_inputs, shortcut_weights, format);
-    backward(grad_out, out, r, has_residual ? ResidualMode::plain : ResidualMode::normalized,
+    backward(kAddBackwardOp, grad_out, out, r, has_residual ? ResidualMode::plain : ResidualMode::normalized,
              rstd, shortcut_mean, shortcut_rstd, negative_slope, grad_z, grad_r);
   } else {
     grad_r.zero_();
