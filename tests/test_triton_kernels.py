@@ -377,6 +377,14 @@ def test_instance_norm_add_lrelu(variant, layout, dtype, _small_instance_tiles):
     assert ops._is_channels_last(out) == (layout == "channels_last_3d"), "output must keep z's layout"
 
 
+def test_instance_norm_float16(_small_instance_tiles):
+    _check_flash(_in_lrelu, _in_lrelu_ref, [randn(IN_SHAPE, layout="channels_last_3d", requires_grad=True)],
+                 torch.float16, "instance_norm_lrelu float16")
+    fast, ref = _in_add("shortcut2")
+    _check_flash(fast, ref, _in_add_args("shortcut2", IN_SHAPE, "contiguous"), torch.float16,
+                 "instance_norm_add_lrelu shortcut2 float16")
+
+
 def test_instance_norm_add_lrelu_mixed_layouts(_small_instance_tiles):
     """z channels_last_3d, shortcut inputs one of each layout, grad_out contiguous; gradients keep each input's
     layout; the statistics of both norms."""
@@ -584,6 +592,42 @@ def test_dwconv3d_int64_offsets_on_gpu():
     tail = slice(-4, None)
     ref = _dwconv_ref(x[1:, :, tail].float(), w.float(), None)
     assert_close_rel(out[1:, :, tail][:, :, 1:-1].float().cpu(), ref[:, :, 1:-1].cpu(), torch.float16, "tail")
+
+
+def _check_instance_norm_last_plane(shape, layout):
+    """instance_norm_lrelu forward and backward on a bfloat16 tensor, checked on its last (n, c) plane in float32
+    torch ops: with 2**31 elements or more, offsets past 2**31 must not wrap."""
+    x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    out, mean, rstd = torch.ops.uxnet.instance_norm_lrelu_triton(x, SLOPE, IN_EPS)
+    plane = x[-1, -1].float()
+    var, m = torch.var_mean(plane, unbiased=False)
+    assert_close_rel(mean[-1, -1:].float().cpu(), m.reshape(1).cpu(), torch.float32, "mean of the last plane")
+    assert_close_rel(rstd[-1, -1:].float().cpu(), (var + IN_EPS).rsqrt().reshape(1).cpu(), torch.float32, "rstd")
+    want = torch.nn.functional.leaky_relu((plane - m) * (var + IN_EPS).rsqrt(), SLOPE)
+    assert_close_rel(out[-1, -1, -2:].float().cpu(), want[-2:].cpu(), torch.bfloat16, "output tail")
+    del plane, want
+    grad_out = torch.ones_like(out)
+    grad_x = torch.ops.uxnet.instance_norm_lrelu_triton_backward(grad_out, out, rstd, SLOPE)
+    o = out[-1, -1].float()
+    gs = torch.where(o > 0, 1.0, SLOPE)
+    xhat = torch.where(o > 0, o, o / SLOPE)
+    want = rstd[-1, -1] * (gs - gs.mean() - xhat * (gs * xhat).mean())
+    assert_close_rel(grad_x[-1, -1, -2:].float().cpu(), want[-2:].cpu(), torch.bfloat16, "grad tail")
+
+
+def test_instance_norm_last_plane_check_itself(_small_instance_tiles):
+    """The check of test_instance_norm_int64_offsets_on_gpu, at a small size (where it runs everywhere)."""
+    for layout in LAYOUTS:
+        _check_instance_norm_last_plane((2, 3, 4, 5, 6), layout)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a tensor over 2**31 elements: GPU memory, not interpreter speed")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_instance_norm_int64_offsets_on_gpu(layout):
+    _check_instance_norm_last_plane((1, 2, 1024, 1024, 1025), layout)  # 2**31 + 2**21 elements, bfloat16
+    torch.cuda.empty_cache()
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():
