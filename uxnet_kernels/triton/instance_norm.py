@@ -9,7 +9,7 @@ every reduction is split over "chunks" of a plane and finished by torch ops on t
     (ops.py)    Chan's formula over the chunks, in float64 -> mean, rstd (N, C) float32
     forward     program (n, tile, channel block): out = lrelu((z - mean) * rstd + r_hat)
     bwd sums    program (n, chunk, channel block) -> partial[0|1|2, n, c, chunk] = sums of gs, gs * xhat, gs * r_hat
-    (ops.py)    a, b, b_r = the means over the plane, float64 sums -> coefficients (3, N, C) float32
+    (ops.py)    a, b[, b_r] = the means over the plane, float64 sums -> coefficients (2 or 3, N, C) float32
     bwd apply   program (n, tile, channel block): grad_z = rstd * (gs - a - xhat * b),
                 grad_r = gs (RESIDUAL=1) or r_rstd * (gs - a - r_hat * b_r) (RESIDUAL=2)
 
