@@ -43,9 +43,15 @@ def test_dry_run_end_to_end(tmp_path):
     assert {("dwconv3d", "triton", "grad_input"), ("dwconv3d", "triton", "grad_weight")} <= timed
     for op in ("layer_norm_channels_first", "ux_mlp"):
         assert {(op, "triton", "fwd"), (op, "triton", "fwd+bwd"), (op, "reference", "fwd+bwd")} <= timed
+    for op, variant in (("instance_norm_lrelu", "lrelu"), ("instance_norm_add_lrelu", "residual"),
+                        ("instance_norm_add_lrelu", "shortcut")):
+        timed_in = {(r["impl"], r["pass"]) for r in ops["records"] if r.get("variant") == variant and "ms" in r}
+        for impl in ("triton", "triton_ncdhw", "reference", "reference_ncdhw", "torch_compile"):
+            assert {(impl, "fwd"), (impl, "fwd+bwd")} <= timed_in, (op, variant, impl)
+    assert ops["compile_check_instance_norm"]["status"] == "skipped"  # needs CUDA
     assert all(r["ms"] > 0 for r in ops["records"] if "ms" in r)
     checks = [r["value"] for r in ops["records"] if r.get("check")]
-    assert checks and all(v <= 1e-5 for v in checks), checks
+    assert len(checks) == 4 and all(v <= 1e-5 for v in checks), checks  # dwconv3d and the 3 instance-norm variants
 
     _run("profile_step.py", "--dry-run", "--out", str(tmp_path / "profile.json"))
     profile = json.loads((tmp_path / "profile.json").read_text())
@@ -58,4 +64,5 @@ def test_dry_run_end_to_end(tmp_path):
 
     summary = _run("summarize.py", str(tmp_path))
     assert "DRY RUN" in summary and "| 4 x 6^3 | 3 | float32 | fwd+bwd |" in summary
+    assert "| shortcut | 1 x 4 x 6^3 | float32 | fwd+bwd |" in summary
     assert (tmp_path / "summary.json").exists()

@@ -11,7 +11,15 @@ dwconv3d: forward and forward+backward at the four UX-Net stage shapes of a 96^3
 plus, for the 48 x 48^3 k = 7 target case, grad-input and grad-weight alone.
 layer_norm_channels_first and ux_mlp: forward and forward+backward at the same stage shapes, triton vs the
 reference backend (and the compiled "cuda" backend when built), with the copy-bandwidth floor of each.
+instance_norm_lrelu and instance_norm_add_lrelu (residual; two-input projection shortcut): forward and
+forward+backward at the decoder's 2 x 48 x 96^3 and 2 x 96 x 48^3, float32 and bfloat16, for
+  triton / triton_ncdhw         the Triton kernels on channels_last_3d / contiguous input
+  reference / reference_ncdhw   the reference ops (F.instance_norm + F.leaky_relu, F.conv3d for the shortcut)
+  torch_compile                 torch.compile of the reference ops, channels_last_3d (the "eager" compile backend in
+                                a dry run), compiled last, within what is left of the budget
+with the copy-bandwidth floor where the op is memory-bound (not for the shortcut, which runs two convolutions).
 torch.compile(fullgraph=True) over the Triton ops is checked against eager (outputs and gradients).
+--ops selects groups (dwconv3d, voxel, instance_norm; default all): validate.sh runs instance_norm as its own step.
 
 Cases run most important first (the 48 x 48^3 k = 7 target) and stop at the time budget; cases left out are
 listed in the JSON as skipped. --dry-run: CPU, Triton interpreter, tiny sizes, to test this script itself.
@@ -29,13 +37,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import uxnet_kernels as uk  # noqa: E402
-from uxnet_kernels import dispatch  # noqa: E402
+from uxnet_kernels import dispatch, reference  # noqa: E402
 
 STAGES = [(48, 48), (96, 24), (192, 12), (384, 6)]  # (channels, edge) of the UX-Net stages on a 96^3 patch
 KERNELS = [7, 13, 21]
 DTYPES = ["float32", "bfloat16"]
 BATCH = 2
-DRY = dict(stages=[(4, 6)], kernels=[3], dtypes=["float32"], batch=1)
+IN_SHAPES = [(48, 96), (96, 48)]  # (channels, edge) of the decoder's full- and half-resolution blocks, 96^3 patch
+IN_VARIANTS = ("lrelu", "residual", "shortcut")
+GROUPS = ("dwconv3d", "voxel", "instance_norm")
+DRY = dict(stages=[(4, 6)], kernels=[3], dtypes=["float32"], batch=1, in_shapes=[(4, 6)])
 
 
 def _rel(a, b):
@@ -179,6 +190,130 @@ def bench_voxel_ops(cfg, budget, dry_run, bandwidth, records, skipped):
                             records.append(dict(base, impl=backend, **{"pass": which}, error=repr(exc)[:300]))
 
 
+def _in_args(variant, c, s, dtype, batch, layout, dev):
+    """z, then the residual, or the two shortcut inputs (the halves of the up block's concatenation, c channels
+    each) and their (c, c, 1, 1, 1) weights."""
+    fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+
+    def volume():
+        return torch.randn(batch, c, s, s, s, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+
+    if variant == "lrelu":
+        return [volume()]
+    if variant == "residual":
+        return [volume(), volume()]
+    weights = [(torch.randn(c, c, 1, 1, 1, device=dev) / (2 * c) ** 0.5).to(dtype) for _ in range(2)]
+    return [volume(), volume(), volume()] + weights
+
+
+def _in_split(variant, args):
+    """(args of instance_norm_lrelu) or (z, residual, shortcut_inputs, shortcut_weights)."""
+    if variant == "lrelu":
+        return tuple(args)
+    if variant == "residual":
+        return args[0], args[1], [], []
+    return args[0], None, list(args[1:3]), list(args[3:5])
+
+
+def _in_backend_fn(variant, backend):
+    def run(*args):
+        with uk.use_backend(backend):
+            if variant == "lrelu":
+                return uk.instance_norm_lrelu(*args)
+            return uk.instance_norm_add_lrelu(*_in_split(variant, args))
+    return run
+
+
+def _in_reference_fn(variant):
+    def run(*args):
+        if variant == "lrelu":
+            return reference.instance_norm_lrelu(*args)
+        return reference.instance_norm_add_lrelu(*_in_split(variant, args))
+    return run
+
+
+IN_IMPLS = {  # name -> (function factory(variant, dry_run), input layout); torch_compile last (it compiles)
+    "triton": (lambda v, _: _in_backend_fn(v, "triton"), "channels_last_3d"),
+    "triton_ncdhw": (lambda v, _: _in_backend_fn(v, "triton"), "contiguous"),
+    "reference": (lambda v, _: _in_reference_fn(v), "channels_last_3d"),
+    "reference_ncdhw": (lambda v, _: _in_reference_fn(v), "contiguous"),
+    "torch_compile": (lambda v, dry: torch.compile(_in_reference_fn(v), backend="eager" if dry else "inductor"),
+                      "channels_last_3d"),
+}
+IN_MOVED = {"lrelu": (3, 8), "residual": (4, 12)}  # elements read + written per element of z: fwd, fwd + bwd
+
+
+def bench_instance_norm(cfg, budget, dry_run, bandwidth, records, skipped):
+    """Every (variant, shape, dtype) with the eager implementations first, then torch_compile, within the budget."""
+    dev = common.device()
+    cases = [(v, c, s, d) for (c, s) in cfg["in_shapes"] for d in cfg["dtypes"] for v in IN_VARIANTS]
+    compiled = {}
+    for impls in ([name for name in IN_IMPLS if name != "torch_compile"], ["torch_compile"]):
+        for variant, c, s, dtype_name in cases:
+            dtype = getattr(torch, dtype_name)
+            op = "instance_norm_lrelu" if variant == "lrelu" else "instance_norm_add_lrelu"
+            base = dict(op=op, variant=variant, shape=[cfg["batch"], c, s, s, s], dtype=dtype_name)
+            if budget.exhausted():
+                skipped.append(dict(base, impls=impls, reason="time budget"))
+                continue
+            for impl in impls:
+                factory, layout = IN_IMPLS[impl]
+                if impl == "torch_compile":
+                    fn = compiled.setdefault(variant, factory(variant, dry_run))
+                else:
+                    fn = factory(variant, dry_run)
+                args = [a.requires_grad_(True) for a in _in_args(variant, c, s, dtype, cfg["batch"], layout, dev)]
+                if impl == "triton":
+                    with torch.no_grad():
+                        check = _rel(fn(*args), _in_reference_fn(variant)(*[a.float() for a in args]))
+                    records.append(dict(base, impl=impl, check="rel_error_vs_float32_reference", value=check))
+                numel_bytes = args[0].numel() * args[0].element_size()
+                for which, elements in zip(("fwd", "fwd+bwd"), IN_MOVED.get(variant, (None, None))):
+                    floor = {} if elements is None else dict(
+                        floor_ms=elements * numel_bytes / (bandwidth * 1e9) * 1e3)
+                    try:
+                        ms = _time_pass(fn, args, which, dry_run)
+                        extra = dict(floor, x_floor=ms / floor["floor_ms"]) if floor else {}
+                        records.append(dict(base, impl=impl, layout=layout, **{"pass": which}, ms=ms, **extra))
+                    except Exception as exc:  # a failing implementation is a result, not a crash of the run
+                        records.append(dict(base, impl=impl, layout=layout, **{"pass": which},
+                                            error=repr(exc)[:300]))
+                del args
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def compile_check_instance_norm(dry_run):
+    """torch.compile(fullgraph=True) over the Triton instance-norm ops (a residual block tail with a two-input
+    projection shortcut): forward and gradients equal to eager."""
+    if dry_run or not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "the Triton interpreter cannot run under torch.compile (CPU)"}
+    dev = common.device()
+
+    def block(z1, z2, x0, x1, w0, w1):
+        with uk.use_backend("triton"):
+            y = uk.instance_norm_lrelu(z1)
+            return uk.instance_norm_add_lrelu(z2 + y, None, [x0, x1], [w0, w1])
+
+    c = 24
+
+    def volume(channels):
+        return torch.randn(2, channels, 10, 12, 14, device=dev).contiguous(memory_format=torch.channels_last_3d)
+
+    args = [t.requires_grad_(True) for t in (volume(c), volume(c), volume(8), volume(16),
+                                             torch.randn(c, 8, 1, 1, 1, device=dev),
+                                             torch.randn(c, 16, 1, 1, 1, device=dev))]
+    try:
+        eager_out = block(*args)
+        eager_grads = torch.autograd.grad(eager_out.sum(), args)
+        out = torch.compile(block, fullgraph=True)(*args)
+        grads = torch.autograd.grad(out.sum(), args)
+        return {"status": "ok", "rel_error_out": _rel(out, eager_out),
+                "rel_error_grads_max": max(_rel(g, e) for g, e in zip(grads, eager_grads))}
+    except Exception as exc:
+        return {"status": "failed", "error": repr(exc)[:1000]}
+
+
 def compile_check(dry_run):
     """torch.compile(fullgraph=True) over the Triton ops: forward and gradients equal to eager."""
     if dry_run or not torch.cuda.is_available():
@@ -217,22 +352,35 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="gpu-results/ops.json")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting new cases after this long")
     parser.add_argument("--dry-run", action="store_true", help="CPU, interpreter, tiny sizes (tests this script)")
+    parser.add_argument("--ops", default=",".join(GROUPS), help=f"comma-separated groups of {GROUPS}")
     args = parser.parse_args(argv)
+    groups = [g for g in args.ops.split(",") if g]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown --ops {unknown}; expected a comma-separated subset of {GROUPS}")
     dry_run = args.dry_run or not torch.cuda.is_available()
     if not args.dry_run and not torch.cuda.is_available():
         print("bench_ops: no CUDA device; running the --dry-run sizes (numbers are not measurements)",
               file=sys.stderr)
-    cfg = DRY if dry_run else dict(stages=STAGES, kernels=KERNELS, dtypes=DTYPES, batch=BATCH)
+    cfg = DRY if dry_run else dict(stages=STAGES, kernels=KERNELS, dtypes=DTYPES, batch=BATCH, in_shapes=IN_SHAPES)
     budget = common.Budget(args.budget_s)
     started = time.monotonic()
     torch.manual_seed(0)
     bandwidth = common.copy_bandwidth_gbs(dry_run)
     records, skipped = [], []
-    bench_dwconv(cfg, budget, dry_run, records, skipped)
-    bench_voxel_ops(cfg, budget, dry_run, bandwidth, records, skipped)
+    checks = {}
+    if "dwconv3d" in groups:
+        bench_dwconv(cfg, budget, dry_run, records, skipped)
+    if "voxel" in groups:
+        bench_voxel_ops(cfg, budget, dry_run, bandwidth, records, skipped)
+    if "dwconv3d" in groups or "voxel" in groups:
+        checks["compile_check"] = compile_check(dry_run)
+    if "instance_norm" in groups:
+        bench_instance_norm(cfg, budget, dry_run, bandwidth, records, skipped)
+        checks["compile_check_instance_norm"] = compile_check_instance_norm(dry_run)
     payload = dict(
-        machine=common.machine(), dry_run=dry_run, copy_bandwidth_gbs=bandwidth,
-        backend_report=uk.backend_report(common.device()), compile_check=compile_check(dry_run),
+        machine=common.machine(), dry_run=dry_run, groups=groups, copy_bandwidth_gbs=bandwidth,
+        backend_report=uk.backend_report(common.device()), **checks,
         records=records, skipped=skipped, seconds=time.monotonic() - started,
     )
     common.write_json(args.out, payload)

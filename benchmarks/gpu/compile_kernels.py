@@ -23,12 +23,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from uxnet_kernels.triton import dwconv3d as dw  # noqa: E402
+from uxnet_kernels.triton import instance_norm as inorm  # noqa: E402
 from uxnet_kernels.triton import layer_norm as ln  # noqa: E402
 from uxnet_kernels.triton import ux_mlp as mlp  # noqa: E402
 
 _F32_PARAMS = ("w_ptr", "b_ptr", "lnw_ptr", "lnb_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "gamma_ptr",
-               "mean_ptr", "rstd_ptr", "partial_ptr")
-_DATA = ("x_ptr", "out_ptr", "go_ptr", "gx_ptr", "y_ptr", "res_ptr", "gy_ptr")
+               "mean_ptr", "rstd_ptr", "partial_ptr", "r_mean_ptr", "r_rstd_ptr", "coef_ptr")
+_DATA = ("x_ptr", "out_ptr", "go_ptr", "gx_ptr", "y_ptr", "res_ptr", "gy_ptr", "z_ptr", "r_ptr", "gz_ptr", "gr_ptr")
+_FLOATS = ("eps", "slope")
 
 
 def _signature(kernel, dtype, constexprs):
@@ -40,7 +42,7 @@ def _signature(kernel, dtype, constexprs):
             sig[name] = "*fp32"
         elif name in _DATA:
             sig[name] = f"*{dtype}"
-        elif name == "eps":
+        elif name in _FLOATS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -61,6 +63,14 @@ def cases(dtypes, layouts):
             yield mlp.ux_mlp_fwd_kernel, dtype, dict(HAS_RESIDUAL=True, HAS_GAMMA=True, CHANNELS_LAST=cl,
                                                       BLOCK_V=8, BLOCK_C=64), 4
             yield mlp.ux_mlp_bwd_kernel, dtype, dict(HAS_GAMMA=cl, CHANNELS_LAST=cl, BLOCK_V=4, BLOCK_C=64), 4
+            # instance norm: the GPU tiles of triton/ops.py (_instance_grid), 16 tiles per reduction chunk
+            tile = dict(CHANNELS_LAST=cl, BLOCK_V=16 if cl else 1024, BLOCK_C=64 if cl else 1)
+            yield inorm.instance_norm_stats_kernel, dtype, dict(TILES=16, **tile), 4
+            for residual in (0, 2):
+                yield inorm.instance_norm_lrelu_fwd_kernel, dtype, dict(RESIDUAL=residual, **tile), 4
+            yield inorm.instance_norm_lrelu_bwd_sums_kernel, dtype, dict(RESIDUAL=2, TILES=16, **tile), 4
+            for residual in (1, 2):
+                yield inorm.instance_norm_lrelu_bwd_apply_kernel, dtype, dict(RESIDUAL=residual, **tile), 4
 
 
 def resource_usage(cubin: bytes) -> str:

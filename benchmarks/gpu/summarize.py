@@ -2,7 +2,8 @@
 
     python benchmarks/gpu/summarize.py gpu-results [--peak-tflops 66.9]
 
-Reads ops.json and profile.json from the directory, prints markdown tables and writes summary.json next to them.
+Reads ops.json, ops_instance_norm.json and profile.json from the directory (each optional), prints markdown tables
+and writes summary.json next to them.
 """
 
 import argparse
@@ -62,6 +63,34 @@ def voxel_table(records):
     return lines
 
 
+IN_IMPLS = ["triton", "triton_ncdhw", "reference", "reference_ncdhw", "torch_compile"]
+
+
+def instance_norm_table(records):
+    """Rows (variant, shape, dtype, pass), one column per implementation; triton's speedup vs the faster reference
+    layout and vs torch.compile of the reference."""
+    cells = defaultdict(dict)
+    for r in records:
+        if r.get("op", "").startswith("instance_norm") and "ms" in r:
+            cells[(r["variant"], tuple(r["shape"]), r["dtype"], r["pass"])][r["impl"]] = r
+    lines = ["| variant | N x C x S^3 | dtype | pass | " + " | ".join(f"{i} ms" for i in IN_IMPLS)
+             + " | floor ms | triton x floor | speedup vs reference | speedup vs torch_compile |",
+             "|" + "---|" * (len(IN_IMPLS) + 8)]
+    rows = []
+    for (variant, shape, dtype, which), by_impl in sorted(cells.items()):
+        tri = by_impl.get("triton")
+        refs = [by_impl[i]["ms"] for i in ("reference", "reference_ncdhw") if i in by_impl]
+        vs_ref = min(refs) / tri["ms"] if tri and refs else None
+        vs_compile = by_impl["torch_compile"]["ms"] / tri["ms"] if tri and "torch_compile" in by_impl else None
+        rows.append(dict(variant=variant, shape=shape, dtype=dtype, **{"pass": which}, speedup_vs_reference=vs_ref,
+                         speedup_vs_torch_compile=vs_compile, x_floor=tri.get("x_floor") if tri else None))
+        lines.append(f"| {variant} | {shape[0]} x {shape[1]} x {shape[2]}^3 | {dtype} | {which} | "
+                     + " | ".join(_fmt(by_impl[i]["ms"]) if i in by_impl else "-" for i in IN_IMPLS)
+                     + f" | {_fmt(tri.get('floor_ms') if tri else None)} | {_fmt(tri.get('x_floor') if tri else None)}"
+                     + f" | {_fmt(vs_ref)} | {_fmt(vs_compile)} |")
+    return lines, rows
+
+
 def targets(records, rows, peak_tflops):
     """The issue-4 targets at 48 x 48^3, batch 2, k = 7 (None where not measured)."""
     out = {}
@@ -112,7 +141,8 @@ def main(argv=None) -> int:
     print("\n## dwconv3d\n" + "\n".join(dw_lines))
     print("\n## layer_norm_channels_first and ux_mlp\n" + "\n".join(voxel_table(records)))
     for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
-        checks = [r["value"] for r in records if r.get("check") and r["dtype"] == dtype and r["value"] is not None]
+        checks = [r["value"] for r in records if r.get("check") and r.get("op") == "dwconv3d" and r["dtype"] == dtype
+                  and r["value"] is not None]
         if checks:
             print(f"dwconv3d triton vs torch (float32 math), {dtype}: max relative error {max(checks):.2e} "
                   f"({'ok' if max(checks) <= tol else 'FAIL'}, tolerance {tol:.0e})")
@@ -127,8 +157,26 @@ def main(argv=None) -> int:
         print(f"- {name}: {_fmt(value)}")
     if profile:
         print("\n## UXNet training step (torch.profiler)\n" + "\n".join(profile_table(profile)))
+    in_ops = _load(os.path.join(args.directory, "ops_instance_norm.json")) or {}
+    in_records = records + in_ops.get("records", [])
+    in_lines, in_rows = instance_norm_table(in_records)
+    if in_rows:
+        print("\n## instance_norm_lrelu and instance_norm_add_lrelu (decoder)"
+              + (" (DRY RUN: not measurements)" if in_ops.get("dry_run") else "") + "\n" + "\n".join(in_lines))
+        print(f"torch.compile check (Triton instance-norm ops): {in_ops.get('compile_check_instance_norm')}")
+        for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
+            checks = [r["value"] for r in in_records if r.get("check") and r.get("op", "").startswith("instance_norm")
+                      and r["dtype"] == dtype and r["value"] is not None]
+            if checks:
+                print(f"instance-norm triton vs float32 reference, {dtype}: max relative error {max(checks):.2e} "
+                      f"({'ok' if max(checks) <= tol else 'FAIL'}, tolerance {tol:.0e})")
+        in_errors = [r for r in in_ops.get("records", []) if "error" in r]
+        if in_errors:
+            print(f"{len(in_errors)} failed instance-norm cases, first: {in_errors[0]}")
+        if in_ops.get("skipped"):
+            print(f"{len(in_ops['skipped'])} instance-norm cases skipped (time budget), first: {in_ops['skipped'][0]}")
     with open(os.path.join(args.directory, "summary.json"), "w") as f:
-        json.dump(dict(targets=goal, dwconv_rows=rows), f, indent=2, default=str)
+        json.dump(dict(targets=goal, dwconv_rows=rows, instance_norm_rows=in_rows), f, indent=2, default=str)
     return 0
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One-command GPU validation of uxnet (issue 4), for a CUDA machine with torch, triton and ninja installed and no
-# internet. At most ~8 minutes:
+# internet. At most ~10 minutes:
 #   1. build + install the package      pip install --no-build-isolation --no-deps -e .
 #   2. the test suite on the GPU        pytest tests -x -q  (the Triton tests run natively at GPU sizes)
 #   3. op benchmarks                    benchmarks/gpu/bench_ops.py    -> $OUT/ops.json
 #   4. one UXNet training step profiled benchmarks/gpu/profile_step.py -> $OUT/profile.json
-#   5. compact tables                   benchmarks/gpu/summarize.py    -> stdout, $OUT/summary.json
+#   5. decoder op benchmarks            benchmarks/gpu/bench_ops.py --ops instance_norm -> $OUT/ops_instance_norm.json
+#   6. compact tables                   benchmarks/gpu/summarize.py    -> stdout, $OUT/summary.json
 #
 #   bash benchmarks/gpu/validate.sh [OUTPUT_DIR (default ./gpu-results)]
 #
@@ -53,8 +54,12 @@ step pytest 150 env UXNET_REQUIRE_EXTENSION=1 UXNET_TRITON_AUTOTUNE=0 "$PY" -m p
 ELAPSED=$(( $(date +%s) - START ))
 BENCH_BUDGET=$(( 480 - ELAPSED - 80 - 45 ))
 if [ $BENCH_BUDGET -lt 30 ]; then BENCH_BUDGET=30; fi
-step bench_ops $(( BENCH_BUDGET + 45 )) "$PY" benchmarks/gpu/bench_ops.py --out "$OUT/ops.json" --budget-s "$BENCH_BUDGET"
+step bench_ops $(( BENCH_BUDGET + 45 )) "$PY" benchmarks/gpu/bench_ops.py --out "$OUT/ops.json" --budget-s "$BENCH_BUDGET" \
+  --ops dwconv3d,voxel
 step profile_step 80 "$PY" benchmarks/gpu/profile_step.py --out "$OUT/profile.json" --steps 2
+# The instance-norm ops of the decoder, with their own budget (torch.compile of the reference is timed last).
+step bench_instance_norm 150 "$PY" benchmarks/gpu/bench_ops.py --out "$OUT/ops_instance_norm.json" --budget-s 80 \
+  --ops instance_norm
 "$PY" benchmarks/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"
 echo "total $(( $(date +%s) - START ))s; results in $OUT; status $STATUS"
 exit $STATUS

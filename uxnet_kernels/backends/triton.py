@@ -14,7 +14,7 @@ from .base import YES, Backend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The ops with Triton kernels (uxnet_kernels/triton/ops.py).
-_OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp")
+_OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
 
 
 class TritonBackend(Backend):
@@ -65,3 +65,10 @@ class TritonBackend(Backend):
 
     def ux_mlp(self, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps):
         return torch.ops.uxnet.ux_mlp_triton(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)[0]
+
+    def instance_norm_lrelu(self, x, negative_slope, eps):
+        return torch.ops.uxnet.instance_norm_lrelu_triton(x, negative_slope, eps)[0]
+
+    def instance_norm_add_lrelu(self, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
+        return torch.ops.uxnet.instance_norm_add_lrelu_triton(z, residual, shortcut_inputs, shortcut_weights,
+                                                              negative_slope, eps)[0]

@@ -1,7 +1,7 @@
 """Triton kernels of the uxnet ops (one kernel family per module) and their ``torch.library.triton_op`` wrappers.
 
-Importing this package does not import triton: ``dwconv3d``, ``layer_norm`` and ``ux_mlp`` hold the kernels and
-``ops`` registers the ``uxnet::*_triton`` operators; import those only when triton is needed.
+Importing this package does not import triton: ``dwconv3d``, ``layer_norm``, ``ux_mlp`` and ``instance_norm`` hold
+the kernels and ``ops`` registers the ``uxnet::*_triton`` operators; import those only when triton is needed.
 
 With ``TRITON_INTERPRET=1`` set *before the kernel modules are imported*, ``triton.jit`` builds interpreted
 kernels that run on CPU tensors (slowly, for tests); the choice is fixed at import time. The kernels call only
@@ -14,7 +14,12 @@ import importlib.util
 import os
 import sys
 
-KERNEL_MODULES = ("uxnet_kernels.triton.dwconv3d", "uxnet_kernels.triton.layer_norm", "uxnet_kernels.triton.ux_mlp")
+KERNEL_MODULES = (
+    "uxnet_kernels.triton.dwconv3d",
+    "uxnet_kernels.triton.layer_norm",
+    "uxnet_kernels.triton.ux_mlp",
+    "uxnet_kernels.triton.instance_norm",
+)
 
 
 def triton_installed() -> bool:

@@ -8,10 +8,20 @@ Operators (all in the ``uxnet`` namespace; parameters may be any floating dtype,
     layer_norm_cf_triton_backward(grad_out, x, weight, mean, rstd, output_mask[3]) -> (grad_x, grad_weight, grad_bias)
     ux_mlp_triton(y, residual?, ln_weight, ln_bias, w1, b1, w2, b2, gamma?, eps) -> (out, mean, rstd)
     ux_mlp_triton_backward(grad_out, y, ln_weight, ln_bias, w1, b1, w2, b2, gamma?, mean, rstd) -> 8 grads
+    instance_norm_lrelu_triton(x, negative_slope, eps) -> (out, mean, rstd)
+    instance_norm_lrelu_triton_backward(grad_out, out, rstd, negative_slope) -> grad_x
+    instance_norm_add_lrelu_triton(z, residual?, shortcut_inputs[], shortcut_weights[], negative_slope, eps)
+        -> (out, mean, rstd, shortcut_mean, shortcut_rstd)
+    instance_norm_add_lrelu_triton_backward(grad_out, out, residual?, shortcut_inputs[], shortcut_weights[], rstd,
+        shortcut_mean, shortcut_rstd, negative_slope) -> (grad_z, grad_residual, grad_shortcut_inputs[],
+        grad_shortcut_weights[])
 
 They follow the conventions of the compiled ops (csrc/uxnet_ops.h): outputs take the memory format of the first
 tensor argument (channels_last_3d only for inputs that are exactly that), inputs with other strides are made
-contiguous, masked-out gradients are empty (0,) tensors, mean/rstd are (N, D, H, W) float32.
+contiguous, masked-out gradients are empty (0,) tensors, mean/rstd are (N, D, H, W) float32 ((N, C) float32 for the
+instance-norm ops, whose unused shortcut statistics and residual gradient are (0,) tensors). The instance-norm ops
+run the shortcut's 1x1x1 convolutions (and their backward) with ATen; statistics and backward sums are finished
+from per-chunk partials by torch ops in float64.
 
 Parameter gradients are per-program partial sums reduced here with ``torch.sum`` over a fixed-size buffer, so
 every result is deterministic (no atomics); ``torch.use_deterministic_algorithms`` needs no special path.
@@ -22,14 +32,16 @@ the kernels write every element). ``UXNET_TRITON_AUTOTUNE=0`` replaces autotunin
 """
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ..autograd_rules import dwconv3d_rule, layer_norm_rule, ux_mlp_rule
+from ..autograd_rules import (dwconv3d_rule, instance_norm_add_lrelu_rule, instance_norm_lrelu_rule, layer_norm_rule,
+                              ux_mlp_rule)
 from . import dwconv3d as dw_kernels
+from . import instance_norm as in_kernels
 from . import layer_norm as ln_kernels
 from . import ux_mlp as mlp_kernels
 
@@ -43,6 +55,12 @@ _VOXEL_BACKWARD_PROGRAMS = 2048
 # Outputs per program under the interpreter, which pays per program and per op, not per element.
 _INTERPRETER_FWD_TILE = 4096
 _INTERPRETER_GRAD_WEIGHT_TILE = 16384
+# Instance-norm kernels: elements per tile (GPU, interpreter), the most tiles per reduction chunk, and the number of
+# reduction programs to aim for (chunks get longer, up to the maximum, while there are at least that many).
+_INSTANCE_TILE = 1024
+_INTERPRETER_INSTANCE_TILE = 512
+_INSTANCE_MAX_TILES = 16
+_INSTANCE_REDUCE_PROGRAMS = 4096
 
 
 # ---- shared helpers ------------------------------------------------------------------------------------------
@@ -359,3 +377,205 @@ def ux_mlp_triton_backward(
 
 _backward, _setup = ux_mlp_rule(torch.ops.uxnet.ux_mlp_triton_backward)
 ux_mlp_triton.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- instance_norm_lrelu and instance_norm_add_lrelu ----------------------------------------------------------
+
+
+class _InstanceGrid(NamedTuple):
+    """How the instance-norm kernels cover an (N, C, D, H, W) tensor: tiles of block_v voxels x block_c channels,
+    `tiles` per batch item; reductions run over chunks of `tiles_per_chunk` tiles, `chunks` per batch item."""
+
+    n: int
+    c: int
+    voxels: int
+    block_v: int
+    block_c: int
+    c_blocks: int
+    tiles: int
+    tiles_per_chunk: int
+    chunks: int
+    warps: int
+
+
+def _instance_grid(shape, channels_last: bool) -> _InstanceGrid:
+    n, c, d, h, w = shape
+    voxels = d * h * w
+    elements = _INTERPRETER_INSTANCE_TILE if INTERPRETED else _INSTANCE_TILE
+    # NCDHW: one channel per tile (a plane's voxels are contiguous); channels_last_3d: up to 64 channels per voxel.
+    block_c = min(_pow2(c), 64) if channels_last else 1
+    block_v = min(max(elements // block_c, 1), _pow2(voxels))
+    c_blocks = triton.cdiv(c, block_c)
+    tiles = triton.cdiv(voxels, block_v)
+    per_chunk = 1
+    while (per_chunk * 2 <= min(_INSTANCE_MAX_TILES, tiles)
+           and n * c_blocks * triton.cdiv(tiles, per_chunk * 2) >= _INSTANCE_REDUCE_PROGRAMS):
+        per_chunk *= 2
+    warps = 4 if block_v * block_c <= 1024 else 8
+    return _InstanceGrid(n, c, voxels, block_v, block_c, c_blocks, tiles, per_chunk,
+                         triton.cdiv(tiles, per_chunk), warps)
+
+
+def _instance_stats(x: torch.Tensor, channels_last: bool, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd), (N, C) float32, of x (canonical layout, numel > 0): per-chunk (mean, M2) from the kernel,
+    merged over the chunks with Chan's formula in float64."""
+    g = _instance_grid(x.shape, channels_last)
+    partial = _new(x.new_empty((in_kernels.STATS_ROWS, g.n, g.c, g.chunks), dtype=torch.float32))
+    launch = _launcher(in_kernels.instance_norm_stats_kernel, x)
+    if launch is not None:
+        launch[(g.n * g.chunks, g.c_blocks)](
+            x, partial, g.n * g.c, g.c, g.voxels, g.chunks,
+            TILES=g.tiles_per_chunk, CHANNELS_LAST=channels_last, BLOCK_V=g.block_v, BLOCK_C=g.block_c,
+            num_warps=g.warps,
+        )
+    chunk_voxels = g.tiles_per_chunk * g.block_v
+    starts = torch.arange(g.chunks, device=x.device, dtype=torch.float64) * chunk_voxels
+    counts = (g.voxels - starts).clamp(max=chunk_voxels)
+    chunk_mean, chunk_m2 = partial.double().unbind(0)
+    mean = (chunk_mean * counts).sum(-1) / g.voxels
+    m2 = chunk_m2.sum(-1) + ((chunk_mean - mean[..., None]).square() * counts).sum(-1)
+    rstd = (m2 / g.voxels + eps).rsqrt()
+    return mean.float(), rstd.float()
+
+
+def _nan_stats(x: torch.Tensor) -> torch.Tensor:
+    """Statistics over zero voxels (an empty input): undefined, NaN (as the compiled ops)."""
+    return x.new_full(x.shape[:2], float("nan"), dtype=torch.float32)
+
+
+def _shortcut_projection(inputs: List[torch.Tensor], weights: List[torch.Tensor],
+                         channels_last: bool) -> torch.Tensor:
+    """sum_i conv3d(x_i, w_i) in the given layout: the projection shortcut before its instance norm."""
+    projected = torch.nn.functional.conv3d(inputs[0], weights[0])
+    for x, w in zip(inputs[1:], weights[1:]):
+        projected = projected + torch.nn.functional.conv3d(x, w)
+    return _in_layout(projected, channels_last)
+
+
+def _instance_forward(z: torch.Tensor, channels_last: bool, r: Optional[torch.Tensor], mode: int,
+                      r_stats: Optional[Tuple[torch.Tensor, torch.Tensor]], negative_slope: float, eps: float):
+    """(out, mean, rstd) of out = lrelu(IN(z) + r_hat); z and r in the canonical layout, numel > 0."""
+    g = _instance_grid(z.shape, channels_last)
+    mean, rstd = _instance_stats(z, channels_last, eps)
+    r_mean, r_rstd = r_stats if r_stats is not None else (mean, rstd)  # placeholders unless normalized
+    out = _empty_like_layout(z, channels_last)
+    launch = _launcher(in_kernels.instance_norm_lrelu_fwd_kernel, z)
+    if launch is not None:
+        launch[(g.n * g.tiles, g.c_blocks)](
+            z, r if r is not None else z, mean, rstd, r_mean, r_rstd, out, g.c, g.voxels, g.tiles, negative_slope,
+            RESIDUAL=mode, CHANNELS_LAST=channels_last, BLOCK_V=g.block_v, BLOCK_C=g.block_c, num_warps=g.warps,
+        )
+    return out, mean, rstd
+
+
+def _instance_backward(grad_out: torch.Tensor, out: torch.Tensor, channels_last: bool, r: Optional[torch.Tensor],
+                       mode: int, rstd: torch.Tensor, r_stats: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                       negative_slope: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(grad_z, grad_r or None); grad_out, out and r in the canonical layout, numel > 0."""
+    g = _instance_grid(grad_out.shape, channels_last)
+    rows = in_kernels.BACKWARD_ROWS if mode == in_kernels.RESIDUAL_NORMALIZED else in_kernels.BACKWARD_ROWS - 1
+    rstd = _f32(rstd)
+    r_mean, r_rstd = (_f32(t) for t in r_stats) if r_stats is not None else (rstd, rstd)
+    r_arg = r if r is not None else out
+    partial = _new(out.new_empty((rows, g.n, g.c, g.chunks), dtype=torch.float32))
+    launch = _launcher(in_kernels.instance_norm_lrelu_bwd_sums_kernel, grad_out, out)
+    if launch is not None:
+        launch[(g.n * g.chunks, g.c_blocks)](
+            grad_out, out, r_arg, r_mean, r_rstd, partial, g.n * g.c, g.c, g.voxels, g.chunks, negative_slope,
+            RESIDUAL=mode, TILES=g.tiles_per_chunk, CHANNELS_LAST=channels_last, BLOCK_V=g.block_v,
+            BLOCK_C=g.block_c, num_warps=g.warps,
+        )
+    coefficients = (partial.double().sum(-1) / g.voxels).float()  # (rows, N, C): a, b[, b_r]
+    grad_z = _empty_like_layout(grad_out, channels_last)
+    grad_r = _empty_like_layout(grad_out, channels_last) if mode != in_kernels.RESIDUAL_NONE else None
+    launch = _launcher(in_kernels.instance_norm_lrelu_bwd_apply_kernel, grad_out, out)
+    if launch is not None:
+        launch[(g.n * g.tiles, g.c_blocks)](
+            grad_out, out, r_arg, rstd, r_mean, r_rstd, coefficients, grad_z,
+            grad_r if grad_r is not None else grad_z, g.n * g.c, g.c, g.voxels, g.tiles, negative_slope,
+            RESIDUAL=mode, CHANNELS_LAST=channels_last, BLOCK_V=g.block_v, BLOCK_C=g.block_c, num_warps=g.warps,
+        )
+    return grad_z, grad_r
+
+
+@triton_op("uxnet::instance_norm_lrelu_triton", mutates_args=())
+def instance_norm_lrelu_triton(
+    x: torch.Tensor, negative_slope: float, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, channels_last = _canonical(x)
+    if x.numel() == 0:
+        return _empty_like_layout(x, channels_last), _nan_stats(x), _nan_stats(x)
+    return _instance_forward(x, channels_last, None, in_kernels.RESIDUAL_NONE, None, negative_slope, eps)
+
+
+@triton_op("uxnet::instance_norm_lrelu_triton_backward", mutates_args=())
+def instance_norm_lrelu_triton_backward(
+    grad_out: torch.Tensor, out: torch.Tensor, rstd: torch.Tensor, negative_slope: float
+) -> torch.Tensor:
+    grad_out, channels_last = _canonical(grad_out)
+    out = _in_layout(out, channels_last)
+    if out.numel() == 0:
+        return _empty_like_layout(grad_out, channels_last)
+    return _instance_backward(grad_out, out, channels_last, None, in_kernels.RESIDUAL_NONE, rstd, None,
+                              negative_slope)[0]
+
+
+_backward, _setup = instance_norm_lrelu_rule(torch.ops.uxnet.instance_norm_lrelu_triton_backward)
+instance_norm_lrelu_triton.register_autograd(_backward, setup_context=_setup)
+
+
+@triton_op("uxnet::instance_norm_add_lrelu_triton", mutates_args=())
+def instance_norm_add_lrelu_triton(
+    z: torch.Tensor, residual: Optional[torch.Tensor], shortcut_inputs: List[torch.Tensor],
+    shortcut_weights: List[torch.Tensor], negative_slope: float, eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    z, channels_last = _canonical(z)
+    if residual is not None:
+        r, mode = _in_layout(residual, channels_last), in_kernels.RESIDUAL_PLAIN
+        no_stats = z.new_empty(EMPTY_GRAD_SHAPE, dtype=torch.float32)
+        r_stats = (no_stats, no_stats.clone())
+    elif z.numel() == 0:
+        r, mode, r_stats = None, in_kernels.RESIDUAL_NORMALIZED, (_nan_stats(z), _nan_stats(z))
+    else:
+        r, mode = _shortcut_projection(shortcut_inputs, shortcut_weights, channels_last), in_kernels.RESIDUAL_NORMALIZED
+        r_stats = _instance_stats(r, channels_last, eps)
+    if z.numel() == 0:
+        return _empty_like_layout(z, channels_last), _nan_stats(z), _nan_stats(z), *r_stats
+    out, mean, rstd = _instance_forward(z, channels_last, r, mode,
+                                        r_stats if mode == in_kernels.RESIDUAL_NORMALIZED else None,
+                                        negative_slope, eps)
+    return out, mean, rstd, *r_stats
+
+
+@triton_op("uxnet::instance_norm_add_lrelu_triton_backward", mutates_args=())
+def instance_norm_add_lrelu_triton_backward(
+    grad_out: torch.Tensor, out: torch.Tensor, residual: Optional[torch.Tensor], shortcut_inputs: List[torch.Tensor],
+    shortcut_weights: List[torch.Tensor], rstd: torch.Tensor, shortcut_mean: torch.Tensor,
+    shortcut_rstd: torch.Tensor, negative_slope: float,
+) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    grad_out, channels_last = _canonical(grad_out)
+    out = _in_layout(out, channels_last)
+    if residual is not None:
+        r, mode, r_stats = _in_layout(residual, channels_last), in_kernels.RESIDUAL_PLAIN, None
+    else:
+        r = _shortcut_projection(shortcut_inputs, shortcut_weights, channels_last) if out.numel() > 0 else None
+        mode, r_stats = in_kernels.RESIDUAL_NORMALIZED, (shortcut_mean, shortcut_rstd)
+    if out.numel() == 0:
+        grad_z = _empty_like_layout(grad_out, channels_last)
+        grad_r = torch.zeros_like(grad_out, memory_format=torch.channels_last_3d if channels_last
+                                  else torch.contiguous_format)
+    else:
+        grad_z, grad_r = _instance_backward(grad_out, out, channels_last, r, mode, rstd, r_stats, negative_slope)
+    if residual is not None:
+        return grad_z, grad_r, [], []
+    grad_inputs, grad_weights = [], []
+    for x, w in zip(shortcut_inputs, shortcut_weights):
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_r, x, w, None, [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False])
+        grad_inputs.append(_in_layout(grad_x, _is_channels_last(x)))
+        grad_weights.append(grad_w.contiguous())
+    return grad_z, _no_grad(out), grad_inputs, grad_weights
+
+
+_backward, _setup = instance_norm_add_lrelu_rule(torch.ops.uxnet.instance_norm_add_lrelu_triton_backward)
+instance_norm_add_lrelu_triton.register_autograd(_backward, setup_context=_setup)
