@@ -22,7 +22,6 @@ Policies:
   residual the output has the autocast dtype.
 """
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -82,10 +81,9 @@ def _cast(dtype: torch.dtype, t: Optional[torch.Tensor]) -> Optional[torch.Tenso
     return t
 
 
-@contextlib.contextmanager
-def _disabled(x: torch.Tensor):
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        yield
+def _disabled(x: torch.Tensor) -> torch.autocast:
+    # A torch.autocast object, not a @contextlib.contextmanager: Dynamo in torch 2.6 cannot trace the latter.
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def dwconv3d(op: Callable, x, weight, bias, dtype: torch.dtype):
