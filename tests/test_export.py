@@ -151,8 +151,13 @@ def test_export_rejects_bad_arguments(trained, tmp_path):
         export(model, tmp_path / "m", format="exported", example_shape=(1, 3, 16, 16, 16))
     with pytest.raises(ValueError, match="dynamic=True applies"):
         export(model, tmp_path / "m", format="torchscript", dynamic=True)
+
+
+def test_onnx_export_rejects_dynamic_with_a_fixed_shape(trained, tmp_path):
+    pytest.importorskip("onnx")  # export(format="onnx") checks for onnx and onnxscript first
+    pytest.importorskip("onnxscript")
     with pytest.raises(ValueError, match="dynamic=True needs"):
-        export(model, tmp_path / "m", format="onnx", example_shape=EXAMPLE_SHAPE, dynamic=True)
+        export(trained[0], tmp_path / "m", format="onnx", example_shape=EXAMPLE_SHAPE, dynamic=True)
 
 
 # ---- the command ------------------------------------------------------------------------------------------

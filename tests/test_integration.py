@@ -194,6 +194,28 @@ def test_compile_fullgraph_ops_under_autocast(backend):
     torch._dynamo.reset()
 
 
+def test_compile_never_traces_the_autocast_availability_query(monkeypatch):
+    """Dynamo before torch 2.13 cannot trace torch.amp.is_autocast_available ("marked as skipped"), so the ops must
+    not call it while being traced: the answer comes from uxnet_kernels.autocast's table, built at import."""
+    torch._dynamo.reset()
+    calls = []
+    real = torch.amp.is_autocast_available
+
+    def spy(device_type):
+        calls.append(torch.compiler.is_compiling())
+        return real(device_type)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", spy)
+    x, w, b = dwconv3d_args(SHAPE, (3, 3, 3))
+    with uk.use_backend("reference"), torch.autocast("cpu", dtype=BF16):
+        eager = uk.dwconv3d(x, w, b)  # also imports what dispatch loads lazily, which Dynamo would not trace
+        out = torch.compile(lambda t: uk.dwconv3d(t, w, b), fullgraph=True, backend="eager")(x)
+    assert out.dtype == eager.dtype == BF16
+    assert rel_error(out, eager) == 0
+    assert not any(calls), "torch.amp.is_autocast_available was called while Dynamo traced the op"
+    torch._dynamo.reset()
+
+
 def _saved_numel(model, x):
     """Elements kept for backward by autograd outside checkpointed regions, and the loss."""
     saved = []

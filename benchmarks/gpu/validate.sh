@@ -2,6 +2,8 @@
 # One-command GPU validation of uxnet (issue 4), for a CUDA machine with torch, triton and ninja installed and no
 # internet. At most ~10 minutes:
 #   1. build + install the package      pip install --no-build-isolation --no-deps -e .
+#      (setup.py takes cuBLAS/cuSPARSE headers the toolkit lacks from pip's nvidia/*/include, or says which are
+#      missing; set CUDA_HOME when the nvcc on PATH is not inside the toolkit)
 #   2. the test suite on the GPU        pytest tests -x -q  (the Triton tests run natively at GPU sizes)
 #   3. op benchmarks                    benchmarks/gpu/bench_ops.py    -> $OUT/ops.json
 #   4. one UXNet training step profiled benchmarks/gpu/profile_step.py -> $OUT/profile.json

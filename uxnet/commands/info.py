@@ -29,6 +29,19 @@ def cpu_features() -> dict:
     }
 
 
+def version_support(report: dict) -> dict:
+    """Where this Python, torch, triton and torch's CUDA stand against the declared floors and the versions CI
+    tests (``uxnet_kernels.versions``, also the source of the README table and of CI's version matrix)."""
+    from uxnet_kernels import versions
+
+    return {
+        "python": versions.status("python", report["python"]),
+        "torch": versions.status("torch", report["torch"]),
+        "triton": versions.status("triton", report["triton"]),
+        "cuda": versions.cuda_status(report["torch_cuda"]),
+    }
+
+
 def collect() -> dict:
     import uxnet
     import uxnet_kernels
@@ -56,7 +69,16 @@ def collect() -> dict:
     }
     if gpus:
         report["backends_cuda"] = uxnet_kernels.backend_report("cuda")
+    report["version_support"] = version_support(report)
     return report
+
+
+def print_version_support(report: dict) -> None:
+    support = report["version_support"]
+    print(f"  python {report['python']}: {support['python']}")
+    print(f"  torch {report['torch']}: {support['torch']}")
+    print(f"  triton {report['triton']}: {support['triton']}")
+    print(f"  cuda {report['torch_cuda'] or '-'}: {support['cuda']}")
 
 
 def run(args) -> int:
@@ -66,6 +88,7 @@ def run(args) -> int:
         return 0
     print(f"uxnet {report['uxnet']}  python {report['python']}  torch {report['torch']} "
           f"(cuda {report['torch_cuda']})  triton {report['triton']}")
+    print_version_support(report)
     print(f"compiled extension: {'loaded' if report['extension_loaded'] else 'MISSING'}"
           f"{' (with CUDA kernels)' if report['extension_cuda_kernels'] else ''}")
     cpu = report["cpu"]

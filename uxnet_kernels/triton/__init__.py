@@ -8,6 +8,11 @@ kernels that run on CPU tensors (slowly, for tests); the choice is fixed at impo
 triton.language builtins and this package's own jit helpers (``tl.reduce(x, axis, _sum_combine)`` rather than
 ``tl.sum``, ``tl.full`` rather than ``tl.zeros``): triton.language's jit helpers take the mode triton itself was
 imported in, so using them would break the interpreter whenever triton was imported before TRITON_INTERPRET=1.
+
+The kernel modules call ``fix_interpreter_scalar_index()`` when interpreted: the interpreter of triton <= 3.6
+converts a scalar kernel argument used as a Python int (a run-time loop bound: ``for kd in range(0, KD)``) with
+``int(array)`` on a one-element array, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted to
+Python scalars"); triton 3.9 takes the element first, and so does the fix.
 """
 
 import importlib.util
@@ -35,6 +40,30 @@ def is_interpreted(kernel) -> bool:
     """Whether a ``triton.jit`` kernel (or an autotuner around one) was built by the interpreter."""
     fn = getattr(kernel, "fn", kernel) if type(kernel).__name__ == "Autotuner" else kernel
     return type(fn).__name__ == "InterpretedFunction"
+
+
+def fix_interpreter_scalar_index() -> None:
+    """Make the Triton interpreter's ``tensor.__index__`` take the single element of a one-element array before
+    ``int()`` (see the module docstring). Compiled kernels are untouched; call only when running interpreted."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "uxnet_index_fix", False):
+        return
+
+    def index(self):
+        data = self.handle.data
+        return int(data.reshape(-1)[0]) if data.size == 1 else int(data)
+
+    def patch_lang_tensor(tensor, *scope):
+        original(tensor, *scope)
+        if scope:  # newer triton: patches go through a scope that undoes them after the launch
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    patch_lang_tensor.uxnet_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def kernels_interpreted() -> bool:

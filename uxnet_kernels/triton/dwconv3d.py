@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
 
-from . import is_interpreted
+from . import fix_interpreter_scalar_index, is_interpreted
 
 
 @triton.jit
@@ -195,8 +195,8 @@ def _fwd_configs(channels_last: bool):
 _FWD_KEY = ["C", "D", "H", "W", "KD", "KH", "KW"]
 
 INTERPRETED = is_interpreted(dwconv3d_fwd_kernel)
-
 if INTERPRETED:
+    fix_interpreter_scalar_index()
     dwconv3d_fwd_tuned_cl = dwconv3d_fwd_tuned_cf = None
 else:
     dwconv3d_fwd_tuned_cl = triton.autotune(configs=_fwd_configs(True), key=_FWD_KEY)(dwconv3d_fwd_kernel)

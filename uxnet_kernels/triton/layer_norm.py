@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
 
-from . import is_interpreted
+from . import fix_interpreter_scalar_index, is_interpreted
 
 
 @triton.jit
@@ -99,3 +99,5 @@ def layer_norm_cf_bwd_kernel(
 
 
 INTERPRETED = is_interpreted(layer_norm_cf_fwd_kernel)
+if INTERPRETED:
+    fix_interpreter_scalar_index()

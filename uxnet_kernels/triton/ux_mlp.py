@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
 
-from . import is_interpreted
+from . import fix_interpreter_scalar_index, is_interpreted
 from .layer_norm import voxel_channel_offsets
 
 PARTIAL_ROWS = 16
@@ -163,3 +163,5 @@ def ux_mlp_bwd_kernel(
 
 
 INTERPRETED = is_interpreted(ux_mlp_fwd_kernel)
+if INTERPRETED:
+    fix_interpreter_scalar_index()
