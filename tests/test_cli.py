@@ -13,7 +13,8 @@ def test_info_json_reports_backends(capsys):
     assert cli.main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["torch"]
-    assert set(report["backends_cpu"]["would_use"]) == {"dwconv3d", "layer_norm_channels_first", "ux_mlp"}
+    assert set(report["backends_cpu"]["would_use"]) == {"dwconv3d", "layer_norm_channels_first", "ux_mlp",
+                                                        "instance_norm_lrelu", "instance_norm_add_lrelu"}
     assert report["backends_cpu"]["backends"]["reference"]["available"] is True
 
 

@@ -149,7 +149,8 @@ def test_backend_report_lists_every_backend(device):
         warnings.simplefilter("ignore")
         report = uk.backend_report(device)
     assert set(report["backends"]) == {"reference", "cpu", "cuda", "triton"}
-    assert set(report["would_use"]) == {"dwconv3d", "layer_norm_channels_first", "ux_mlp"}
+    assert set(report["would_use"]) == {"dwconv3d", "layer_norm_channels_first", "ux_mlp",
+                                        "instance_norm_lrelu", "instance_norm_add_lrelu"}
     assert report["backends"]["reference"]["available"]
 
 
