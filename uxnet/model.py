@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 import uxnet_kernels as uk
 
 from .decoder_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
-from .reparam import RepBranch, kernel_prior_mask, merged_kernel, parse_branches
+from .rep_blocks import RepBranch, kernel_prior_mask, merged_kernel, parse_branches
 
 KernelSize = Union[int, Sequence[int]]
 SPATIAL_MULTIPLE = 16
@@ -77,7 +77,7 @@ class UXBlock(nn.Module):
     -> layer scale -> drop path -> residual. Input and output: (N, C, D, H, W).
 
     ``rep_branches`` and ``kernel_prior`` make the dwconv a training-time re-parameterised conv (see
-    ``uxnet.reparam``); the branches live under ``rep_branches.<i>``, outside the official key space."""
+    ``uxnet.rep_blocks``); the branches live under ``rep_branches.<i>``, outside the official key space."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
                  kernel_size: KernelSize = 7, rep_branches: Sequence = (), kernel_prior: Optional[str] = None):
