@@ -136,6 +136,8 @@ def infer_config(state_dict: Dict[str, torch.Tensor], where: str = "state_dict")
         )
         if first_block and f"{first_block}.gamma" not in state_dict:
             config["layer_scale_init_value"] = 0.0
+        if any(k.startswith("deep_supervision_heads.") for k in state_dict):
+            config["deep_supervision"] = True
         return config
     except KeyError as exc:
         raise CheckpointError(f"{where}: not a UXNet state_dict (missing key {exc.args[0]!r})") from exc

@@ -84,9 +84,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+TRAINING_ONLY_OPTIONS = ("rep_branches", "kernel_prior", "deep_supervision")
+
+
 def plain_config(config: dict) -> dict:
-    """``config`` without the training-time re-parameterisation options."""
-    return {k: v for k, v in config.items() if k not in ("rep_branches", "kernel_prior")}
+    """``config`` without the training-time options: re-parameterisation branches, the kernel prior, and the deep
+    supervision heads (which an inference model never runs)."""
+    return {k: v for k, v in config.items() if k not in TRAINING_ONLY_OPTIONS}
 
 
 @torch.no_grad()
@@ -95,7 +99,8 @@ def reparameterize(model: nn.Module, fold_norms: bool = True):
 
     Branches and the kernel prior are merged into each block's ``dwconv``; with ``fold_norms`` (default) gamma,
     the block LayerNorm affines and the pre-downsampling LayerNorm affines are folded as described in the module
-    docstring. All of it is computed in float64 and cast back once. The result's state_dict has exactly the
+    docstring. Deep-supervision heads are dropped (eval mode never runs them). All of it is computed in float64 and
+    cast back once. The result's state_dict has exactly the
     official keys and shapes, so it loads with strict=True into a plain ``UXNet(**plain_config(model.config))``
     or the official ``UXNET``. ``model`` is left unchanged.
     """
