@@ -2,6 +2,7 @@
 
 from .deep_supervision import DeepSupervisionLoss
 from .export import export, load_checkpoint, save_checkpoint
+from .kernel_growth import grow_kernel
 from .model import UXBlock, UXNet, count_parameters
 from .reparam import reparameterize
 
@@ -13,6 +14,7 @@ __all__ = [
     "count_parameters",
     "reparameterize",
     "DeepSupervisionLoss",
+    "grow_kernel",
     "export",
     "save_checkpoint",
     "load_checkpoint",
