@@ -152,7 +152,8 @@ def test_clear_errors(tmp_path, capsys):
     (tmp_path / "d2").mkdir()
     _nifti(tmp_path / "d1" / "x.nii.gz", pred)
     _nifti(tmp_path / "d2" / "y.nii.gz", label)
-    _expect_error(capsys, [tmp_path / "d1", tmp_path / "d2"], "no prediction for ['y.nii.gz']; no label for ['x.nii.gz']")
+    _expect_error(capsys, [tmp_path / "d1", tmp_path / "d2"],
+                  "no prediction for ['y.nii.gz']; no label for ['x.nii.gz']")
     _expect_error(capsys, [tmp_path / "d1", lab], "pair a file with a file or a folder with a folder")
     background = _nifti(tmp_path / "zero.nii.gz", np.zeros(SHAPE, np.uint8))
     _expect_error(capsys, [background, background, "--quiet"], "no class to score")

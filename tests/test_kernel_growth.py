@@ -77,7 +77,8 @@ def test_interpolation_is_trilinear_and_stretches_the_kernel():
     steps = grown[0, 0, :, 3, 3].diff()
     assert torch.allclose(steps[1:-1], steps[1:-1].mean(), atol=1e-12) and steps.mean() > 0
     constant = torch.full((2, 1, 7, 7, 7), 0.5, dtype=torch.float64)
-    assert torch.allclose(grow_depthwise_kernel(constant, (21, 21, 21)), torch.full((2, 1, 21, 21, 21), 0.5 * 343 / 9261, dtype=torch.float64))
+    want = torch.full((2, 1, 21, 21, 21), 0.5 * 343 / 9261, dtype=torch.float64)
+    assert torch.allclose(grow_depthwise_kernel(constant, (21, 21, 21)), want)
 
 
 def test_branch_and_prior_models_are_merged_first():
