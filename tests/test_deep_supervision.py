@@ -168,9 +168,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert rel_error(grads[1][name], g) < 1e-5, name
 
 
-def test_compile_fullgraph_training_list_and_eval_tensor():
+def test_compile_fullgraph_with_checkpointing_training_list_and_eval_tensor():
     torch._dynamo.reset()
-    model = _perturbed(_model(deep_supervision=True, layer_scale_init_value=0.5)).double().train()
+    model = _perturbed(_model(deep_supervision=True, layer_scale_init_value=0.5, activation_checkpointing=True))
+    model = model.double().train()
     x = torch.randn(1, 1, *VOLUME, dtype=torch.float64)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
