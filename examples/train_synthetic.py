@@ -3,12 +3,17 @@
 The dataset: CT-like volumes (Hounsfield-ish intensities) holding several ellipsoidal "organs" of different
 intensities at random positions, sizes and orientations, under a smooth multiplicative bias field and Gaussian
 noise, each saved as NIfTI (image and label) with its own voxel spacing and origin in the affine. Training uses
-MONAI transforms (LoadImaged, intensity windowing, random crops, flips, intensity augmentation), ``DiceCELoss``
-and AdamW; validation runs ``sliding_window_inference`` (Gaussian blending) on the held-out volumes and reports
-the Dice of every organ class (MONAI ``DiceMetric``, background excluded).
+MONAI transforms as the official pipelines do (LoadImaged, Orientationd to RAS, Spacingd to a fixed voxel spacing,
+intensity windowing, random crops, flips, intensity augmentation), ``DiceCELoss`` (wrapped in
+``uxnet.DeepSupervisionLoss`` with ``--deep-supervision``) and AdamW; validation runs ``sliding_window_inference``
+(Gaussian blending) on the held-out volumes and reports the Dice of every organ class (MONAI ``DiceMetric``,
+background excluded). ``--save`` writes a uxnet checkpoint that records this preprocessing, so ``uxnet segment``
+resamples any volume the same way and maps the labels back.
 
     python examples/train_synthetic.py                      # the documented configuration (see README)
     python examples/train_synthetic.py --steps 40 --size 32  # a quick smoke run
+    python examples/train_synthetic.py --deep-supervision --save model.pt --data-dir data
+    uxnet segment model.pt data/val000_img.nii.gz -o seg.nii.gz && uxnet evaluate seg.nii.gz data/val000_seg.nii.gz
 
 ``main(argv)`` returns the metrics as a dict (used by tests/test_monai_example.py).
 """
@@ -27,6 +32,8 @@ import torch
 ORGAN_HU = (60.0, 160.0, -90.0)  # mean intensity of organ classes 1, 2, 3 (a liver-, kidney-, fat-like mix)
 BACKGROUND_HU = -10.0
 WINDOW_HU = (-250.0, 250.0)
+CLASS_NAMES = ("background", "liver_like", "kidney_like", "fat_like")
+ORIENTATION = "RAS"
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -43,6 +50,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--depths", type=int, nargs=4, default=(1, 1, 1, 1))
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--kernel-size", type=int, default=7)
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
+                   help="training voxel spacing in mm (volumes are reoriented to RAS and resampled to it)")
+    p.add_argument("--no-resample", action="store_true", help="train on each volume's own grid instead")
+    p.add_argument("--deep-supervision", action="store_true",
+                   help="UXNet(deep_supervision=True) trained with uxnet.DeepSupervisionLoss (nnU-Net weights)")
+    p.add_argument("--save", default=None, help="write the trained model and its preprocessing (uxnet checkpoint)")
     p.add_argument("--noise", type=float, default=25.0, help="Gaussian noise sigma in HU")
     p.add_argument("--val-every", type=int, default=0, help="also validate every N steps (0: only at the end)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -97,15 +110,37 @@ def write_dataset(root: str, n: int, size: int, noise_hu: float, seed: int, pref
 
 # ---- MONAI pipeline -----------------------------------------------------------------------------------------
 
-def load_transforms():
-    """Deterministic loading (cached by CacheDataset): NIfTI -> channel-first, CT window [-250, 250] -> [0, 1]."""
+def preprocessing(args):
+    """What the model is trained with, as ``uxnet segment`` will apply it (recorded by ``--save``)."""
+    from uxnet.preprocessing import Preprocessing
+
+    return Preprocessing(
+        spacing=None if args.no_resample else tuple(args.spacing),
+        orientation=None if args.no_resample else ORIENTATION,
+        intensity_range=WINDOW_HU, output_range=(0.0, 1.0), clip=True,
+        roi_size=(args.roi,) * 3, class_names=CLASS_NAMES,
+    )
+
+
+def load_transforms(prep):
+    """Deterministic loading (cached by CacheDataset): NIfTI -> channel-first -> RAS at ``prep.spacing`` (bilinear
+    image, nearest label) -> CT window [-250, 250] -> [0, 1] -> padded to at least the ROI."""
     from monai import transforms as T
 
+    keys = ["image", "label"]
+    spatial = [] if not prep.resamples else [
+        T.Orientationd(keys=keys, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        T.Spacingd(keys=keys, pixdim=prep.spacing, mode=("bilinear", "nearest"), padding_mode="border"),
+    ]
+    a_min, a_max = prep.intensity_range
+    b_min, b_max = prep.output_range
     return T.Compose([
-        T.LoadImaged(keys=["image", "label"]),
-        T.EnsureChannelFirstd(keys=["image", "label"]),
-        T.ScaleIntensityRanged(keys="image", a_min=WINDOW_HU[0], a_max=WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True),
-        T.EnsureTyped(keys=["image", "label"], track_meta=False),
+        T.LoadImaged(keys=keys),
+        T.EnsureChannelFirstd(keys=keys),
+        *spatial,
+        T.ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=prep.clip),
+        T.SpatialPadd(keys=keys, spatial_size=prep.roi_size),
+        T.EnsureTyped(keys=keys, track_meta=False),
     ])
 
 
@@ -141,13 +176,17 @@ def evaluate(model, loader, roi: int, num_classes: int) -> List[float]:
     return dice
 
 
+def _as_lists(items: List[dict]) -> Dict[str, list]:
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
     from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
-    from uxnet import UXNet
+    from uxnet import DeepSupervisionLoss, UXNet, save_checkpoint
 
     if args.roi % 16 or args.roi > args.size:
         raise SystemExit(f"--roi must be a multiple of 16 and <= --size, got {args.roi}")
@@ -162,16 +201,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         train_items = write_dataset(root, args.n_train, args.size, args.noise, args.seed, "train")
         val_items = write_dataset(root, args.n_val, args.size, args.noise, args.seed + 10_000, "val")
         # every volume is loaded into memory here, so the temporary directory may go afterwards
-        train_ds = CacheDataset(train_items, load_transforms(), cache_rate=1.0, progress=False)
-        val_ds = CacheDataset(val_items, load_transforms(), cache_rate=1.0, progress=False)
+        prep = preprocessing(args)
+        train_ds = CacheDataset(train_items, load_transforms(prep), cache_rate=1.0, progress=False)
+        val_ds = CacheDataset(val_items, load_transforms(prep), cache_rate=1.0, progress=False)
     data_s = time.perf_counter() - start
     augment = augment_transforms(args.roi)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=0, drop_last=True)
+    # resampled volumes differ in size: batches are lists, cropped to the ROI one by one below
+    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=0, drop_last=True,
+                        collate_fn=_as_lists)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=0)
 
     model = UXNet(in_chans=1, out_chans=num_classes, depths=args.depths, feat_size=args.feat_size,
-                  hidden_size=args.hidden_size, kernel_size=args.kernel_size)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+                  hidden_size=args.hidden_size, kernel_size=args.kernel_size, deep_supervision=args.deep_supervision)
+    # with deep supervision the model returns [full, 1/2, 1/4, 1/8] logits in training mode; the loss weights them
+    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
 
@@ -214,10 +257,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "data_seconds": data_s,
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "threads": torch.get_num_threads(),
+        "preprocessing": prep.to_dict(),
     }
+    if args.save:
+        result["checkpoint"] = str(save_checkpoint(model, args.save, prep))
     print(f"held-out Dice per class {np.round(dice, 4).tolist()}  mean {result['mean_dice']:.4f} "
           f"(untrained {result['mean_dice_untrained']:.4f}); training {train_s:.0f} s, "
-          f"total {result['total_seconds']:.0f} s", flush=True)
+          f"total {result['total_seconds']:.0f} s" + (f"; saved {result['checkpoint']}" if args.save else ""),
+          flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=2)

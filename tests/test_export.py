@@ -61,7 +61,7 @@ def test_pt_export_loads_strictly_into_plain_uxnet(trained, tmp_path):
     path = export(model, tmp_path / "plain.pt", format="pt")
     assert model.training, "export must leave the model's mode alone"
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["version"] == 1
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["version"] == 2 and ckpt["preprocessing"] is None
     assert "rep_branches" not in ckpt["config"] and "kernel_prior" not in ckpt["config"]
     plain = UXNet(**ckpt["config"])
     plain.load_state_dict(ckpt["state_dict"], strict=True)

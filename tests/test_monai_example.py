@@ -43,3 +43,38 @@ def test_short_training_run_learns(tmp_path):
     assert len(result["dice_per_class"]) == 3
     assert result["mean_dice"] > result["mean_dice_untrained"] + 0.05, {k: result[k] for k in (
         "dice_per_class", "dice_untrained", "losses")}
+
+
+def test_deep_supervision_run_then_segment_and_evaluate(tmp_path, capsys):
+    """The new-user path: train with --deep-supervision and --save, segment a held-out volume at its native
+    spacing with the recorded preprocessing, and score it."""
+    import nibabel as nib
+
+    from uxnet import cli
+    from uxnet.export import read_checkpoint
+
+    example = _load_example()
+    data, ckpt = tmp_path / "data", tmp_path / "model.pt"
+    result = example.main([
+        "--size", "32", "--roi", "32", "--n-train", "2", "--n-val", "1", "--steps", "6", "--lr", "5e-3",
+        "--feat-size", "8", "16", "16", "32", "--hidden-size", "32", "--data-dir", str(data),
+        "--deep-supervision", "--save", str(ckpt),
+    ])
+    assert len(result["losses"]) == 6 and all(np.isfinite(result["losses"]))
+    saved = read_checkpoint(ckpt)
+    assert saved["config"]["deep_supervision"] is True
+    assert {f"deep_supervision_heads.{i}.weight" for i in range(3)} <= set(saved["state_dict"])
+    prep = saved["preprocessing"]
+    assert prep["spacing"] == [1.0, 1.0, 1.0] and prep["orientation"] == "RAS"
+    assert prep["intensity_range"] == [-250.0, 250.0] and prep["roi_size"] == [32, 32, 32]
+    assert prep["class_names"] == list(example.CLASS_NAMES)
+
+    image, label, seg = data / "val000_img.nii.gz", data / "val000_seg.nii.gz", tmp_path / "seg.nii.gz"
+    assert cli.main(["segment", str(ckpt), str(image), "-o", str(seg)]) == 0
+    assert "resampled (32, 32, 32) -> " in capsys.readouterr().err
+    written, source = nib.load(str(seg)), nib.load(str(image))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert cli.main(["evaluate", str(seg), str(label), "--classes", "1", "2", "3", "--quiet"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["case", "dice_1", "dice_2", "dice_3"] and table[-1].startswith("mean")
+    assert all(0.0 <= float(v) <= 1.0 for v in table[1].split()[1:4] if v != "nan")

@@ -14,6 +14,8 @@ COMMANDS = {
     "bench": "benchmark the fast backends against the PyTorch reference",
     "export": "re-parameterise a checkpoint and export it (pt, exported, torchscript, onnx)",
     "segment": "sliding-window segmentation of a NIfTI volume",
+    "evaluate": "per-class Dice and 95% Hausdorff distance of label maps against references",
+    "convert": "grow a checkpoint's depthwise kernels to a larger size (UpKern-style)",
 }
 
 

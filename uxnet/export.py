@@ -1,8 +1,10 @@
 """Checkpoints and inference export of UXNet (format documented in docs/EXPORT.md).
 
 * :func:`save_checkpoint` / :func:`load_checkpoint`: the uxnet checkpoint, a ``torch.save``d dict
-  ``{"format": "uxnet-checkpoint", "version": 1, "config": model.config, "state_dict": ..., "metadata": {...}}``.
-  :func:`load_checkpoint` also accepts a bare official state_dict (config inferred from the tensor shapes).
+  ``{"format": "uxnet-checkpoint", "version": 2, "config": model.config, "state_dict": ..., "preprocessing": ...,
+  "metadata": {...}}`` (``preprocessing``: what the model was trained with, ``uxnet.preprocessing``, or None).
+  Version 1 files (no preprocessing) still load; :func:`load_checkpoint` also accepts a bare official state_dict
+  (config inferred from the tensor shapes).
 * :func:`export`: re-parameterises (``uxnet.reparam.reparameterize``) and writes one of
 
   - ``"pt"``: a uxnet checkpoint of the plain model; its ``"state_dict"`` loads with strict=True into the official
@@ -28,10 +30,12 @@ import torch
 import uxnet_kernels as uk
 
 from .model import UXNet
+from .preprocessing import Preprocessing, as_preprocessing, check_class_names
 from .reparam import reparameterize, unwrap
 
 CHECKPOINT_FORMAT = "uxnet-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no "preprocessing" entry
 FORMATS = ("pt", "exported", "torchscript", "onnx")
 ONNX_OPSET = 20  # LayerNormalization (17) and Gelu (20) are standard operators from here on
 PathLike = Union[str, os.PathLike]
@@ -43,11 +47,13 @@ class CheckpointError(ValueError):
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
 
-def checkpoint_dict(model: UXNet) -> dict:
+def checkpoint_dict(model: UXNet, preprocessing: Union[Preprocessing, dict, None] = None) -> dict:
     """The uxnet checkpoint of ``model`` (tensors detached, on the CPU; torch.compile / DDP wrappers removed)."""
     model = unwrap(model)
     if not isinstance(model, UXNet):
         raise TypeError(f"save_checkpoint: expected a uxnet.UXNet, got {type(model).__name__}")
+    prep = as_preprocessing(preprocessing)
+    check_class_names(prep, model.config["out_chans"])
     import uxnet
 
     return {
@@ -55,21 +61,27 @@ def checkpoint_dict(model: UXNet) -> dict:
         "version": CHECKPOINT_VERSION,
         "config": dict(model.config),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "preprocessing": None if prep is None else prep.to_dict(),
         "metadata": {"uxnet_version": uxnet.__version__, "torch_version": str(torch.__version__),
                      "reparameterized": "rep_branches" not in model.config and "kernel_prior" not in model.config},
     }
 
 
-def save_checkpoint(model: UXNet, path: PathLike) -> Path:
-    """Write ``model`` (with or without training-time branches) as a uxnet checkpoint; returns the path."""
+def save_checkpoint(model: UXNet, path: PathLike, preprocessing: Union[Preprocessing, dict, None] = None) -> Path:
+    """Write ``model`` (with or without training-time branches) as a uxnet checkpoint; returns the path.
+
+    ``preprocessing``: what the model was trained with (a :class:`uxnet.preprocessing.Preprocessing` or its dict
+    form), applied by ``uxnet segment``; ValueError if invalid or if its class_names do not match out_chans.
+    """
     path = Path(path)
-    torch.save(checkpoint_dict(model), path)
+    torch.save(checkpoint_dict(model, preprocessing), path)
     return path
 
 
 def read_checkpoint(path: PathLike) -> dict:
-    """The checkpoint at ``path`` as ``{"config", "state_dict", ...}``: a uxnet checkpoint as saved, or a bare
-    state_dict (the official training scripts save ``model.state_dict()``) with its config inferred.
+    """The checkpoint at ``path`` as ``{"config", "state_dict", "preprocessing", ...}``: a uxnet checkpoint as saved
+    (version 1 gets ``"preprocessing": None``; version 2's is validated), or a bare state_dict (the official training
+    scripts save ``model.state_dict()``) with its config inferred and no preprocessing.
     Raises CheckpointError with the reason for a missing, unreadable or foreign file."""
     path = Path(path)
     if not path.is_file():
@@ -81,14 +93,20 @@ def read_checkpoint(path: PathLike) -> dict:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: not a torch.save file, damaged, or holding "
                               f"objects other than tensors and plain data ({type(exc).__name__}: {detail})") from exc
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        if obj.get("version") != CHECKPOINT_VERSION:
+        if obj.get("version") not in READABLE_VERSIONS:
             raise CheckpointError(f"checkpoint {str(path)!r} has uxnet-checkpoint version {obj.get('version')!r}; "
-                                  f"this uxnet reads version {CHECKPOINT_VERSION}")
+                                  f"this uxnet reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         if not isinstance(obj.get("config"), dict) or not isinstance(obj.get("state_dict"), dict):
             raise CheckpointError(f"checkpoint {str(path)!r} lacks a 'config' or 'state_dict' dict")
+        try:
+            prep = as_preprocessing(obj.get("preprocessing"))
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} has invalid preprocessing: {exc}") from exc
+        obj["preprocessing"] = None if prep is None else prep.to_dict()
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"format": "state_dict", "config": infer_config(obj, str(path)), "state_dict": obj}
+        return {"format": "state_dict", "config": infer_config(obj, str(path)), "state_dict": obj,
+                "preprocessing": None}
     keys = sorted(obj)[:6] if isinstance(obj, dict) else None
     raise CheckpointError(f"{str(path)!r} is neither a uxnet checkpoint nor a UXNet state_dict "
                           f"(got {type(obj).__name__}{f' with keys {keys}' if keys else ''})")
@@ -97,7 +115,12 @@ def read_checkpoint(path: PathLike) -> dict:
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> UXNet:
     """The ``UXNet`` stored at ``path`` (uxnet checkpoint or bare state_dict), weights loaded with strict=True,
     in eval mode. Raises CheckpointError if the file is unusable or its weights do not fit its config."""
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path).to(map_location).eval()
+
+
+def model_from_checkpoint(ckpt: dict, path: PathLike = "checkpoint") -> UXNet:
+    """``UXNet(**ckpt["config"])`` with ``ckpt["state_dict"]`` loaded strictly (``ckpt`` from :func:`read_checkpoint`);
+    CheckpointError naming ``path`` if the config is invalid or the weights do not fit it."""
     try:
         model = UXNet(**ckpt["config"])
     except (TypeError, ValueError) as exc:
@@ -107,7 +130,12 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: weights do not match its config: "
                               f"{_first_lines(str(exc), 4)}") from exc
-    return model.to(map_location).eval()
+    return model
+
+
+def load_preprocessing(path: PathLike) -> Optional[Preprocessing]:
+    """The preprocessing recorded in the checkpoint at ``path``; None for version 1 files and bare state_dicts."""
+    return as_preprocessing(read_checkpoint(path)["preprocessing"])
 
 
 _STAGE_BLOCK = re.compile(r"^uxnet_3d\.stages\.(\d)\.(\d+)\.dwconv\.weight$")
@@ -136,6 +164,8 @@ def infer_config(state_dict: Dict[str, torch.Tensor], where: str = "state_dict")
         )
         if first_block and f"{first_block}.gamma" not in state_dict:
             config["layer_scale_init_value"] = 0.0
+        if any(k.startswith("deep_supervision_heads.") for k in state_dict):
+            config["deep_supervision"] = True
         return config
     except KeyError as exc:
         raise CheckpointError(f"{where}: not a UXNet state_dict (missing key {exc.args[0]!r})") from exc
@@ -154,7 +184,7 @@ def default_example_shape(model: UXNet, dynamic: bool = False) -> Tuple[int, ...
 
 
 def export(model: UXNet, path: PathLike, format: str = "pt", example_shape: Optional[Sequence[int]] = None,
-           dynamic: bool = False) -> Path:
+           dynamic: bool = False, preprocessing: Union[Preprocessing, dict, None] = None) -> Path:
     """Re-parameterise ``model`` and write it to ``path`` in ``format``; returns the path.
 
     Args:
@@ -167,16 +197,21 @@ def export(model: UXNet, path: PathLike, format: str = "pt", example_shape: Opti
         dynamic: "exported" and "onnx" only: make batch and D, H, W (multiples of 16, at least 32) dynamic
             instead of fixed to ``example_shape`` (which then needs N >= 2 and D, H, W >= 32). Tracing symbolic
             shapes takes several times longer.
+        preprocessing: "pt" only: the training preprocessing to record in the checkpoint (graph formats hold the
+            network alone).
 
     Raises:
         TypeError: ``model`` is not a UXNet (torch.compile and DDP wrappers are looked through).
-        ValueError: unknown format, bad example_shape, ``dynamic`` with "pt"/"torchscript".
+        ValueError: unknown format, bad example_shape, ``dynamic`` with "pt"/"torchscript", ``preprocessing`` with
+            a graph format.
         ImportError: "onnx" without the ``onnx``/``onnxscript`` packages (``pip install uxnet[export]``).
     """
     if format not in FORMATS:
         raise ValueError(f"uxnet.export: format must be one of {FORMATS}, got {format!r}")
     if dynamic and format not in ("exported", "onnx"):
         raise ValueError(f"uxnet.export: dynamic=True applies to 'exported' and 'onnx' only, not {format!r}")
+    if preprocessing is not None and format != "pt":
+        raise ValueError(f"uxnet.export: preprocessing is recorded in 'pt' checkpoints only, not in {format!r}")
     path = Path(path)
     model = unwrap(model)
     if not isinstance(model, UXNet):
@@ -189,7 +224,7 @@ def export(model: UXNet, path: PathLike, format: str = "pt", example_shape: Opti
                          f"batch or bottleneck would be specialised as a constant), got {tuple(example.shape)}")
     plain = reparameterize(model)
     if format == "pt":
-        return save_checkpoint(plain, path)
+        return save_checkpoint(plain, path, preprocessing)
     with uk.use_backend("reference"), torch.no_grad():
         if format == "torchscript":
             with warnings.catch_warnings():
@@ -275,5 +310,6 @@ def verify_export(model: UXNet, path: PathLike, format: str, example_shape: Opti
     return ((got - want).norm() / want.norm()).item()
 
 
-__all__ = ["export", "save_checkpoint", "load_checkpoint", "read_checkpoint", "infer_config", "load_exported",
-           "verify_export", "CheckpointError", "FORMATS", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["export", "save_checkpoint", "load_checkpoint", "load_preprocessing", "model_from_checkpoint",
+           "read_checkpoint", "infer_config", "load_exported", "verify_export", "CheckpointError", "FORMATS",
+           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "READABLE_VERSIONS"]

@@ -3,7 +3,7 @@
 tails running on the ``uxnet_kernels`` ops (backend chosen by ``uxnet_kernels.use_backend``).
 """
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,7 +11,8 @@ import uxnet_kernels as uk
 
 from .checkpointing import checkpointing_mode, run_checkpointed, run_keeping_convolutions
 from .decoder_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
-from .reparam import RepBranch, kernel_prior_mask, merged_kernel, parse_branches
+from .deep_supervision import DeepSupervisionHeads
+from .rep_blocks import RepBranch, kernel_prior_mask, merged_kernel, parse_branches
 
 KernelSize = Union[int, Sequence[int]]
 SPATIAL_MULTIPLE = 16
@@ -70,7 +71,7 @@ class UXBlock(nn.Module):
     -> layer scale -> drop path -> residual. Input and output: (N, C, D, H, W).
 
     ``rep_branches`` and ``kernel_prior`` make the dwconv a training-time re-parameterised conv (see
-    ``uxnet.reparam``); the branches live under ``rep_branches.<i>``, outside the official key space."""
+    ``uxnet.rep_blocks``); the branches live under ``rep_branches.<i>``, outside the official key space."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
                  kernel_size: KernelSize = 7, rep_branches: Sequence = (), kernel_prior: Optional[str] = None):
@@ -187,12 +188,16 @@ class UXNet(nn.Module):
             instance norm (``norm_name="instance"``, the paper's); any other ``norm_name`` (batch, group, instance
             with affine) runs the MONAI-equivalent modules as before. ``False`` gives the official model's
             computation, op for op. Not part of the state_dict.
+        deep_supervision: add 1x1x1 output heads on the decoder outputs at 1/2, 1/4 and 1/8 resolution
+            (``uxnet.deep_supervision``; keys ``deep_supervision_heads.*``). In training mode the forward then
+            returns a list of logits, full resolution first; train it with ``uxnet.DeepSupervisionLoss``.
 
     Shapes:
-        input (N, in_chans, D, H, W) with D, H, W multiples of 16 -> output (N, out_chans, D, H, W).
+        input (N, in_chans, D, H, W) with D, H, W multiples of 16 -> output (N, out_chans, D, H, W); with
+        ``deep_supervision`` in training mode a list of (N, out_chans, D / 2**i, H / 2**i, W / 2**i), i = 0..3.
 
     The state_dict has exactly the keys and shapes of the official model, so official checkpoints load with
-    ``strict=True``.
+    ``strict=True`` (with ``deep_supervision``: ``strict=False``, and only the head keys are missing).
     """
 
     def __init__(
@@ -213,6 +218,7 @@ class UXNet(nn.Module):
         kernel_prior: Optional[str] = None,
         activation_checkpointing: Union[bool, str] = False,
         fused_decoder: bool = True,
+        deep_supervision: bool = False,
     ):
         super().__init__()
         if spatial_dims != 3:
@@ -238,6 +244,8 @@ class UXNet(nn.Module):
             self.config["kernel_prior"] = kernel_prior
         if not fused_decoder:
             self.config["fused_decoder"] = False
+        if deep_supervision:
+            self.config["deep_supervision"] = True
         self.in_chans, self.out_chans = in_chans, out_chans
         f = list(feat_size)
         self.uxnet_3d = UXNetEncoder(in_chans, depths, f, drop_path_rate, layer_scale_init_value, kernel_size,
@@ -254,6 +262,7 @@ class UXNet(nn.Module):
         self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name, fused)
         self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name, fused)
         self.out = UnetOutBlock(f[0], out_chans)
+        self.deep_supervision_heads = DeepSupervisionHeads(f[1:], out_chans) if deep_supervision else None
         self.activation_checkpointing = activation_checkpointing
 
     @property
@@ -290,7 +299,7 @@ class UXNet(nn.Module):
             raise ValueError(f"UXNet: spatial size must be positive multiples of {SPATIAL_MULTIPLE} "
                              f"(four stride-2 stages), got {tuple(x.shape[2:])}; pad or crop the input")
 
-    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         self.check_input(x_in)
         outs = self.uxnet_3d(x_in)
         enc1 = self.block("encoder1", x_in)
@@ -302,7 +311,10 @@ class UXNet(nn.Module):
         dec2 = self.block("decoder4", dec3, enc3)
         dec1 = self.block("decoder3", dec2, enc2)
         dec0 = self.block("decoder2", dec1, enc1)
-        return self.out(self.block("decoder1", dec0))
+        logits = self.out(self.block("decoder1", dec0))
+        if self.deep_supervision_heads is not None and self.training:
+            return [logits, *self.deep_supervision_heads((dec1, dec2, dec3))]
+        return logits
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

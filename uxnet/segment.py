@@ -1,13 +1,14 @@
 """Sliding-window segmentation of NIfTI volumes with a UXNet checkpoint (``uxnet segment``; needs ``uxnet[monai]``).
 
-The volume is read with nibabel, optionally preprocessed as in the paper (intensity clipping, percentile
-normalisation ``(X - X_lo) / (X_hi - X_lo)``), cut into ROI windows that run on ``device`` in batches of
-``sw_batch_size``, and blended with MONAI's ``sliding_window_inference`` (Gaussian importance weights). The
-blended class scores live on ``stitch_device``: with ``"cpu"`` only the windows ever occupy accelerator memory,
-so a 512x512x300 CT needs about ``sw_batch_size`` windows of activations on the GPU, while the host holds the
-volume and ``out_chans + 1`` float32 score/weight maps (4 bytes x voxels each). The label map (argmax over
-classes) is written with the input's affine and header (uint8, or int16 beyond 255 classes; no intensity
-scaling).
+The volume is read with nibabel and preprocessed as the model was trained (``uxnet.preprocessing``, recorded in
+the checkpoint): reoriented and resampled to the training spacing (``uxnet.resampling``), intensity-windowed and
+normalised. It is cut into ROI windows that run on ``device`` in batches of ``sw_batch_size`` and blended with
+MONAI's ``sliding_window_inference`` (Gaussian importance weights). The blended class scores live on
+``stitch_device``: with ``"cpu"`` only the windows ever occupy accelerator memory, so a 512x512x300 CT needs about
+``sw_batch_size`` windows of activations on the GPU, while the host holds the volume and ``out_chans + 1`` float32
+score/weight maps (4 bytes x voxels each). The scores are resampled back onto the input grid (linear, then argmax;
+or the labels by nearest neighbour, see ``uxnet.resampling``), so the label map has the input's exact shape, and it
+is written with the input's affine and header (uint8, or int16 beyond 255 classes; no intensity scaling).
 """
 
 import math
@@ -21,56 +22,12 @@ import numpy as np
 import torch
 
 from .model import SPATIAL_MULTIPLE, UXNet
+from .preprocessing import Preprocessing
+from .resampling import INVERT_MODES, ModelGrid
 
 
 class SegmentError(ValueError):
     """A problem with the inputs of a segmentation (file, image, checkpoint, options), stated for the user."""
-
-
-@dataclass
-class Preprocessing:
-    """Intensity preprocessing, applied in this order: clip to ``clip`` (A, B); with ``rescale_clip``, map [A, B]
-    linearly to [0, 1] (the official training scripts' ``ScaleIntensityRanged``); with ``percentile_norm``
-    (lo, hi), ``(X - X_lo) / (X_hi - X_lo)`` where ``X_p`` is the p-th percentile of the volume (the paper uses
-    (1, 99) after clipping)."""
-
-    clip: Optional[Tuple[float, float]] = None
-    rescale_clip: bool = False
-    percentile_norm: Optional[Tuple[float, float]] = None
-
-    def __post_init__(self):
-        if self.clip is not None and not self.clip[0] < self.clip[1]:
-            raise SegmentError(f"--clip A B needs A < B, got {self.clip[0]} {self.clip[1]}")
-        if self.rescale_clip and self.clip is None:
-            raise SegmentError("--rescale-clip needs --clip A B")
-        if self.percentile_norm is not None:
-            lo, hi = self.percentile_norm
-            if not 0 <= lo < hi <= 100:
-                raise SegmentError(f"--percentile-norm LO HI needs 0 <= LO < HI <= 100, got {lo} {hi}")
-
-    def apply(self, volume: torch.Tensor) -> torch.Tensor:
-        """volume: (C, X, Y, Z) float32 -> preprocessed float32 (percentiles per channel)."""
-        if self.clip is not None:
-            lo, hi = self.clip
-            volume = volume.clamp(lo, hi)
-            if self.rescale_clip:
-                volume = (volume - lo) / (hi - lo)
-        if self.percentile_norm is not None:
-            q = torch.tensor([p / 100.0 for p in self.percentile_norm], dtype=torch.float64)
-            out = torch.empty_like(volume)
-            for c in range(volume.shape[0]):
-                x_lo, x_hi = _percentiles(volume[c], q)
-                out[c] = (volume[c] - x_lo) / max(x_hi - x_lo, 1e-8)
-            volume = out
-        return volume
-
-
-def _percentiles(channel: torch.Tensor, q: torch.Tensor) -> Tuple[float, float]:
-    # torch.quantile is limited to 2^24 elements; a strided subsample of a large CT is within a voxel's precision
-    flat = channel.reshape(-1)
-    step = max(1, math.ceil(flat.numel() / (1 << 24)))
-    lo, hi = torch.quantile(flat[::step].double(), q).tolist()
-    return lo, hi
 
 
 def load_volume(path) -> Tuple[torch.Tensor, "object"]:
@@ -133,8 +90,12 @@ class Progress:
     """Counts windows and prints ``segment: i/N windows`` to a stream at most every ``every_s`` seconds."""
 
     def __init__(self, total: int, stream=None, every_s: float = 2.0, enabled: bool = True):
-        self.total, self.stream, self.every_s, self.enabled = total, stream, every_s, enabled
-        self.done, self.start, self.last = 0, time.perf_counter(), -math.inf
+        self.stream, self.every_s, self.enabled = stream, every_s, enabled
+        self.restart(total)
+
+    def restart(self, total: int) -> None:
+        """Count a new volume's ``total`` windows from zero."""
+        self.total, self.done, self.start, self.last = total, 0, time.perf_counter(), -math.inf
 
     def update(self, n: int) -> None:
         self.done += n
@@ -168,7 +129,24 @@ def segment_volume(
     amp: bool = False,
     progress: Optional[Callable[[int], None]] = None,
 ) -> torch.Tensor:
-    """The (X, Y, Z) int64 label map of a preprocessed (C, X, Y, Z) volume.
+    """The (X, Y, Z) int64 label map of a preprocessed (C, X, Y, Z) volume: the argmax of :func:`predict_scores`."""
+    scores = predict_scores(model, volume, roi, overlap, sw_batch_size, device, stitch_device, amp, progress)
+    return scores.argmax(0).cpu()
+
+
+def predict_scores(
+    model: UXNet,
+    volume: torch.Tensor,
+    roi: Sequence[int] = (96, 96, 96),
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    device: torch.device = torch.device("cpu"),
+    stitch_device: Optional[torch.device] = None,
+    amp: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """The (out_chans, X, Y, Z) float32 blended class scores (logits) of a preprocessed (C, X, Y, Z) volume, on
+    ``stitch_device``.
 
     Windows of size ``roi`` run on ``device`` ``sw_batch_size`` at a time; their scores are blended with Gaussian
     weights on ``stitch_device`` (default: ``device``). ``amp`` runs the windows under ``torch.autocast`` (bfloat16
@@ -203,23 +181,84 @@ def segment_volume(
             volume[None], roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
             sw_device=device, device=stitch_device,
         )
-        return scores[0].argmax(0).cpu()
+    return scores[0]
 
 
-def load_model_for_inference(checkpoint) -> UXNet:
-    """The checkpoint's UXNet in eval mode, re-parameterised into the plain model when it has training-time
-    branches or a kernel prior. Raises SegmentError for an unusable checkpoint."""
-    from .export import CheckpointError, load_checkpoint
-    from .reparam import reparameterize
+@dataclass
+class SegmentResult:
+    """labels: (X, Y, Z) int64 on the input's grid; model_shape / model_spacing: the grid the model saw (the
+    spacing is None when the volume was not resampled); windows: how many ROI windows ran."""
+
+    labels: torch.Tensor
+    model_shape: Tuple[int, int, int]
+    model_spacing: Optional[Tuple[float, float, float]]
+    windows: int
+
+
+def segment_image(
+    model: UXNet,
+    volume: torch.Tensor,
+    affine,
+    preprocessing: Optional[Preprocessing] = None,
+    roi: Sequence[int] = (96, 96, 96),
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    device: torch.device = torch.device("cpu"),
+    stitch_device: Optional[torch.device] = None,
+    amp: bool = False,
+    invert: str = "scores",
+    progress: Optional[Callable[[int], None]] = None,
+    on_model_grid: Optional[Callable[[Tuple[int, ...], int], None]] = None,
+) -> SegmentResult:
+    """Segment a raw (C, X, Y, Z) volume with voxel-to-world ``affine`` (4, 4) as the model was trained.
+
+    The volume is reoriented and resampled to ``preprocessing.orientation`` / ``.spacing`` (when set), windowed and
+    normalised (``preprocessing.apply_intensity``), segmented by :func:`predict_scores`, and the prediction is
+    mapped back onto the input grid: ``invert="scores"`` resamples the class scores linearly and takes the argmax
+    there, ``"labels"`` takes the argmax on the model grid and resamples labels by nearest neighbour (see
+    ``uxnet.resampling``). ``on_model_grid(shape, windows)`` is called once the model-grid shape is known.
+    """
+    if invert not in INVERT_MODES:
+        raise SegmentError(f"--invert must be one of {INVERT_MODES}, got {invert!r}")
+    prep = preprocessing or Preprocessing()
+    grid = ModelGrid(prep.spacing, prep.orientation) if prep.resamples else None
+    model_volume = grid.to_model(volume, affine) if grid is not None else volume
+    x = prep.apply_intensity(model_volume.as_tensor() if grid is not None else model_volume)
+    shape = tuple(x.shape[1:])
+    windows = window_count(shape, check_roi(roi), overlap)
+    if on_model_grid is not None:
+        on_model_grid(shape, windows)
+    scores = predict_scores(model, x, roi, overlap, sw_batch_size, device, stitch_device, amp, progress)
+    if grid is None:
+        labels = scores.argmax(0)
+    elif invert == "scores":
+        labels = grid.scores_to_input(scores, model_volume).argmax(0)
+    else:
+        labels = grid.labels_to_input(scores.argmax(0), model_volume)
+    if tuple(labels.shape) != tuple(volume.shape[1:]):
+        raise RuntimeError(f"segment: the prediction came back with shape {tuple(labels.shape)}, not the input's "
+                           f"{tuple(volume.shape[1:])}")
+    spacing = None if prep.spacing is None else tuple(prep.spacing)
+    return SegmentResult(labels.cpu(), shape, spacing, windows)
+
+
+def load_model_for_inference(checkpoint) -> Tuple[UXNet, Optional[Preprocessing]]:
+    """The checkpoint's UXNet in eval mode (re-parameterised into the plain model when it has training-time
+    branches, a kernel prior or deep-supervision heads) and its recorded preprocessing (None for format-1
+    checkpoints and bare state_dicts). Raises SegmentError for an unusable checkpoint."""
+    from .export import CheckpointError, model_from_checkpoint, read_checkpoint
+    from .preprocessing import as_preprocessing
+    from .reparam import TRAINING_ONLY_OPTIONS, reparameterize
 
     try:
-        model = load_checkpoint(checkpoint)
+        ckpt = read_checkpoint(checkpoint)
+        model = model_from_checkpoint(ckpt, checkpoint)
     except CheckpointError as exc:
         raise SegmentError(str(exc)) from exc
-    if "rep_branches" in model.config or "kernel_prior" in model.config:
+    if any(k in model.config for k in TRAINING_ONLY_OPTIONS):
         model = reparameterize(model)
-    return model.eval()
+    return model.eval(), as_preprocessing(ckpt["preprocessing"])
 
 
-__all__ = ["SegmentError", "Preprocessing", "load_volume", "save_labels", "segment_volume", "window_count",
-           "Progress", "load_model_for_inference", "check_roi"]
+__all__ = ["SegmentError", "Preprocessing", "SegmentResult", "load_volume", "save_labels", "segment_volume",
+           "segment_image", "predict_scores", "window_count", "Progress", "load_model_for_inference", "check_roi"]

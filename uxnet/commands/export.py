@@ -23,16 +23,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..export import CheckpointError, export, load_checkpoint, verify_export
+    from ..export import CheckpointError, export, load_checkpoint, load_preprocessing, verify_export
 
     try:
         model = load_checkpoint(args.checkpoint)
+        preprocessing = load_preprocessing(args.checkpoint) if args.format == "pt" else None
     except CheckpointError as exc:
         print(f"uxnet export: {exc}", file=sys.stderr)
         return 2
     try:
         start = time.perf_counter()
-        path = export(model, args.out, format=args.format, example_shape=args.example_shape, dynamic=args.dynamic)
+        path = export(model, args.out, format=args.format, example_shape=args.example_shape, dynamic=args.dynamic,
+                      preprocessing=preprocessing)
         elapsed = time.perf_counter() - start
     except (ValueError, ImportError, OSError) as exc:
         print(f"uxnet export: {exc}", file=sys.stderr)
