@@ -139,3 +139,23 @@ def test_compiled_ux_block_fullgraph(backend):
         (grad,) = torch.autograd.grad(out.sum(), x)
     assert rel_error(out, eager) < 1e-12
     assert rel_error(grad, eager_grad) < 1e-12
+
+
+@pytest.mark.parametrize("norm_name,fused", [("instance", True), (("instance", {"eps": 1e-3}), True),
+                                             (("instance", {"affine": True}), False), ("batch", False),
+                                             (("group", {"num_groups": 4}), False)])
+def test_fused_decoder_only_for_a_plain_instance_norm(norm_name, fused):
+    """The fused decoder ops implement instance norm without affine or running statistics; any other norm keeps the
+    MONAI-equivalent modules (and fused_decoder=False always does)."""
+    model = UXNet(in_chans=1, out_chans=2, feat_size=(8, 16, 16, 32), hidden_size=32, depths=(1, 1, 1, 1),
+                  norm_name=norm_name)
+    blocks = [model.encoder1.layer, model.decoder2.conv_block, model.decoder1.layer]
+    assert all(b.fused is fused for b in blocks)
+    official = UXNet(in_chans=1, out_chans=2, feat_size=(8, 16, 16, 32), hidden_size=32, depths=(1, 1, 1, 1),
+                     norm_name=norm_name, fused_decoder=False)
+    assert not any(b.fused for b in (official.encoder1.layer, official.decoder2.conv_block))
+    assert official.config["fused_decoder"] is False and "fused_decoder" not in model.config
+    official.load_state_dict(model.state_dict())  # the same keys either way
+    x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    model, official = model.double().train(), official.double().train()
+    torch.testing.assert_close(model(x), official(x), rtol=1e-10, atol=1e-10)

@@ -8,7 +8,8 @@ variant (unique storages kept for backward, parameters excluded) from a saved-te
 Variants: official (UXNet(fused_decoder=False) on the reference backend: the official model's computation, op for
 op), uxnet (the default UXNet on the fast backend), uxnet-ckpt (activation_checkpointing=True, selective),
 uxnet-ckpt-full ("full"), uxnet-cl (uxnet with the model and input in channels_last_3d), uxnet-unfused
-(fused_decoder=False on the fast backend). Peak memory needs fresh processes: `uxnet memory --measure`.
+(fused_decoder=False on the fast backend), uxnet-cat (the up blocks concatenate the skip connection instead of
+splitting conv1/conv3 over the two halves). Peak memory needs fresh processes: `uxnet memory --measure`.
 """
 
 import argparse
@@ -28,6 +29,7 @@ VARIANTS = {
     "uxnet-ckpt-full": ("auto", dict(activation_checkpointing="full"), False),
     "uxnet-cl": ("auto", {}, True),
     "uxnet-unfused": ("auto", dict(fused_decoder=False), False),
+    "uxnet-cat": ("auto", {}, False),  # the up blocks concatenate instead of splitting conv1/conv3 (split_concat)
 }
 
 
@@ -71,6 +73,10 @@ def main(argv=None) -> int:
         backend, kwargs, channels_last = VARIANTS[name]
         model = UXNet(in_chans=1, out_chans=args.out_chans, **kwargs)
         model.load_state_dict(reference.state_dict())
+        if name == "uxnet-cat":
+            for block in model.modules():
+                if hasattr(block, "split_concat"):
+                    block.split_concat = False
         inp = x
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
