@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "benchmark the fast backends against the PyTorch reference",
     "export": "re-parameterise a checkpoint and export it (pt, exported, torchscript, onnx)",
     "segment": "sliding-window segmentation of a NIfTI volume",
+    "memory": "predict the memory of one training step without allocating it",
 }
 
 
