@@ -10,17 +10,20 @@ the call's fake tensors); each keeps temporary buffers for the duration of the c
   (``ConvolutionMM3d.cpp``); none for the forward of a 1x1x1, unpadded, stride-1, ungrouped kernel (a view).
 * ``SlowTranspose3d`` (small transposed convolutions): ``C_out * kD * kH * kW x D_in * H_in * W_in`` elements, one
   batch sample at a time, forward and backward (``NaiveConvolutionTranspose3d.cpp``).
-* oneDNN (``Mkldnn``, ``MkldnnTranspose``), float32 NCDHW tensors: reorders into the blocked layout, measured with
-  this repository's torch (2.13, oneDNN 3) on an AVX-512 CPU: forward a copy of the input with its channels padded
-  to the block (16 with AVX-512, 8 otherwise), backward copies of the input and of grad_output, both padded;
-  transposed: forward two output-sized buffers, backward one output-sized and one input-sized. Channels-last
-  tensors (no reorder) and half-precision calls (other, larger buffers that this rule does not describe) get 0.
+* oneDNN (``Mkldnn``, ``MkldnnTranspose``), float32 NCDHW tensors: reorders into oneDNN's blocked layout (channels
+  padded to 16 with AVX-512, to 8 otherwise), as measured with torch 2.13 (oneDNN 3) on an AVX-512 CPU, and with
+  ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` for AVX2: AVX-512 keeps a blocked copy of the input in
+  forward and of the input and grad_output in backward; AVX2 keeps the larger of the blocked input and output (or
+  grad_output) in both, and both for 1x1x1 kernels in backward. Transposed: forward two output-sized buffers,
+  backward one output-sized and one input-sized. Channels-last tensors (no reorder) and half-precision calls
+  (other, larger buffers this rule does not describe) get 0.
 
 Measured on the CPU (fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``), a call's resident-set peak is its outputs plus
 these buffers to within a few MiB (docs/PERFORMANCE.md).
 """
 
 import math
+import os
 
 import torch
 
@@ -39,13 +42,16 @@ def _backend_name(input, weight, stride, padding, dilation, transposed, output_p
     return str(backend).rsplit(".", 1)[-1]
 
 
-def _channel_block() -> int:
-    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+def onednn_avx512() -> bool:
+    """Whether oneDNN runs its AVX-512 kernels here (the CPU has them and ONEDNN_MAX_CPU_ISA allows them)."""
+    limit = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    allowed = limit == "ALL" or "AVX512" in limit or "AMX" in limit or "AVX10" in limit
+    return allowed and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def _blocked_bytes(t: torch.Tensor) -> int:
+def _blocked_bytes(t: torch.Tensor, avx512: bool) -> int:
     """Bytes of ``t`` (N, C, ...) in oneDNN's blocked layout: channels padded to the block."""
-    block = _channel_block()
+    block = 16 if avx512 else 8
     channels = -(-t.shape[1] // block) * block
     return t.shape[0] * channels * math.prod(t.shape[2:]) * t.element_size()
 
@@ -86,7 +92,11 @@ def conv_workspace_bytes(func, args, out=None) -> int:
     if y is None or not _plain_float32(x, y):
         return 0
     if backend == "Mkldnn":
-        return _blocked_bytes(x) + (_blocked_bytes(y) if grad_out is not None else 0)
+        avx512 = onednn_avx512()
+        bx, by = _blocked_bytes(x, avx512), _blocked_bytes(y, avx512)
+        if avx512:
+            return bx + (by if grad_out is not None else 0)
+        return bx + by if grad_out is not None and kernel == 1 else max(bx, by)
     if backend == "MkldnnTranspose":
         y_bytes = y.numel() * y.element_size()
         return y_bytes + (x.numel() * x.element_size() if grad_out is not None else y_bytes)

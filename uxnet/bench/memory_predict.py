@@ -266,7 +266,56 @@ def _step_tracker(fqn_to_block: Dict[str, str]):
             self.recorder.sample(conv_workspace_bytes(func, args, out))
             return out
 
+        def _update_peak_stats(self, peak_state) -> None:
+            """MemTracker's per-module peak snapshots after every op (the recorder keeps the one peak we report):
+            skipped, they take half of a prediction's time."""
+
     return StepTracker()
+
+
+def track_step(spec: StepSpec, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               labels: torch.Tensor, notes: Optional[List[str]] = None) -> StepPrediction:
+    """Run one training step of ``spec`` on the given (fake or real) model, optimizer and batch, tracking what it
+    holds (see the module docstring). Run a warm-up step first for the steady state of a training loop."""
+    params = list(model.parameters())
+    counter = SavedTensorCounter(model, exclude=storage_keys(params))
+    tracker = _step_tracker(_fqn_to_block(model))
+    recorder = tracker.recorder
+    tracker.track_external(model, optimizer, x, labels)
+    with tracker:
+        start = tracker.get_tracker_snapshot("current")
+        recorder.sample()
+
+        @contextlib.contextmanager
+        def forward_phase():
+            recorder.phase = "forward"
+            with counter:
+                yield
+            recorder.phase = "backward"
+
+        hook = optimizer.register_step_pre_hook(lambda *a: setattr(recorder, "phase", "optimizer step"))
+        try:
+            training_step(spec, model, optimizer, x, labels, forward_context=forward_phase)
+        finally:
+            hook.remove()
+    grads = [p.grad for p in params if p.grad is not None]
+    device = x.device.type
+    used = uk.backend_report(device)["last_used"]
+    return StepPrediction(
+        spec=spec, fake_device=device, params_bytes=_nbytes(params), grads_bytes=_nbytes(grads),
+        optimizer_state_bytes=_nbytes(_optimizer_tensors(optimizer)), batch_bytes=_nbytes([x, labels]),
+        start_bytes=sum(s.get("Total", 0) for s in start.values()), peak_bytes=recorder.peak,
+        peak_breakdown=recorder.breakdown, peak_where=recorder.where, saved_bytes=counter.total,
+        saved_by_block=dict(counter.by_block),
+        backends={op.split("@")[0]: name for op, name in used.items() if op.endswith("@" + device)},
+        notes=list(notes or []))
+
+
+def _warm_up(spec: StepSpec, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Leave what a finished training step leaves (gradients and optimizer state), without running one."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
 
 
 def predict_step(spec: StepSpec) -> StepPrediction:
@@ -285,35 +334,5 @@ def predict_step(spec: StepSpec) -> StepPrediction:
         optimizer = make_optimizer(spec, model, spec.device)
         x = torch.empty((spec.batch, spec.in_chans) + spec.roi, device=device)
         labels = torch.empty((spec.batch,) + spec.roi, dtype=torch.long, device=device)
-        training_step(spec, model, optimizer, x, labels)  # warm-up: creates gradients and optimizer state
-
-        params = list(model.parameters())
-        counter = SavedTensorCounter(model, exclude=storage_keys(params))
-        tracker = _step_tracker(_fqn_to_block(model))
-        recorder = tracker.recorder
-        tracker.track_external(model, optimizer, x, labels)
-        with tracker:
-            start = tracker.get_tracker_snapshot("current")
-            recorder.sample()
-
-            @contextlib.contextmanager
-            def forward_phase():
-                recorder.phase = "forward"
-                with counter:
-                    yield
-                recorder.phase = "backward"
-
-            hook = optimizer.register_step_pre_hook(lambda *a: setattr(recorder, "phase", "optimizer step"))
-            try:
-                training_step(spec, model, optimizer, x, labels, forward_context=forward_phase)
-            finally:
-                hook.remove()
-        grads = [p.grad for p in params if p.grad is not None]
-        sizes = dict(params_bytes=_nbytes(params), grads_bytes=_nbytes(grads),
-                     optimizer_state_bytes=_nbytes(_optimizer_tensors(optimizer)), batch_bytes=_nbytes([x, labels]))
-    used = uk.backend_report("cpu" if device == "cpu" else "cuda")["last_used"]
-    backends = {op.split("@")[0]: name for op, name in used.items() if op.endswith("@" + device)}
-    return StepPrediction(
-        spec=spec, fake_device=device, start_bytes=sum(s.get("Total", 0) for s in start.values()),
-        peak_bytes=recorder.peak, peak_breakdown=recorder.breakdown, peak_where=recorder.where,
-        saved_bytes=counter.total, saved_by_block=dict(counter.by_block), backends=backends, notes=notes, **sizes)
+        _warm_up(spec, model, optimizer)
+        return track_step(spec, model, optimizer, x, labels, notes)
