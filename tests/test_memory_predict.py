@@ -107,9 +107,11 @@ def test_prediction_allocates_nothing_for_a_large_case():
 def test_cuda_without_device_is_emulated_with_a_note():
     if torch.cuda.is_available():
         pytest.skip("this machine runs CUDA: the prediction uses fake CUDA tensors (checked by validate.sh)")
-    p = predict_step(make_spec(roi=32, batch=1, device="cuda", **TINY))
-    assert p.fake_device == "cpu" and p.spec.device == "cuda"
-    assert len(p.notes) == 1 and "fake CPU tensors" in p.notes[0]
+    p = predict_step(make_spec(roi=32, batch=1, device="cuda", amp="float16", **TINY))
+    assert p.fake_device == "cpu" and p.spec.device == "cuda" and p.spec.amp == "float16"
+    assert len(p.notes) == 1 and "fake CPU tensors" in p.notes[0] and "float16 is predicted as bfloat16" in p.notes[0]
+    on_cpu = _predict(make_spec(roi=32, batch=1, amp="bfloat16", **TINY))
+    assert (p.saved_by_block, p.peak_bytes) == (on_cpu.saved_by_block, on_cpu.peak_bytes)
 
 
 def _measurable():

@@ -23,6 +23,7 @@ the one-time allocations of a process's first step (docs/PERFORMANCE.md measures
 """
 
 import contextlib
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -39,8 +40,9 @@ CUDA_EMULATION_NOTE = (
     "this torch cannot run CUDA tensors here (no CUDA device or no CUDA build), so the CUDA step is predicted with "
     "fake CPU tensors: the uxnet ops take the CPU kernels' autograd path (the Triton kernels save the same "
     "tensors: one set of autograd rules), CPU autocast rules stand in for CUDA's (CUDA keeps layer_norm in "
-    "float32), and the 512-byte CUDA allocation rounding, cuDNN/cuBLAS workspaces and the Triton kernels' "
-    "gradient partial-sum buffers (<= 128 MiB, backward) are not counted"
+    "float32; float16 is predicted as bfloat16, the same size, which the CPU kernels and oneDNN serve), and the "
+    "512-byte CUDA allocation rounding, cuDNN/cuBLAS workspaces and the Triton kernels' gradient partial-sum "
+    "buffers (<= 128 MiB, backward) are not counted"
 )
 
 
@@ -328,11 +330,16 @@ def predict_step(spec: StepSpec) -> StepPrediction:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device, notes = fake_device(spec)
+    run = spec
+    if device != spec.device and spec.amp == "float16":  # CUDA float16 emulated on the CPU: see CUDA_EMULATION_NOTE
+        run = dataclasses.replace(spec, amp="bfloat16")
     mode = FakeTensorMode()
-    model = _fake_model(spec, mode, device)
+    model = _fake_model(run, mode, device)
     with mode:
-        optimizer = make_optimizer(spec, model, spec.device)
-        x = torch.empty((spec.batch, spec.in_chans) + spec.roi, device=device)
-        labels = torch.empty((spec.batch,) + spec.roi, dtype=torch.long, device=device)
-        _warm_up(spec, model, optimizer)
-        return track_step(spec, model, optimizer, x, labels, notes)
+        optimizer = make_optimizer(run, model, spec.device)
+        x = torch.empty((run.batch, run.in_chans) + run.roi, device=device)
+        labels = torch.empty((run.batch,) + run.roi, dtype=torch.long, device=device)
+        _warm_up(run, model, optimizer)
+        prediction = track_step(run, model, optimizer, x, labels, notes)
+    prediction.spec = spec
+    return prediction
