@@ -14,9 +14,11 @@ the call's fake tensors); each keeps temporary buffers for the duration of the c
   padded to 16 with AVX-512, to 8 otherwise), as measured with torch 2.13 (oneDNN 3) on an AVX-512 CPU, and with
   ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` for AVX2: AVX-512 keeps a blocked copy of the input in
   forward and of the input and grad_output in backward; AVX2 keeps the larger of the blocked input and output (or
-  grad_output) in both, and both for 1x1x1 kernels in backward. Transposed: forward two output-sized buffers,
-  backward one output-sized and one input-sized. Channels-last tensors (no reorder) and half-precision calls
-  (other, larger buffers this rule does not describe) get 0.
+  grad_output) in both, and both for 1x1x1 kernels in backward; both keep a reordered copy of the weight in
+  forward and two weight-sized buffers in backward (what dominates for the wide 2^3-4^3 layers of encoder5 and
+  decoder5; measured 1-2 there depending on the shape, so this is exact to one weight). Transposed: forward two
+  output-sized buffers, backward one output-sized and one input-sized. Channels-last tensors (no reorder) and
+  half-precision calls (other, larger buffers this rule does not describe) get 0.
 
 Measured on the CPU (fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``), a call's resident-set peak is its outputs plus
 these buffers to within a few MiB (docs/PERFORMANCE.md).
@@ -56,8 +58,9 @@ def _blocked_bytes(t: torch.Tensor, avx512: bool) -> int:
     return t.shape[0] * channels * math.prod(t.shape[2:]) * t.element_size()
 
 
-def _plain_float32(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+def _plain(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last_3d) or t.shape[1] == 1
+               for t in tensors)
 
 
 def conv_workspace_bytes(func, args, out=None) -> int:
@@ -89,15 +92,24 @@ def conv_workspace_bytes(func, args, out=None) -> int:
     if backend == "SlowTranspose3d":
         return weight.shape[1] * groups * kernel * math.prod(x.shape[2:]) * x.element_size()
     y = grad_out if grad_out is not None else out
-    if y is None or not _plain_float32(x, y):
+    if y is None or not _plain(x, y):
         return 0
     if backend == "Mkldnn":
         avx512 = onednn_avx512()
         bx, by = _blocked_bytes(x, avx512), _blocked_bytes(y, avx512)
+        w = weight.numel() * weight.element_size()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            if not avx512:
+                return 0
+            return (max(bx, by) + w) if grad_out is None else 2 * (bx + by) + 2 * w
+        if x.dtype != torch.float32:
+            return 0
+        if grad_out is None:
+            return (bx if avx512 else max(bx, by)) + w
         if avx512:
-            return bx + (by if grad_out is not None else 0)
-        return bx + by if grad_out is not None and kernel == 1 else max(bx, by)
-    if backend == "MkldnnTranspose":
+            return bx + by + 2 * w
+        return (bx + by if kernel == 1 else max(bx, by)) + 2 * w
+    if backend == "MkldnnTranspose" and x.dtype == torch.float32:
         y_bytes = y.numel() * y.element_size()
         return y_bytes + (x.numel() * x.element_size() if grad_out is not None else y_bytes)
     return 0

@@ -235,10 +235,12 @@ class _PeakRecorder:
         self.breakdown: Dict[str, int] = {}
 
     def _block(self) -> str:
-        mod_tracker = getattr(self.tracker, "_mod_tracker", None)  # MemTracker's ModTracker: modules now running
+        """The block running now, "" when not known: ModTracker's ``parents`` (modules whose forward or backward
+        is running) holds one block, or several when activation checkpointing recomputes, which it misattributes."""
+        mod_tracker = getattr(self.tracker, "_mod_tracker", None)
         parents = getattr(mod_tracker, "parents", ())
-        labels = sorted({self.fqn_to_block[p] for p in parents if p in self.fqn_to_block})
-        return ", ".join(labels)
+        labels = {self.fqn_to_block[p] for p in parents if p in self.fqn_to_block}
+        return labels.pop() if len(labels) == 1 else ""
 
     def sample(self, workspace: int = 0) -> None:
         categories: Dict[str, int] = {}
