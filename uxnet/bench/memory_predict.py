@@ -10,8 +10,9 @@ batch 2 takes seconds and no memory. One warm-up step creates the optimizer stat
   (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded, each counted once and attributed to the
   model block that ran when it was first saved (the encoder's four stages, ``encoder1..5``, ``decoder5..1``,
   ``out``; "loss" for the cross entropy). Tensors saved between blocks (the inputs activation checkpointing
-  keeps) go to the block that starts next. Tensors a custom autograd function keeps as ``ctx`` attributes
-  instead of ``save_for_backward`` are not seen by the hooks (the peak still counts them).
+  keeps) go to the block that starts next. Tensors kept outside ``save_for_backward`` (``ctx`` attributes, the
+  cache of selective activation checkpointing) are not seen by the hooks; ``held_after_forward_bytes``, what the
+  tracker finds alive after forward + loss, counts them (it equals the saved bytes less the batch otherwise).
 * **peak**: the largest sum of live tensor storages after any op of the step, tracked by
   ``torch.distributed._tools.mem_tracker.MemTracker`` (parameters, gradients, optimizer state, batch, activations,
   backward temporaries; CUDA sizes rounded up to the allocator's 512 bytes), plus the temporary buffers PyTorch's
@@ -42,7 +43,7 @@ CUDA_EMULATION_NOTE = (
     "tensors: one set of autograd rules), CPU autocast rules stand in for CUDA's (CUDA keeps layer_norm in "
     "float32; float16 is predicted as bfloat16, the same size, which the CPU kernels and oneDNN serve), and the "
     "512-byte CUDA allocation rounding, cuDNN/cuBLAS workspaces and the Triton kernels' gradient partial-sum "
-    "buffers (<= 128 MiB, backward) are not counted"
+    "buffers (<= 128 MiB, backward) are not counted (nor the CPU convolutions' internal buffers)"
 )
 
 
@@ -160,6 +161,7 @@ class StepPrediction:
     optimizer_state_bytes: int
     batch_bytes: int
     start_bytes: int  # live when the step starts: parameters, last step's gradients, optimizer state, batch
+    held_after_forward_bytes: int  # live after forward + loss, above the start (gradients freed by zero_grad)
     peak_bytes: int
     peak_breakdown: Dict[str, int]  # MemTracker category -> bytes at the peak
     peak_where: str  # e.g. "backward, decoder2"
@@ -233,6 +235,10 @@ class _PeakRecorder:
         self.where = "step start"
         self.peak = 0
         self.breakdown: Dict[str, int] = {}
+        self.after_forward = 0
+
+    def live(self) -> int:
+        return sum(snap.get("Total", 0) for snap in self.tracker.get_tracker_snapshot("current").values())
 
     def _block(self) -> str:
         """The block running now, "" when not known: ModTracker's ``parents`` (modules whose forward or backward
@@ -256,9 +262,11 @@ class _PeakRecorder:
             self.where = f"{self.phase}, {block}" if block else self.phase
 
 
-def _step_tracker(fqn_to_block: Dict[str, str]):
-    """A MemTracker that also records :class:`_PeakRecorder`'s peak (as ``.recorder``)."""
+def _step_tracker(fqn_to_block: Dict[str, str], cpu_conv_scratch: bool):
+    """A MemTracker that also records :class:`_PeakRecorder`'s peak (as ``.recorder``), with the CPU convolutions'
+    internal buffers when ``cpu_conv_scratch`` (a step that runs on the CPU; not when a CUDA step is emulated)."""
     base = _mem_tracker_class()
+    scratch = conv_workspace_bytes if cpu_conv_scratch else (lambda func, args, out: 0)
 
     class StepTracker(base):
         def __init__(self):
@@ -267,7 +275,7 @@ def _step_tracker(fqn_to_block: Dict[str, str]):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = super().__torch_dispatch__(func, types, args, kwargs)
-            self.recorder.sample(conv_workspace_bytes(func, args, out))
+            self.recorder.sample(scratch(func, args, out))
             return out
 
         def _update_peak_stats(self, peak_state) -> None:
@@ -283,8 +291,9 @@ def track_step(spec: StepSpec, model: nn.Module, optimizer: torch.optim.Optimize
     holds (see the module docstring). Run a warm-up step first for the steady state of a training loop."""
     params = list(model.parameters())
     counter = SavedTensorCounter(model, exclude=storage_keys(params))
-    tracker = _step_tracker(_fqn_to_block(model))
+    tracker = _step_tracker(_fqn_to_block(model), cpu_conv_scratch=spec.device == "cpu")
     recorder = tracker.recorder
+    grads_before = _nbytes([p.grad for p in params if p.grad is not None])  # freed by the step's zero_grad
     tracker.track_external(model, optimizer, x, labels)
     with tracker:
         start = tracker.get_tracker_snapshot("current")
@@ -295,6 +304,7 @@ def track_step(spec: StepSpec, model: nn.Module, optimizer: torch.optim.Optimize
             recorder.phase = "forward"
             with counter:
                 yield
+            recorder.after_forward = recorder.live()
             recorder.phase = "backward"
 
         hook = optimizer.register_step_pre_hook(lambda *a: setattr(recorder, "phase", "optimizer step"))
@@ -303,12 +313,14 @@ def track_step(spec: StepSpec, model: nn.Module, optimizer: torch.optim.Optimize
         finally:
             hook.remove()
     grads = [p.grad for p in params if p.grad is not None]
+    start_bytes = sum(s.get("Total", 0) for s in start.values())
     device = x.device.type
     used = uk.backend_report(device)["last_used"]
     return StepPrediction(
         spec=spec, fake_device=device, params_bytes=_nbytes(params), grads_bytes=_nbytes(grads),
         optimizer_state_bytes=_nbytes(_optimizer_tensors(optimizer)), batch_bytes=_nbytes([x, labels]),
-        start_bytes=sum(s.get("Total", 0) for s in start.values()), peak_bytes=recorder.peak,
+        start_bytes=start_bytes, held_after_forward_bytes=recorder.after_forward - start_bytes + grads_before,
+        peak_bytes=recorder.peak,
         peak_breakdown=recorder.breakdown, peak_where=recorder.where, saved_bytes=counter.total,
         saved_by_block=dict(counter.by_block),
         backends={op.split("@")[0]: name for op, name in used.items() if op.endswith("@" + device)},

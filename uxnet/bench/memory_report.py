@@ -75,6 +75,7 @@ def format_table(predictions: Sequence[StepPrediction]) -> str:
     lines.append(row("optimizer state", [p.optimizer_state_bytes for p in cols]))
     lines.append(row("batch (input + labels)", [p.batch_bytes for p in cols]))
     lines.append(row("held between steps", [p.start_bytes for p in cols]))
+    lines.append(row("activations held after forward", [p.held_after_forward_bytes for p in cols]))
     lines.append(row("PEAK of the step", [p.peak_bytes for p in cols]))
     lines.append(row("  of which activations", [p.peak_breakdown.get("Activation") for p in cols]))
     lines.append(row("  of which backward temporaries", [p.peak_breakdown.get("Temp") for p in cols]))
