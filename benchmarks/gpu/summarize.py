@@ -2,7 +2,8 @@
 
     python benchmarks/gpu/summarize.py gpu-results [--peak-tflops 66.9]
 
-Reads ops.json, profile.json and memory.json from the directory, prints markdown tables and writes summary.json next to them.
+Reads ops.json, profile.json and memory.json from the directory, prints markdown tables and writes summary.json
+next to them.
 """
 
 import argparse
