@@ -8,6 +8,8 @@ the call's fake tensors); each keeps temporary buffers for the duration of the c
   ``aten/src/ATen/native/Convolution.cpp``): a column buffer of ``N x C_in * kD * kH * kW x D_out * H_out * W_out``
   elements in forward, and in backward one for grad_input and then one for grad_weight, one after the other
   (``ConvolutionMM3d.cpp``); none for the forward of a 1x1x1, unpadded, stride-1, ungrouped kernel (a view).
+  Half-precision calls take this path too where oneDNN has no kernels for them (bfloat16 without AVX-512,
+  float16 without AVX-512-FP16/AMX), and in backward also keep one sample's columns in float32 (measured).
 * ``SlowTranspose3d`` (small transposed convolutions): ``C_out * kD * kH * kW x D_in * H_in * W_in`` elements, one
   batch sample at a time, forward and backward (``NaiveConvolutionTranspose3d.cpp``).
 * oneDNN (``Mkldnn``, ``MkldnnTranspose``), float32 NCDHW tensors: reorders into oneDNN's blocked layout (channels
@@ -87,6 +89,9 @@ def conv_workspace_bytes(func, args, out=None) -> int:
         columns = x.shape[0] * x.shape[1] * kernel * math.prod(out_spatial) * x.element_size()
         unfold_is_view = kernel == 1 and not any(padding) and all(s == 1 for s in stride) and groups == 1
         grad_input_buffer = columns if needs[0] else 0  # allocated even for 1x1x1 kernels
+        if needs[0] and x.dtype in (torch.bfloat16, torch.float16):
+            # the half-precision GEMM into the columns accumulates one sample's columns in a float32 buffer
+            grad_input_buffer += columns // x.shape[0] * 4 // x.element_size()
         unfold_buffer = columns if needs[1] and not unfold_is_view else 0
         return max(grad_input_buffer, unfold_buffer)
     if backend == "SlowTranspose3d":
