@@ -1,102 +1,73 @@
-"""Peak memory and time of one UXNet training step: reference vs fast backend, with and without activation
-checkpointing (the numbers of docs/PERFORMANCE.md, section E).
+"""Peak memory and time of one UXNet training step, official vs uxnet, with and without activation checkpointing,
+measured and predicted (the numbers of docs/PERFORMANCE.md, "Training integration" and "Predicted vs measured").
 
-CPU: each case runs in a fresh subprocess; the peak is the growth of the process's resident-set high-water mark
-(``ru_maxrss``) over one forward + backward + SGD step, measured after the model, input and gradients of a
-warm-up-free start exist. CUDA: ``torch.cuda.max_memory_allocated`` over the step, after one warm-up step.
-Time: median of ``--repeats`` further steps.
+Each case is measured in a fresh process (``uxnet.bench.step_memory``): on the CPU the growth of the resident-set
+high-water mark over a step with ``MALLOC_MMAP_THRESHOLD_=65536``, for the process's first step and for the second
+(steady state); on CUDA ``torch.cuda.max_memory_allocated``. Next to it, what ``uxnet memory`` predicts without
+allocating anything (``uxnet.bench.memory_predict``). Time: median of ``--repeats`` further steps.
 
-    python examples/training_memory.py --size 64 --feat-size 48 96 192 384 --hidden-size 768
+    python examples/training_memory.py --size 64 --batch 1 --optimizer sgd
 """
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
-import time
 
-import torch
+from uxnet.bench.memory_predict import predict_step
+from uxnet.bench.step_memory import measure_in_subprocess
+from uxnet.bench.train_step import make_spec
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=64, help="cubic input edge (multiple of 16)")
+    p.add_argument("--size", type=int, nargs="+", default=[64], help="input edge(s), multiples of 16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--feat-size", type=int, nargs=4, default=(48, 96, 192, 384))
     p.add_argument("--hidden-size", type=int, default=768)
     p.add_argument("--out-chans", type=int, default=14)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--backends", nargs="+", default=["reference", "auto"])
-    p.add_argument("--child", nargs=2, metavar=("BACKEND", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="sgd")
+    p.add_argument("--amp", choices=("bfloat16", "float16"), default=None)
+    p.add_argument("--kinds", nargs="+", choices=("official", "uxnet"), default=["official", "uxnet"])
+    p.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
+    p.add_argument("--repeats", type=int, default=0, help="timed steps after the two measured ones")
+    p.add_argument("--no-predict", action="store_true", help="measure only")
+    p.add_argument("--json", metavar="PATH", help="write every row as JSON")
     return p.parse_args(argv)
 
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def measure(args, backend: str, checkpointing: bool) -> dict:
-    import uxnet_kernels as uk
-    from uxnet import UXNet
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = UXNet(in_chans=1, out_chans=args.out_chans, feat_size=args.feat_size, hidden_size=args.hidden_size,
-                  activation_checkpointing=checkpointing).to(device)
-    x = torch.randn(args.batch, 1, *(args.size,) * 3, device=device)
-    y = torch.randint(0, args.out_chans, (args.batch, *(args.size,) * 3), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for p in model.parameters():  # gradients exist before the measured step, as in a training loop
-        p.grad = torch.zeros_like(p)
-
-    def step():
-        opt.zero_grad(set_to_none=False)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    with uk.use_backend(backend):
-        if device.type == "cuda":
-            step()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            base = _rss_peak_bytes()
-            step()
-            peak = _rss_peak_bytes() - base
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        used = uk.backend_report(device)["last_used"]
-    return {"backend": backend, "checkpointing": checkpointing, "peak_step_bytes": peak,
-            "median_step_s": statistics.median(times), "ops": used}
+def _mib(n):
+    return "-" if n is None else f"{n / 2**20:8.0f}"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(args, args.child[0], args.child[1] == "1")))
-        return 0
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     rows = []
-    for backend in args.backends:
-        for ckpt in ("0", "1"):
-            out = subprocess.run([sys.executable, __file__, *passthrough, "--child", backend, ckpt],
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{backend:9s} checkpointing={'on ' if r['checkpointing'] else 'off'}  peak step memory "
-                  f"{r['peak_step_bytes'] / 2**20:8.0f} MiB  median step {r['median_step_s']:.2f} s  ops {r['ops']}",
-                  flush=True)
-    print(json.dumps(rows, indent=1))
+    print(f"{'size':>5s} {'model':9s} {'ckpt':4s} {'first step':>10s} {'steady':>8s} {'predicted':>9s} "
+          f"{'error':>7s} {'median step':>11s}   (MiB above what the step starts with)")
+    for size in args.size:
+        for kind in args.kinds:
+            for ckpt in args.checkpointing:
+                spec = make_spec(kind=kind, roi=size, batch=args.batch, checkpointing=ckpt == "on", amp=args.amp,
+                                 device=args.device, optimizer=args.optimizer, out_chans=args.out_chans,
+                                 feat_size=list(args.feat_size), hidden_size=args.hidden_size)
+                measured = measure_in_subprocess(spec, repeats=args.repeats)
+                predicted = None if args.no_predict else predict_step(spec)
+                steady = measured["steady"]["step_bytes"]
+                error = None
+                if predicted is not None and steady:
+                    error = predicted.step_bytes / steady - 1
+                row = dict(measured, predicted=predicted.as_dict() if predicted else None, relative_error=error)
+                rows.append(row)
+                median = measured["step_s_median"]
+                print(f"{size:5d} {kind:9s} {ckpt:4s} {_mib(measured['first']['step_bytes']):>10s} "
+                      f"{_mib(steady):>8s} {_mib(predicted.step_bytes if predicted else None):>9s} "
+                      f"{'-' if error is None else f'{100 * error:+.1f}%':>7s} "
+                      f"{'-' if median is None else f'{median:.2f} s':>11s}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 

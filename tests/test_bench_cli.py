@@ -20,12 +20,19 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "dwconv3d fwd 1x8x8^3 k3 float32" in out and "UXNet default (Table 1)" in out
+    assert "predicted memory of one training step" in out and "total saved activations" in out
 
     report = json.loads(path.read_text())
     default = report["default_model"]
     assert default["params"] == DEFAULT_PARAMS
     assert abs(default["flops"] / DEFAULT_FLOPS - 1) <= 1e-3
     assert default["macs"] * 2 == default["flops"]
+
+    uxnet, official = report["memory_prediction"]  # the default model at 96^3, batch 2 (uxnet memory's table)
+    assert (uxnet["spec"]["kind"], official["spec"]["kind"]) == ("uxnet", "official")
+    assert uxnet["spec"]["roi"] == [96, 96, 96] and uxnet["spec"]["batch"] == 2
+    assert 0 < uxnet["saved_bytes"] < official["saved_bytes"]  # the uxnet encoder ops keep less for backward
+    assert uxnet["params_bytes"] == 4 * DEFAULT_PARAMS
 
     rows = report["results"]
     groups = {r["group"] for r in rows}

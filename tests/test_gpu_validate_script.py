@@ -66,3 +66,19 @@ def test_dry_run_end_to_end(tmp_path):
     assert "DRY RUN" in summary and "| 4 x 6^3 | 3 | float32 | fwd+bwd |" in summary
     assert "| shortcut | 1 x 4 x 6^3 | float32 | fwd+bwd |" in summary
     assert (tmp_path / "summary.json").exists()
+
+
+def test_memory_step_dry_run(tmp_path):
+    """The step-memory part (official vs uxnet, float32 and bf16, predicted next to measured) in its CPU dry run."""
+    _run("memory_step.py", "--dry-run", "--out", str(tmp_path / "memory.json"))
+    memory = json.loads((tmp_path / "memory.json").read_text())
+    assert memory["dry_run"] is True and memory["compared"] == "step_bytes" and not memory["skipped"]
+    cases = {(r["kind"], r["precision"]): r for r in memory["results"]}
+    assert set(cases) == {(k, p) for k in ("official", "uxnet") for p in ("float32", "bfloat16")}
+    for r in cases.values():
+        assert "error" not in r["measured"] and "error" not in r["predicted"], r
+        assert r["measured"]["steady"]["step_bytes"] > 0 and r["predicted"]["step_bytes"] > 0
+        assert abs(r["relative_error"]) <= 0.1, r  # docs/PERFORMANCE.md: within a few % on the CPU
+    assert set(cases["official", "float32"]["measured"]["backends"].values()) == {"reference"}
+    summary = _run("summarize.py", str(tmp_path))
+    assert "training-step memory, official vs uxnet" in summary and "| uxnet | bfloat16 |" in summary

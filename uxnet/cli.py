@@ -16,6 +16,7 @@ COMMANDS = {
     "segment": "sliding-window segmentation of a NIfTI volume",
     "evaluate": "per-class Dice and 95% Hausdorff distance of label maps against references",
     "convert": "grow a checkpoint's depthwise kernels to a larger size (UpKern-style)",
+    "memory": "predict the memory of one training step without allocating it",
 }
 
 

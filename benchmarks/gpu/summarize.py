@@ -2,8 +2,8 @@
 
     python benchmarks/gpu/summarize.py gpu-results [--peak-tflops 66.9]
 
-Reads ops.json, ops_instance_norm.json and profile.json from the directory (each optional), prints markdown tables
-and writes summary.json next to them.
+Reads ops.json, ops_instance_norm.json, profile.json and memory.json from the directory (each optional), prints
+markdown tables and writes summary.json next to them.
 """
 
 import argparse
@@ -125,6 +125,37 @@ def profile_table(profile):
     return lines
 
 
+def memory_table(memory):
+    """Measured vs predicted memory of a training step, official vs uxnet, per precision (memory_step.py)."""
+    gpu = memory.get("compared") == "peak_bytes"
+    what = "peak (max_memory_allocated)" if gpu else "rise above step start (RSS high-water mark)"
+    key = "peak_bytes" if gpu else "step_bytes"
+    values = [r["measured"]["steady"][key] or 0 for r in memory.get("results", []) if "error" not in r["measured"]]
+    scale, unit = (2**30, "GiB") if max(values, default=0) >= 2**30 else (2**20, "MiB")
+    lines = [f"{memory.get('size')}^3, batch {memory.get('batch')}; {what}; {unit}",
+             "| model | precision | measured | predicted | error | first step | median step ms | vs official |",
+             "|---|---|---|---|---|---|---|---|"]
+    official = {}
+    for r in memory.get("results", []):
+        measured, predicted = r.get("measured", {}), r.get("predicted", {})
+        if "error" in measured:
+            lines.append(f"| {r['kind']} | {r['precision']} | FAILED: {measured['error'][:80]} | | | | | |")
+            continue
+        value = measured["steady"][key]
+        first = measured["first"][key]
+        if r["kind"] == "official":
+            official[r["precision"]] = value
+        ref = official.get(r["precision"])
+        median = measured.get("step_s_median")
+        lines.append(
+            f"| {r['kind']} | {r['precision']} | {_fmt(value / scale if value else None)} | "
+            f"{_fmt(predicted[key] / scale) if key in predicted else 'FAILED'} | "
+            f"{_fmt(100 * r['relative_error'], 2) + ' %' if r.get('relative_error') is not None else '-'} | "
+            f"{_fmt(first / scale if first else None)} | {_fmt(median * 1e3 if median else None)} | "
+            f"{_fmt(value / ref if ref and value else None)} |")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory")
@@ -132,6 +163,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     ops = _load(os.path.join(args.directory, "ops.json")) or {}
     profile = _load(os.path.join(args.directory, "profile.json")) or {}
+    memory = _load(os.path.join(args.directory, "memory.json")) or {}
     records = ops.get("records", [])
     print(f"# GPU validation: {ops.get('machine', {}).get('device', '?')}, {ops.get('machine', {}).get('date', '?')}"
           + (" (DRY RUN: not measurements)" if ops.get("dry_run") else ""))
@@ -175,6 +207,10 @@ def main(argv=None) -> int:
             print(f"{len(in_errors)} failed instance-norm cases, first: {in_errors[0]}")
         if in_ops.get("skipped"):
             print(f"{len(in_ops['skipped'])} instance-norm cases skipped (time budget), first: {in_ops['skipped'][0]}")
+    for case in memory.get("skipped", []):
+        print(f"memory_step skipped {case['kind']} {case['precision']}: {case['reason']}")
+    if memory:
+        print("\n## training-step memory, official vs uxnet (memory_step.py)\n" + "\n".join(memory_table(memory)))
     with open(os.path.join(args.directory, "summary.json"), "w") as f:
         json.dump(dict(targets=goal, dwconv_rows=rows, instance_norm_rows=in_rows), f, indent=2, default=str)
     return 0

@@ -8,7 +8,9 @@
 #   3. op benchmarks                    benchmarks/gpu/bench_ops.py    -> $OUT/ops.json
 #   4. one UXNet training step profiled benchmarks/gpu/profile_step.py -> $OUT/profile.json
 #   5. decoder op benchmarks            benchmarks/gpu/bench_ops.py --ops instance_norm -> $OUT/ops_instance_norm.json
-#   6. compact tables                   benchmarks/gpu/summarize.py    -> stdout, $OUT/summary.json
+#   6. step memory, official vs uxnet   benchmarks/gpu/memory_step.py  -> $OUT/memory.json
+#      (96^3 batch 2, float32 and bf16 autocast: max_memory_allocated and step time, next to `uxnet memory`)
+#   7. compact tables                   benchmarks/gpu/summarize.py    -> stdout, $OUT/summary.json
 #
 #   bash benchmarks/gpu/validate.sh [OUTPUT_DIR (default ./gpu-results)]
 #
@@ -52,9 +54,11 @@ step build 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
 # variant of the suite would spend the whole budget compiling; the autotuned launches are exercised (and their
 # outputs checked against PyTorch) by bench_ops and its torch.compile check.
 step pytest 150 env UXNET_REQUIRE_EXTENSION=1 UXNET_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -x -q -p no:cacheprovider
-# Benchmarks get what is left of ~8 minutes after reserving 80 s for the profile and 45 s for the last case.
+# Benchmarks get what is left of ~8 minutes after reserving 80 s for the profile, 150 s for the step-memory cases,
+# 150 s for the decoder-op benchmarks
+# and 45 s for the last case.
 ELAPSED=$(( $(date +%s) - START ))
-BENCH_BUDGET=$(( 480 - ELAPSED - 80 - 45 ))
+BENCH_BUDGET=$(( 480 - ELAPSED - 80 - 150 - 150 - 45 ))
 if [ $BENCH_BUDGET -lt 30 ]; then BENCH_BUDGET=30; fi
 step bench_ops $(( BENCH_BUDGET + 45 )) "$PY" benchmarks/gpu/bench_ops.py --out "$OUT/ops.json" --budget-s "$BENCH_BUDGET" \
   --ops dwconv3d,voxel
@@ -62,6 +66,7 @@ step profile_step 80 "$PY" benchmarks/gpu/profile_step.py --out "$OUT/profile.js
 # The instance-norm ops of the decoder, with their own budget (torch.compile of the reference is timed last).
 step bench_instance_norm 150 "$PY" benchmarks/gpu/bench_ops.py --out "$OUT/ops_instance_norm.json" --budget-s 80 \
   --ops instance_norm
+step memory_step 150 "$PY" benchmarks/gpu/memory_step.py --out "$OUT/memory.json" --size 96 --batch 2 --repeats 3
 "$PY" benchmarks/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"
 echo "total $(( $(date +%s) - START ))s; results in $OUT; status $STATUS"
 exit $STATUS

@@ -48,6 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--include-slow", action="store_true",
                         help="also run reference rows that take minutes per call at this size")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-memory-prediction", action="store_true",
+                        help="skip the predicted training-step memory of the default model (uxnet memory's table)")
     parser.add_argument("--paper-table", action="store_true",
                         help="also count the paper's Table 3 kernel ablation (FLOPs and parameters at 96^3)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
@@ -130,6 +132,24 @@ def plot_speedups(rows, path: str) -> str:
     return ""
 
 
+def predict_default_model_memory(device: str):
+    """Print and return ``uxnet memory``'s prediction for the default model at the paper's patch, batch 2,
+    uxnet next to the official model."""
+    from uxnet.bench import flops
+    from uxnet.bench.memory_predict import predict_step
+    from uxnet.bench.memory_report import describe, format_table
+    from uxnet.bench.models import MODEL_KINDS
+    from uxnet.bench.train_step import make_spec
+
+    specs = [make_spec(kind=kind, roi=flops.PAPER_PATCH, batch=2, device=device, **flops.DEFAULT_MODEL)
+             for kind in MODEL_KINDS]
+    predictions = [predict_step(spec) for spec in specs]
+    print()
+    print(f"predicted memory of one training step of {describe(specs[0])} (uxnet memory; nothing allocated)")
+    print(format_table(predictions))
+    return predictions
+
+
 def run(args) -> int:
     from uxnet.bench import cases as C
     from uxnet.bench import flops
@@ -162,6 +182,7 @@ def run(args) -> int:
     print(f"FlopCounterMode counts 2 FLOPs per multiply-add: {default.flops / 1e9:.1f} GFLOPs = "
           f"{default.macs / 1e9:.1f} GMACs; the paper reports {flops.PAPER_TABLE1['flops_g']} G "
           f"(see docs/PERFORMANCE.md)")
+    predictions = [] if args.no_memory_prediction else predict_default_model_memory(device)
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")
 
@@ -176,6 +197,7 @@ def run(args) -> int:
             "default_model": default.as_dict(),
             "paper_table": [r.as_dict() for r in model_rows],
             "results": [r.as_dict() for r in rows],
+            "memory_prediction": [p.as_dict() for p in predictions],
             "elapsed_s": elapsed,
         }
         with open(args.json, "w") as f:
