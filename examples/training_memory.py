@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="sgd")
     p.add_argument("--amp", choices=("bfloat16", "float16"), default=None)
     p.add_argument("--kinds", nargs="+", choices=("official", "uxnet"), default=["official", "uxnet"])
-    p.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
+    p.add_argument("--checkpointing", nargs="+", choices=("off", "on", "full"), default=["off", "on"],
+                   help="on: UXNet(activation_checkpointing=True), the selective mode; full: whole-block recompute")
     p.add_argument("--repeats", type=int, default=0, help="timed steps after the two measured ones")
     p.add_argument("--no-predict", action="store_true", help="measure only")
     p.add_argument("--json", metavar="PATH", help="write every row as JSON")
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
     for size in args.size:
         for kind in args.kinds:
             for ckpt in args.checkpointing:
-                spec = make_spec(kind=kind, roi=size, batch=args.batch, checkpointing=ckpt == "on", amp=args.amp,
+                checkpointing = {"off": False, "on": True}.get(ckpt, ckpt)
+                spec = make_spec(kind=kind, roi=size, batch=args.batch, checkpointing=checkpointing, amp=args.amp,
                                  device=args.device, optimizer=args.optimizer, out_chans=args.out_chans,
                                  feat_size=list(args.feat_size), hidden_size=args.hidden_size)
                 measured = measure_in_subprocess(spec, repeats=args.repeats)

@@ -217,7 +217,8 @@ def test_non_finite_values_propagate_like_the_reference(where, value, layout):
     out, grads = run(op, upcast(args, torch.float64), "cpu", grad_out)
     ref_out, ref_grads = run(op, upcast(args, torch.float64), "reference", grad_out)
     assert not torch.isfinite(ref_out).all(), "the case must actually produce non-finite values"
-    cases = [(out, ref_out, "output", None)] + [(g, r, f"grad {i}", i) for i, (g, r) in enumerate(zip(grads, ref_grads))]
+    cases = [(out, ref_out, "output", None)]
+    cases += [(g, r, f"grad {i}", i) for i, (g, r) in enumerate(zip(grads, ref_grads))]
     for got, want, what, i in cases:
         want_finite = torch.isfinite(want)
         if i == 0 and where != "z":

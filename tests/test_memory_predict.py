@@ -85,12 +85,14 @@ def test_prediction_accounts_for_every_part():
     assert p.saved_by_block[LOSS_BLOCK] == 2 * 32 ** 3 * (2 * 4 + 8) + 4
 
 
-def test_checkpointing_lowers_saved_bytes_and_peak():
+@pytest.mark.parametrize("mode,bound", [(True, 0.75), ("full", 0.5)], ids=["selective", "full"])
+def test_checkpointing_lowers_saved_bytes_and_peak(mode, bound):
     plain = _predict(make_spec(roi=32, batch=1, optimizer="sgd", **TINY))
-    ckpt = _predict(make_spec(roi=32, batch=1, checkpointing=True, optimizer="sgd", **TINY))
-    assert ckpt.saved_bytes < plain.saved_bytes / 3
+    ckpt = _predict(make_spec(roi=32, batch=1, checkpointing=mode, optimizer="sgd", **TINY))
+    assert ckpt.spec.checkpointing == mode
+    assert ckpt.saved_bytes < plain.saved_bytes * bound
     assert ckpt.peak_bytes < plain.peak_bytes
-    # what checkpointing keeps are the block inputs: each block's share is at most its plain share
+    # what checkpointing keeps is a subset of what the plain step keeps: each block's share is at most its plain one
     assert all(ckpt.saved_by_block[b] <= plain.saved_by_block[b] for b in plain.saved_by_block if b != "out")
 
 
@@ -101,10 +103,10 @@ def test_amp_shrinks_activations():
 
 
 def test_prediction_allocates_nothing_for_a_large_case():
-    """128^3 batch 2 of the default model: ~20 GiB predicted, far more than a test may allocate."""
+    """128^3 batch 2 of the default model: ~11 GiB predicted, far more than a test may allocate."""
     with PeakMemoryTracker(torch.device("cpu")) as used:
         p = predict_step(make_spec(roi=128, batch=2))
-    assert p.peak_bytes > 16 * 2**30
+    assert p.peak_bytes > 8 * 2**30
     assert used.result.bytes is None or used.result.bytes < 2**30, used.result  # what the prediction itself took
     assert p.saved_by_block["decoder2"] > p.saved_by_block["uxnet_3d.stage3"]
 

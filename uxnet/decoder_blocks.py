@@ -124,7 +124,7 @@ class UnetResBlock(nn.Module):
             w1 = _split_in_channels(self.conv1.conv.weight, parts)
             z1 = F.conv3d(parts[0], w1[0], padding=self.padding)
             for part, w in zip(parts[1:], w1[1:]):
-                z1 = z1 + F.conv3d(part, w, padding=self.padding)
+                z1 = z1.add_(F.conv3d(part, w, padding=self.padding))  # in place: no conv keeps its output
         return self.conv2(uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, self.fused_eps))
 
 

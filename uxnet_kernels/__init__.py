@@ -8,7 +8,7 @@ Public ops: :func:`dwconv3d`, :func:`layer_norm_channels_first`, :func:`ux_mlp` 
 
 from . import _extension, reference  # noqa: F401  (loads the compiled ops, or warns once)
 from . import _cpp_ops  # noqa: F401  (fake impls and autograd of the compiled ops)
-from .dispatch import backend_report, get_backend, set_backend, use_backend
+from .dispatch import backend_report, get_backend, recording_backends, set_backend, use_backend
 from .functional import dwconv3d, instance_norm_add_lrelu, instance_norm_lrelu, layer_norm_channels_first, ux_mlp
 
 __version__ = "0.1.0"
@@ -23,5 +23,6 @@ __all__ = [
     "set_backend",
     "get_backend",
     "backend_report",
+    "recording_backends",
     "reference",
 ]

@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import logging
 import warnings
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
@@ -42,6 +42,7 @@ class _State:
 _state = _State()
 _instances: Dict[str, Backend] = {}
 _last_used: Dict[Tuple[str, str], str] = {}
+_recorders: List[Dict[str, str]] = []
 _warned = set()
 
 
@@ -98,6 +99,8 @@ def _note(op: str, device_type: str, chosen: str, requested: str, why: str) -> N
     if torch.compiler.is_compiling():
         return
     _last_used[(op, device_type)] = chosen
+    for recorder in _recorders:
+        recorder[f"{op}@{device_type}"] = chosen
     if why and requested != "auto":
         key = (op, requested, why)
         if key not in _warned:
@@ -130,6 +133,18 @@ def select(op: str, x: torch.Tensor) -> Backend:
         reasons.append(f"{name}: {why}")
     _note(op, device_type, "reference", requested, "; ".join(reasons))
     return get_backend_instance("reference")
+
+
+@contextlib.contextmanager
+def recording_backends() -> Iterator[Dict[str, str]]:
+    """``with recording_backends() as used:`` collects ``"op@device" -> backend`` for every eager op call inside the
+    block (``backend_report()["last_used"]`` also remembers calls made before it)."""
+    used: Dict[str, str] = {}
+    _recorders.append(used)
+    try:
+        yield used
+    finally:
+        _recorders.remove(used)
 
 
 def backend_report(device=None, dtype=torch.float32) -> Dict[str, object]:

@@ -309,13 +309,13 @@ def track_step(spec: StepSpec, model: nn.Module, optimizer: torch.optim.Optimize
 
         hook = optimizer.register_step_pre_hook(lambda *a: setattr(recorder, "phase", "optimizer step"))
         try:
-            training_step(spec, model, optimizer, x, labels, forward_context=forward_phase)
+            with uk.recording_backends() as used:
+                training_step(spec, model, optimizer, x, labels, forward_context=forward_phase)
         finally:
             hook.remove()
     grads = [p.grad for p in params if p.grad is not None]
     start_bytes = sum(s.get("Total", 0) for s in start.values())
     device = x.device.type
-    used = uk.backend_report(device)["last_used"]
     return StepPrediction(
         spec=spec, fake_device=device, params_bytes=_nbytes(params), grads_bytes=_nbytes(grads),
         optimizer_state_bytes=_nbytes(_optimizer_tensors(optimizer)), batch_bytes=_nbytes([x, labels]),

@@ -30,7 +30,7 @@ def _fmt(n: Optional[int], scale: int, unit: str) -> str:
 
 
 def column_name(p: StepPrediction) -> str:
-    return p.spec.kind + (" (ckpt)" if p.spec.checkpointing else "")
+    return p.spec.kind + {False: "", True: " (ckpt)", "full": " (ckpt full)"}[p.spec.checkpointing]
 
 
 def describe(spec) -> str:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import uxnet_kernels as uk
 
+from ..checkpointing import checkpointing_mode
 from .models import MODEL_KINDS, build_model, model_backend
 
 SPATIAL_MULTIPLE = 16
@@ -35,7 +36,7 @@ class StepSpec:
     roi: Tuple[int, int, int] = (96, 96, 96)
     batch: int = 2
     config: Tuple[Tuple[str, object], ...] = field(default_factory=lambda: tuple(sorted(DEFAULT_CONFIG.items())))
-    checkpointing: bool = False
+    checkpointing: Union[bool, str] = False  # UXNet(activation_checkpointing=...): False, True (selective), "full"
     amp: Optional[str] = None
     device: str = "cpu"
     optimizer: str = "adamw"
@@ -79,8 +80,8 @@ def as_roi(roi: Union[int, Sequence[int]]) -> Tuple[int, int, int]:
     return tuple(values)
 
 
-def make_spec(kind: str = "uxnet", roi: Union[int, Sequence[int]] = 96, batch: int = 2, checkpointing: bool = False,
-              amp: Optional[str] = None, device: str = "cpu", optimizer: str = "adamw", **config) -> StepSpec:
+def make_spec(kind: str = "uxnet", roi: Union[int, Sequence[int]] = 96, batch: int = 2,
+              checkpointing: Union[bool, str] = False, amp: Optional[str] = None, device: str = "cpu", optimizer: str = "adamw", **config) -> StepSpec:
     """A validated :class:`StepSpec`; ``config`` are UXNet arguments (default in_chans=1, out_chans=14)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
@@ -96,7 +97,9 @@ def make_spec(kind: str = "uxnet", roi: Union[int, Sequence[int]] = 96, batch: i
         raise ValueError("pass checkpointing=..., not activation_checkpointing in the model config")
     merged = dict(DEFAULT_CONFIG, **config)
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in merged.items()))
-    return StepSpec(kind, as_roi(roi), batch, frozen, bool(checkpointing), amp, device, optimizer)
+    mode = checkpointing_mode(checkpointing)
+    checkpointing = {"off": False, "selective": True, "full": "full"}[mode]
+    return StepSpec(kind, as_roi(roi), batch, frozen, checkpointing, amp, device, optimizer)
 
 
 def model_for(spec: StepSpec) -> torch.nn.Module:

@@ -31,8 +31,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--depths", type=int, nargs=4, default=None, metavar="D",
                         help="UX blocks per encoder stage (default 2 2 2 2)")
     parser.add_argument("--kernel-size", type=int, default=None, help="depthwise kernel of the UX blocks (default 7)")
-    parser.add_argument("--checkpointing", action="store_true",
-                        help="UXNet(activation_checkpointing=True) (the official model stays without)")
+    parser.add_argument("--checkpointing", nargs="?", const="selective", default=None, choices=("selective", "full"),
+                        help="UXNet(activation_checkpointing=...): selective (bare --checkpointing, = True) or full "
+                             "(the official model stays without)")
     parser.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", "bfloat16", "float16"),
                         help="train under torch.autocast: bfloat16 or float16 (bare --amp: bfloat16 on CPU, "
                              "float16 on CUDA)")
@@ -69,7 +70,7 @@ def _specs(args):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     common = dict(roi=args.roi, batch=args.batch, amp=amp, device=device, optimizer=args.optimizer, **config)
-    specs = [make_spec(kind="uxnet", checkpointing=args.checkpointing, **common)]
+    specs = [make_spec(kind="uxnet", checkpointing=args.checkpointing or False, **common)]
     if args.official:
         specs.append(make_spec(kind="official", checkpointing=False, **common))
     return specs

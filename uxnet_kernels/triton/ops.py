@@ -443,13 +443,37 @@ def _nan_stats(x: torch.Tensor) -> torch.Tensor:
     return x.new_full(x.shape[:2], float("nan"), dtype=torch.float32)
 
 
-def _shortcut_projection(inputs: List[torch.Tensor], weights: List[torch.Tensor],
+def _shortcut_product(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, channels: int,
+                      channels_last: bool) -> torch.Tensor:
+    """a @ b as a 5-D tensor shaped like ``like`` with ``channels`` channels: (N, V, C_in) @ (C_in, C') for
+    channels_last_3d, (C', C_in) @ (N, C_in, V) otherwise."""
+    n, _, d, h, w = like.shape
+    if channels_last:
+        return torch.matmul(a, b).view(n, d, h, w, channels).permute(0, 4, 1, 2, 3)
+    return torch.matmul(a, b).view(n, channels, d, h, w)
+
+
+def _shortcut_projection(like: torch.Tensor, inputs: List[torch.Tensor], weights: List[torch.Tensor],
                          channels_last: bool) -> torch.Tensor:
-    """sum_i conv3d(x_i, w_i) in the given layout: the projection shortcut before its instance norm."""
-    projected = torch.nn.functional.conv3d(inputs[0], weights[0])
-    for x, w in zip(inputs[1:], weights[1:]):
-        projected = projected + torch.nn.functional.conv3d(x, w)
-    return _in_layout(projected, channels_last)
+    """sum_i conv3d(x_i, w_i) of the 1x1x1 shortcut weights, as matrix products on (N, C, V) views (no convolution
+    workspace), in the given layout."""
+    projected = None
+    for x, w in zip(inputs, weights):
+        x, w = x.flatten(2), w.flatten(1)  # (N, C_i, V), (C, C_i)
+        term = (_shortcut_product(x.transpose(1, 2), w.t(), like, like.shape[1], True) if channels_last
+                else _shortcut_product(w, x, like, like.shape[1], False))
+        projected = _in_layout(term, channels_last) if projected is None else projected.add_(term)
+    return projected
+
+
+def _shortcut_backward(grad_proj: torch.Tensor, x_in: torch.Tensor, w_in: torch.Tensor):
+    """(grad of x_in, grad of w_in) of one shortcut convolution from the projection's gradient."""
+    g, x, w = grad_proj.flatten(2), x_in.flatten(2), w_in.flatten(1)
+    channels_last = _is_channels_last(x_in)
+    grad_x = (_shortcut_product(g.transpose(1, 2), w, x_in, x_in.shape[1], True) if channels_last
+              else _shortcut_product(w.t(), g, x_in, x_in.shape[1], False))
+    grad_w = torch.matmul(g, x.transpose(1, 2)).sum(0).view(w_in.shape)
+    return _in_layout(grad_x, channels_last), grad_w
 
 
 def _instance_forward(z: torch.Tensor, channels_last: bool, r: Optional[torch.Tensor], mode: int,
@@ -471,7 +495,9 @@ def _instance_forward(z: torch.Tensor, channels_last: bool, r: Optional[torch.Te
 def _instance_backward(grad_out: torch.Tensor, out: torch.Tensor, channels_last: bool, r: Optional[torch.Tensor],
                        mode: int, rstd: torch.Tensor, r_stats: Optional[Tuple[torch.Tensor, torch.Tensor]],
                        negative_slope: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(grad_z, grad_r or None); grad_out, out and r in the canonical layout, numel > 0."""
+    """(grad_z, grad_r or None); grad_out, out and r in the canonical layout, numel > 0. A normalized residual (the
+    shortcut projection, a temporary of the caller) is overwritten by its gradient: the apply kernel reads each
+    element before writing its gradient at the same place, and the backward peak is one full-size buffer lower."""
     g = _instance_grid(grad_out.shape, channels_last)
     rows = in_kernels.BACKWARD_ROWS if mode == in_kernels.RESIDUAL_NORMALIZED else in_kernels.BACKWARD_ROWS - 1
     rstd = _f32(rstd)
@@ -487,7 +513,12 @@ def _instance_backward(grad_out: torch.Tensor, out: torch.Tensor, channels_last:
         )
     coefficients = (partial.double().sum(-1) / g.voxels).float()  # (rows, N, C): a, b[, b_r]
     grad_z = _empty_like_layout(grad_out, channels_last)
-    grad_r = _empty_like_layout(grad_out, channels_last) if mode != in_kernels.RESIDUAL_NONE else None
+    if mode == in_kernels.RESIDUAL_NORMALIZED:
+        grad_r = r
+    elif mode == in_kernels.RESIDUAL_PLAIN:
+        grad_r = _empty_like_layout(grad_out, channels_last)
+    else:
+        grad_r = None
     launch = _launcher(in_kernels.instance_norm_lrelu_bwd_apply_kernel, grad_out, out)
     if launch is not None:
         launch[(g.n * g.tiles, g.c_blocks)](
@@ -537,7 +568,8 @@ def instance_norm_add_lrelu_triton(
     elif z.numel() == 0:
         r, mode, r_stats = None, in_kernels.RESIDUAL_NORMALIZED, (_nan_stats(z), _nan_stats(z))
     else:
-        r, mode = _shortcut_projection(shortcut_inputs, shortcut_weights, channels_last), in_kernels.RESIDUAL_NORMALIZED
+        r = _shortcut_projection(z, shortcut_inputs, shortcut_weights, channels_last)
+        mode = in_kernels.RESIDUAL_NORMALIZED
         r_stats = _instance_stats(r, channels_last, eps)
     if z.numel() == 0:
         return _empty_like_layout(z, channels_last), _nan_stats(z), _nan_stats(z), *r_stats
@@ -558,7 +590,7 @@ def instance_norm_add_lrelu_triton_backward(
     if residual is not None:
         r, mode, r_stats = _in_layout(residual, channels_last), in_kernels.RESIDUAL_PLAIN, None
     else:
-        r = _shortcut_projection(shortcut_inputs, shortcut_weights, channels_last) if out.numel() > 0 else None
+        r = _shortcut_projection(out, shortcut_inputs, shortcut_weights, channels_last) if out.numel() > 0 else None
         mode, r_stats = in_kernels.RESIDUAL_NORMALIZED, (shortcut_mean, shortcut_rstd)
     if out.numel() == 0:
         grad_z = _empty_like_layout(grad_out, channels_last)
@@ -570,10 +602,9 @@ def instance_norm_add_lrelu_triton_backward(
         return grad_z, grad_r, [], []
     grad_inputs, grad_weights = [], []
     for x, w in zip(shortcut_inputs, shortcut_weights):
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_r, x, w, None, [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False])
-        grad_inputs.append(_in_layout(grad_x, _is_channels_last(x)))
-        grad_weights.append(grad_w.contiguous())
+        grad_x, grad_w = _shortcut_backward(grad_r, x, w)
+        grad_inputs.append(grad_x)
+        grad_weights.append(grad_w)
     return grad_z, _no_grad(out), grad_inputs, grad_weights
 
 

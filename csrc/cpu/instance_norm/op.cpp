@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/common/host.h"
@@ -184,11 +185,52 @@ at::Tensor empty_stats(const at::Tensor& x) {
   return at::empty({x.size(0), x.size(1)}, x.options().dtype(stats_dtype(x)));
 }
 
-// sum_i conv3d(x_i, w_i) in `format`: the projection shortcut before its instance norm.
-at::Tensor shortcut_projection(at::TensorList inputs, at::TensorList weights, at::MemoryFormat format) {
-  at::Tensor sum = at::conv3d(inputs[0], weights[0]);
-  for (size_t i = 1; i < inputs.size(); ++i) sum.add_(at::conv3d(inputs[i], weights[i]));
-  return sum.contiguous(format);
+// The 1x1x1 convolutions of the projection shortcut as matrix products on (N, C, V) views of the 5-D tensors
+// (flatten(2) is a view in both layouts: rows of V voxels for NCDHW, columns for channels_last_3d), so nothing but
+// the results is allocated (a convolution library would add scratch at the peak of the backward).
+at::Tensor as_matrix(const at::Tensor& w) { return w.view({w.size(0), w.size(1)}); }  // (C, C_i, 1, 1, 1) -> (C, C_i)
+
+// (N, C', V) product as a 5-D tensor shaped like `like` with C' channels, in `format`.
+at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& like, int64_t channels,
+                   at::MemoryFormat format) {
+  const int64_t n = like.size(0), d = like.size(2), h = like.size(3), w = like.size(4);
+  if (format == at::MemoryFormat::ChannelsLast3d) {  // a (N, V, C_in) @ b (C_in, C') -> (N, V, C')
+    return at::matmul(a, b).view({n, d, h, w, channels}).permute({0, 4, 1, 2, 3});
+  }
+  return at::matmul(a, b).view({n, channels, d, h, w});  // a (C', C_in) @ b (N, C_in, V) -> (N, C', V)
+}
+
+// sum_i conv3d(x_i, w_i) in `format`.
+at::Tensor shortcut_projection(const at::Tensor& z, at::TensorList inputs, at::TensorList weights,
+                               at::MemoryFormat format) {
+  const bool cl = format == at::MemoryFormat::ChannelsLast3d;
+  at::Tensor sum;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor x = inputs[i].flatten(2);  // (N, C_i, V)
+    const at::Tensor w = as_matrix(weights[i]);
+    at::Tensor term = cl ? product(x.transpose(1, 2), w.t(), z, z.size(1), format)
+                         : product(w, x, z, z.size(1), format);
+    if (i == 0) {
+      sum = term.contiguous(format);
+    } else {
+      sum.add_(term);
+    }
+  }
+  return sum;
+}
+
+// The gradients of input x and weight w of one shortcut convolution from grad_proj, the projection's gradient.
+std::pair<at::Tensor, at::Tensor> shortcut_backward(const at::Tensor& grad_proj, const at::Tensor& x_in,
+                                                    const at::Tensor& w_in) {
+  const at::Tensor g = grad_proj.flatten(2);  // (N, C, V)
+  const at::Tensor x = x_in.flatten(2);       // (N, C_i, V)
+  const at::Tensor w = as_matrix(w_in);
+  const at::MemoryFormat format = suggested_memory_format(x_in);
+  at::Tensor grad_x = format == at::MemoryFormat::ChannelsLast3d
+                          ? product(g.transpose(1, 2), w, x_in, x_in.size(1), format)
+                          : product(w.t(), g, x_in, x_in.size(1), format);
+  at::Tensor grad_w = at::matmul(g, x.transpose(1, 2)).sum(0).view(w_in.sizes());
+  return {grad_x.contiguous(format), grad_w};
 }
 
 // out = lrelu(IN(z) + r_hat); fills mean/rstd of z, and r_mean/r_rstd of r when mode is normalized (r is then the
@@ -263,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> instance_
     for (at::Tensor* s : {&mean, &rstd, &r_mean, &r_rstd}) s->fill_(NAN);
     return {out, mean, rstd, r_mean, r_rstd};
   }
-  if (!has_residual) r = shortcut_projection(shortcut_inputs, shortcut_weights, format);
+  if (!has_residual) r = shortcut_projection(z, shortcut_inputs, shortcut_weights, format);
   forward(kAddForwardOp, z, r, has_residual ? ResidualMode::plain : ResidualMode::normalized, negative_slope, eps,
           out, mean, rstd, r_mean, r_rstd);
   return {out, mean, rstd, r_mean, r_rstd};
@@ -332,7 +374,7 @@ instance_norm_add_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tenso
               ": expected either residual or shortcut_inputs/shortcut_weights");
   const at::MemoryFormat format = suggested_memory_format(grad_out);
   at::Tensor grad_z = at::empty(out.sizes(), out.options().memory_format(format));
-  at::Tensor grad_r = at::empty(out.sizes(), out.options().memory_format(format));
+  at::Tensor grad_r;  // the residual's gradient, or the shortcut projection's (written over the projection)
   std::vector<at::Tensor> grad_inputs, grad_weights;
   at::Tensor r;
   if (has_residual) {
@@ -343,21 +385,24 @@ instance_norm_add_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tenso
     check_stats(kAddBackwardOp, out, shortcut_mean, "shortcut_mean");
     check_stats(kAddBackwardOp, out, shortcut_rstd, "shortcut_rstd");
   }
-  if (out.numel() > 0) {
-    if (!has_residual) r = shortcut_projection(shortcut_inputs, shortcut_weights, format);
-    backward(kAddBackwardOp, grad_out, out, r, has_residual ? ResidualMode::plain : ResidualMode::normalized,
-             rstd, shortcut_mean, shortcut_rstd, negative_slope, grad_z, grad_r);
+  if (out.numel() == 0) {
+    grad_r = at::zeros(out.sizes(), out.options().memory_format(format));
+  } else if (has_residual) {
+    grad_r = at::empty(out.sizes(), out.options().memory_format(format));
+    backward(kAddBackwardOp, grad_out, out, r, ResidualMode::plain, rstd, shortcut_mean, shortcut_rstd,
+             negative_slope, grad_z, grad_r);
   } else {
-    grad_r.zero_();
+    // The recomputed projection is our own temporary: each element is read before its gradient is written at
+    // the same place, so the gradient overwrites it (one full-size buffer less at the peak of the backward).
+    grad_r = shortcut_projection(out, shortcut_inputs, shortcut_weights, format);
+    backward(kAddBackwardOp, grad_out, out, grad_r, ResidualMode::normalized, rstd, shortcut_mean, shortcut_rstd,
+             negative_slope, grad_z, grad_r);
   }
   if (has_residual) return {grad_z, grad_r, grad_inputs, grad_weights};
   for (size_t i = 0; i < shortcut_inputs.size(); ++i) {
-    const at::Tensor& x = shortcut_inputs[i];
-    const at::Tensor& w = shortcut_weights[i];
-    auto grads = at::convolution_backward(grad_r, x, w, std::nullopt, {1, 1, 1}, {0, 0, 0}, {1, 1, 1}, false,
-                                          {0, 0, 0}, 1, {true, true, false});
-    grad_inputs.push_back(std::get<0>(grads).contiguous(suggested_memory_format(x)));
-    grad_weights.push_back(std::get<1>(grads).contiguous());
+    auto grads = shortcut_backward(grad_r, shortcut_inputs[i], shortcut_weights[i]);
+    grad_inputs.push_back(std::move(grads.first));
+    grad_weights.push_back(std::move(grads.second));
   }
   return {grad_z, out.new_empty({0}), grad_inputs, grad_weights};
 }
