@@ -80,13 +80,13 @@ using Mask = Vec<typename IntOfSize<sizeof(Scalar<V>)>::type, kLanesOf<V>>;
 namespace detail {
 
 // A vector wider than a hardware register (the emulation's 64-byte vectors, or double vectors of a float
-// vector's lane count) is processed as kPieces native-width vectors. GCC splits arithmetic on such vectors into
-// native instructions by itself, but not comparisons, selects or intrinsics: those go through these helpers.
+// vector's lane count) is processed as kCount native-width pieces. GCC splits arithmetic on such vectors into
+// native instructions by itself, but comparisons lane by lane, and intrinsics take native widths only: those go
+// through map_pieces.
 template <typename V>
 struct Pieces {
   static constexpr int64_t kBytes = sizeof(V) < static_cast<size_t>(kNativeBytes) ? sizeof(V) : kNativeBytes;
   static constexpr int64_t kCount = sizeof(V) / kBytes;
-  using Piece = Vec<Scalar<V>, kBytes / sizeof(Scalar<V>)>;
 };
 
 // Lanes [first, first + N) of v, and two vectors joined, built lane by lane from constant indices: GCC turns
@@ -214,9 +214,17 @@ UXNET_SIMD_INLINE V zero() {
   return V{};
 }
 
+namespace detail {
+template <typename V, size_t... I>
+UXNET_SIMD_INLINE V broadcast_lanes(Scalar<V> s, std::index_sequence<I...>) {
+  return V{(static_cast<void>(I), s)...};
+}
+}  // namespace detail
+
+// s in every lane (exactly: V{} + s would turn -0.0 into +0.0).
 template <typename V>
 UXNET_SIMD_INLINE V broadcast(Scalar<V> s) {
-  return V{} + s;
+  return detail::broadcast_lanes<V>(s, std::make_index_sequence<kLanesOf<V>>{});
 }
 
 template <typename V>
