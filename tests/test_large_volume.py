@@ -99,7 +99,7 @@ def tail_only_input(layout: str) -> torch.Tensor:
     """bfloat16 SHAPE in `layout`, zero except item 1's last TAIL depth planes (random)."""
     n, c, d, h, w = SHAPE
     memory_format = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
-    x = torch.zeros(SHAPE, dtype=torch.bfloat16, memory_format=memory_format)
+    x = torch.empty(SHAPE, dtype=torch.bfloat16, memory_format=memory_format).zero_()
     x[1, :, -TAIL:] = torch.randn(c, TAIL, h, w).to(torch.bfloat16)
     assert x.numel() > 2**31
     return x
