@@ -9,6 +9,7 @@ Environment switches:
     TORCH_CUDA_ARCH_LIST  GPU architectures of the CUDA kernels (default: the visible GPUs' architectures, or
                           "8.0;9.0+PTX" on a machine without a GPU)
     UXNET_NO_EXTENSION=1  skip the C++ extension entirely (the package then runs on reference ops)
+    UXNET_SANITIZE=LIST   compile and link with -fsanitize=LIST (e.g. address,undefined; scripts/sanitize_cpu.sh)
     MAX_JOBS=N            parallel compile jobs (honoured by torch's ninja build)
 """
 
@@ -117,6 +118,11 @@ def _extensions() -> list:
     macros = [("UXNET_PYTHON_EXTENSION", None)]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     link_args = ["-fopenmp"] if sys.platform != "darwin" else []
+    sanitize = os.environ.get("UXNET_SANITIZE", "")
+    if sanitize:
+        sanitize_flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-O1"]
+        cxx_flags = cxx_flags + sanitize_flags
+        link_args = link_args + sanitize_flags
     if _want_cuda():
         macros.append(("UXNET_WITH_CUDA", None))
         # No --use_fast_math: the kernels keep IEEE division, sqrt and denormals (float32 is checked to 1e-5).

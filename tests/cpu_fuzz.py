@@ -7,16 +7,20 @@ Each case draws an op (dwconv3d, layer_norm_channels_first, ux_mlp), a shape (N 
 backward ops too) and compares each with the reference ops run in float64 on the same rounded inputs (the truth):
 
 - non-finite values must sit at exactly the positions where the truth has them;
-- float32 / bfloat16, on the finite positions, the tests' rule (tests/test_cpu_ln_mlp.py): within the dtype's
-  tolerance of the truth (||kernel - truth|| <= tol ||truth||, tol = 1e-5 / 1e-2 as in conftest.TOLERANCES), or,
-  where even that is out of reach because the result is ill-conditioned, no further from the truth than twice
-  PyTorch's own error in that dtype (the flash-attention rule): ||kernel - truth|| <= 2 ||torch - truth|| +
-  2 u ||truth||, "torch" being the reference ops run in the kernel's dtype and u the dtype's unit roundoff (the
-  rounding of the result itself, which both must pay). A result whose truth is exactly 0 (C = 1 gradients) must
-  then be exactly 0, unless PyTorch misses it too;
-- float64 (the reference in float64 *is* the truth, so there is no same-dtype error to compare with):
-  ||kernel - truth|| <= 1e-10 ||truth|| + 1e-5 ||torch_float32 - truth||, the second term for results that are
-  pure rounding noise (a gradient that is exactly 0, which the float64 reference returns as ~1e-13).
+- on the finite positions, float32 / bfloat16 results pass the tests' rule (tests/test_cpu_ln_mlp.py): within
+  the dtype's tolerance of the truth (||kernel - truth|| <= tol ||truth||, tol = 1e-5 / 1e-2 as in
+  conftest.TOLERANCES), or, where that is out of reach because the result is ill-conditioned, no further from
+  the truth than twice PyTorch's own error in that dtype (the flash-attention rule): ||kernel - truth|| <=
+  2 ||torch - truth|| + 2 u ||truth||, "torch" being the reference ops run in the kernel's dtype and u the
+  dtype's unit roundoff (the rounding of the result itself, which both must pay). A result whose truth is
+  exactly 0 (C = 1 gradients) must then be exactly 0;
+- float64 results: within 1e-10 ||truth||, or 1e-5 x PyTorch float32's error (the ratio of the two tolerances);
+- LayerNorm and UX MLP also pass within twice the statistics floor (see run_floor): their backward ops get the
+  forward's mean / rstd in the statistics dtype and not eps, so no implementation can beat the exact gradient
+  evaluated with an rstd off by one ulp. For the few-channel cases that are ill-conditioned in rstd this, not
+  PyTorch's error, is the bar (one PyTorch implementation's error there does not bound another's: its native
+  F.layer_norm exceeds 2x its composite reference's error in 61% of one-voxel C = 2 cases). The summary counts
+  the checks each clause passed.
 
 Every case is reproducible from its seed, printed with every mismatch:
 
@@ -188,36 +192,112 @@ def run(op: str, inputs, dtype, kernel: bool) -> List[Tuple[str, torch.Tensor]]:
     return results
 
 
+# ---- the float32-statistics floor ---------------------------------------------------------------------------
+# The backward ops receive the forward's per-voxel statistics as float32 tensors (their schema) and not eps, so no
+# implementation can do better than the exact gradient formula evaluated with a float32-rounded rstd. Where a result
+# is ill-conditioned in rstd (few channels: C = 2 makes xhat = +-1 up to eps terms), that floor, not PyTorch's
+# error, is the bar: PyTorch's error there is one coin toss of rounding (its native F.layer_norm exceeds 2x its
+# composite reference's error in 61% of one-voxel C = 2 cases). The floor is the float64 result with rstd scaled by
+# (1 + 2^-23), about one float32 ulp. For float64 kernels the same evaluation with rstd off by one float64 ulp is a
+# second float64 implementation of the gradient: its distance from the reference measures the reference's own
+# rounding where a result is pure noise (C = 1 gradients, exactly 0, come out of F.layer_norm as ~1e-13).
+RSTD_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-23, torch.float64: 2.0**-52}
+
+
+class _NormalizeWithRoundedRstd(torch.autograd.Function):
+    """(x - mean) * rstd * (1 + rel) over dim 1, in float64, with LayerNorm's gradient formula for that rstd."""
+
+    @staticmethod
+    def forward(ctx, x, rel):
+        centred = x - x.mean(1, keepdim=True)
+        rstd = (centred.pow(2).mean(1, keepdim=True) + EPS).rsqrt() * (1 + rel)
+        xhat = centred * rstd
+        ctx.save_for_backward(xhat, rstd)
+        return xhat
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd = ctx.saved_tensors
+        return rstd * (grad - grad.mean(1, keepdim=True) - xhat * (grad * xhat).mean(1, keepdim=True)), None
+
+
+def _layer_norm_floor(rel, x, weight, bias):
+    return weight[:, None, None, None] * _NormalizeWithRoundedRstd.apply(x, rel) + bias[:, None, None, None]
+
+
+def _ux_mlp_floor(rel, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma):
+    c = y.shape[1]
+    normed = _layer_norm_floor(rel, y, ln_weight, ln_bias)
+    hidden = torch.nn.functional.gelu(torch.nn.functional.conv3d(normed, w1.reshape(4 * c, 1, 1, 1, 1),
+                                                                 b1.reshape(-1), groups=c))
+    out = torch.nn.functional.conv3d(hidden, w2.reshape(c, 4, 1, 1, 1), b2, groups=c)
+    if gamma is not None:
+        out = gamma[:, None, None, None] * out
+    return out if residual is None else residual + out
+
+
+def run_floor(op: str, inputs, dtype) -> Optional[Dict[str, torch.Tensor]]:
+    """The statistics floor of every output of `op` for kernels in `dtype` (None for dwconv3d, which saves no
+    statistics)."""
+    if op == "dwconv3d":
+        return None
+    leaves = _leaves(inputs, torch.float64)
+    if op == "layer_norm":
+        names = ["x", "weight", "bias"]
+        out = _layer_norm_floor(RSTD_ULP[dtype], *[leaves[k] for k in names])
+    else:
+        names = ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]
+        out = _ux_mlp_floor(RSTD_ULP[dtype], *[leaves[k] for k in names])
+    wrt = [(name, leaves[name]) for name in names if leaves[name] is not None]
+    grads = torch.autograd.grad(out, [a for _, a in wrt], inputs["grad_out"].double(), allow_unused=True)
+    result = {"out": out.detach()}
+    for (name, a), g in zip(wrt, grads):
+        result[f"grad_{name}"] = torch.zeros_like(a) if g is None else g
+    return result
+
+
 # ---- the comparison -------------------------------------------------------------------------------------------
 
 
-def compare(got: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor, dtype) -> Optional[str]:
-    """None if `got` passes (see the module docstring), else why not. `torch_same_dtype`: the reference ops in
-    the kernel's dtype (float32 for float64 kernels)."""
+def compare(got: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor, dtype,
+            floor: Optional[torch.Tensor] = None) -> Tuple[Optional[str], str]:
+    """(None, the clause that passed) if `got` passes (see the module docstring), else (why not, ""). `torch_same_dtype`:
+    the reference ops in the kernel's dtype (float32 for float64 kernels); `floor`: the float64 result with the
+    saved rstd off by an ulp (LayerNorm and UX MLP in float32 / bfloat16), or None."""
     if got.shape != truth.shape:
-        return f"shape {tuple(got.shape)} != {tuple(truth.shape)}"
+        return f"shape {tuple(got.shape)} != {tuple(truth.shape)}", ""
     got64, torch64 = got.double(), torch_same_dtype.double()
     finite = torch.isfinite(truth)
     wrong = torch.isfinite(got64) != finite
     if wrong.any():
         where = wrong.nonzero()[0].tolist()
         return (f"non-finite positions differ at {int(wrong.sum())} elements, e.g. {where}: kernel "
-                f"{got64[tuple(where)].item()}, truth {truth[tuple(where)].item()}")
+                f"{got64[tuple(where)].item()}, truth {truth[tuple(where)].item()}"), ""
     ref_norm = truth[finite].norm().item()
     err = (got64[finite] - truth[finite]).norm().item()
-    torch_finite = torch.isfinite(torch64) & finite
-    torch_err = (torch64[torch_finite] - truth[torch_finite]).norm().item()
-    if (~torch.isfinite(torch64) & finite).any():  # PyTorch itself is non-finite there: no error to compare
-        torch_err = math.inf
+    both = torch.isfinite(torch64) & finite  # (where PyTorch itself overflows or gives NaN it has no error to compare)
+    torch_err = (torch64[both] - truth[both]).norm().item()
+    rounding = 2 * UNIT_ROUNDOFF[dtype] * ref_norm
     if dtype == torch.float64:
-        bound = FLOAT64_TOLERANCE * ref_norm + FLOAT64_PER_FLOAT32 * torch_err
-        rule = f"1e-10 ||truth|| + 1e-5 x PyTorch float32's {torch_err:.3e}"
+        if err <= FLOAT64_TOLERANCE * ref_norm:
+            return None, "tolerance"
+        if err <= FLOAT64_PER_FLOAT32 * torch_err:
+            return None, "1e-5x PyTorch float32"
     else:
-        bound = max(TOLERANCE[dtype] * ref_norm, 2 * torch_err + 2 * UNIT_ROUNDOFF[dtype] * ref_norm)
-        rule = f"max({TOLERANCE[dtype]:.0e} ||truth||, 2 x PyTorch's {torch_err:.3e} + 2u ||truth||)"
-    if not err <= bound:
-        return f"error {err:.3e} (||truth|| {ref_norm:.3e}) > {bound:.3e} = {rule}"
-    return None
+        if err <= TOLERANCE[dtype] * ref_norm:
+            return None, "tolerance"
+        if err <= 2 * torch_err + rounding:
+            return None, "2x PyTorch"
+    floor_err = math.nan
+    if floor is not None:
+        floor_err = (floor[finite] - truth[finite]).norm().item()
+        if err <= 2 * floor_err + rounding:
+            return None, "statistics floor"
+    if dtype == torch.float64:
+        return (f"error {err:.3e} (||truth|| {ref_norm:.3e}) > 1e-10 ||truth||, > 1e-5 x PyTorch float32's "
+                f"{torch_err:.3e} and > 2 x the statistics floor {floor_err:.3e} (+ 2u ||truth||)"), ""
+    return (f"error {err:.3e} (||truth|| {ref_norm:.3e}) > {TOLERANCE[dtype]:.0e} ||truth||, > 2 x PyTorch's "
+            f"{torch_err:.3e} and > 2 x the float32-statistics floor {floor_err:.3e} (+ 2u ||truth||)"), ""
 
 
 @dataclasses.dataclass
@@ -226,6 +306,7 @@ class Tally:
     checks: int = 0
     mismatches: int = 0
     seconds: float = 0.0
+    passed_by: Dict[str, int] = dataclasses.field(default_factory=dict)  # clause of compare() -> checks
 
 
 def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbose: bool = False) -> List[str]:
@@ -236,6 +317,7 @@ def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbo
     # float64 has no higher-precision truth; PyTorch's float32 error is the yardstick of how ill-conditioned a result
     # is (e.g. gradients that are exactly 0 but come out as rounding noise from the float64 reference).
     same = dict(run(case.op, inputs, dtype if dtype != torch.float64 else torch.float32, kernel=False))
+    floor = run_floor(case.op, inputs, dtype)
     failures = []
     previous = os.environ.get("UXNET_CPU_ISA")
     try:
@@ -248,13 +330,15 @@ def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbo
             tally.cases += 1
             for name, tensor in got:
                 tally.checks += 1
-                why = compare(tensor, same[name], truth[name], dtype)
+                why, clause = compare(tensor, same[name], truth[name], dtype, None if floor is None else floor[name])
                 if why is not None:
                     tally.mismatches += 1
                     failures.append(f"[{isa}] {case.describe()}: {name}: {why}\n"
                                     f"    reproduce: python tests/cpu_fuzz.py --case-seed {case.seed} --isa {isa} -v")
-                elif verbose:
-                    print(f"[{isa}] {case.describe()}: {name} ok")
+                    continue
+                tally.passed_by[clause] = tally.passed_by.get(clause, 0) + 1
+                if verbose:
+                    print(f"[{isa}] {case.describe()}: {name} ok ({clause})")
     finally:
         if previous is None:
             os.environ.pop("UXNET_CPU_ISA", None)
@@ -312,9 +396,10 @@ def main(argv=None) -> int:
             failures.append(message)
         if (i + 1) % 1000 == 0:
             print(f"  {i + 1} cases, {len(failures)} mismatches, {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"{'variant':16s} {'cases':>7s} {'checks':>8s} {'mismatches':>10s} {'kernel s':>9s}")
+    print(f"{'variant':16s} {'cases':>7s} {'checks':>8s} {'mismatches':>10s} {'kernel s':>9s}  passed by")
     for isa, t in tallies.items():
-        print(f"{isa:16s} {t.cases:7d} {t.checks:8d} {t.mismatches:10d} {t.seconds:9.1f}")
+        clauses = ", ".join(f"{k} {v}" for k, v in sorted(t.passed_by.items()))
+        print(f"{isa:16s} {t.cases:7d} {t.checks:8d} {t.mismatches:10d} {t.seconds:9.1f}  {clauses}")
     print(f"total {time.perf_counter() - start:.0f} s (references included)")
     return 1 if failures else 0
 

@@ -123,6 +123,7 @@ def test_matches_reference_property(isa, n, c, d, h, w, kernel, dtype, layout, g
         ((1, 9, 4, 3, 37), (1, 1, 31)),  # kw = 31 > the register block of taps; W > the output block
         ((1, 5, 33, 2, 3), (31, 3, 1)),  # kd = 31
         ((1, 16, 6, 7, 8), (5, 3, 7)),  # a whole channel block on every ISA
+        ((1, 17, 2, 3, 32), (3, 3, 5)),  # W = 32: two full 16-wide output blocks (avx512), a 1-lane channel tail
     ],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])

@@ -51,9 +51,13 @@ def test_fuzz_detects_a_wrong_result():
 
     truth = torch.randn(100, dtype=torch.float64)
     same = truth.float()  # PyTorch's float32 error: the rounding of the truth
-    assert cpu_fuzz.compare(same, same, truth, torch.float32) is None
-    assert cpu_fuzz.compare(same * (1 + 3e-5), same, truth, torch.float32) is not None
+    assert cpu_fuzz.compare(same, same, truth, torch.float32) == (None, "tolerance")
+    assert cpu_fuzz.compare(same * (1 + 3e-5), same, truth, torch.float32)[0] is not None
+    # the float32-statistics floor admits errors up to twice its own, no more
+    floor = truth * (1 + 1e-4)
+    assert cpu_fuzz.compare(truth * (1 + 1.5e-4), same, truth, torch.float32, floor)[1] == "statistics floor"
+    assert cpu_fuzz.compare(truth * (1 + 3e-4), same, truth, torch.float32, floor)[0] is not None
     moved = same.clone()
     moved[3] = float("nan")
-    assert "non-finite" in cpu_fuzz.compare(moved, same, truth, torch.float32)
-    assert cpu_fuzz.compare(truth + 1e-9, same, truth, torch.float64) is not None
+    assert "non-finite" in cpu_fuzz.compare(moved, same, truth, torch.float32)[0]
+    assert cpu_fuzz.compare(truth + 1e-9, same, truth, torch.float64)[0] is not None

@@ -42,26 +42,35 @@ def _mlp_args(shape, dtype, layout):
             r(c, scale=0.5), r(c)]
 
 
-def _all_outputs(op, shape, dtype, layout, seed):
-    """Every output and gradient of `op` on one seeded case, through the raw forward and backward ops."""
+def _inputs(op, shape, dtype, layout, seed):
+    """The seeded inputs of one case of `op` (forward arguments and grad_out)."""
     torch.manual_seed(seed)
-    ops = torch.ops.uxnet
     if op == "dwconv3d":
         c = shape[1]
         x = to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
         w = (0.2 * torch.randn(c, 1, 7, 5, 3, dtype=torch.float64)).to(dtype)
         b = torch.randn(c, dtype=torch.float64).to(dtype)
-        g = to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
+        return [x, w, b], to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
+    args = list(_ln_args(shape, dtype, layout)) if op == "layer_norm" else _mlp_args(shape, dtype, layout)
+    return args, torch.randn(shape, dtype=torch.float64).to(dtype)
+
+
+def _run(op, args, g):
+    """Every output and gradient of `op` through the raw forward and backward ops."""
+    ops = torch.ops.uxnet
+    if op == "dwconv3d":
+        x, w, b = args
         return [ops.dwconv3d(x, w, b), *ops.dwconv3d_backward(g, x, w, [True, True, True])]
     if op == "layer_norm":
-        x, w, b = _ln_args(shape, dtype, layout)
+        x, w, b = args
         out, mean, rstd = ops.layer_norm_cf(x, w, b, EPS)
-        g = torch.randn(shape, dtype=torch.float64).to(dtype)
         return [out, mean, rstd, *ops.layer_norm_cf_backward(g, x, w, mean, rstd, [True, True, True])]
-    args = _mlp_args(shape, dtype, layout)
     out, mean, rstd = ops.ux_mlp(*args, EPS)
-    g = torch.randn(shape, dtype=torch.float64).to(dtype)
     return [out, mean, rstd, *ops.ux_mlp_backward(g, args[0], *args[2:], mean, rstd)]
+
+
+def _all_outputs(op, shape, dtype, layout, seed):
+    return _run(op, *_inputs(op, shape, dtype, layout, seed))
 
 
 def _bits(t):
@@ -165,3 +174,23 @@ def test_uxnet_info_shows_the_kernel_isa(capsys):
         assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "cpu kernels: ISA generic (UXNET_CPU_ISA=generic); available: generic" in text
+
+
+def test_concurrent_python_threads_give_bitwise_identical_results():
+    """Four Python threads calling every op (forward and backward) at once get the bits of a lone call."""
+    import concurrent.futures
+
+    cases = [(op, (2, 19, 3, 5, 16), torch.float32, layout)
+             for op in ("dwconv3d", "layer_norm", "ux_mlp") for layout in ("contiguous", "channels_last_3d")]
+    inputs = [_inputs(*case, seed=99) for case in cases]
+    alone = [[_bits(t) for t in _run(case[0], *inp)] for case, inp in zip(cases, inputs)]
+
+    def work(_):
+        return [[_bits(t) for t in _run(case[0], *inp)] for case, inp in zip(cases, inputs)]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(work, range(8)))
+    for got in results:
+        for case, want_case, got_case in zip(cases, alone, got):
+            for i, (want, have) in enumerate(zip(want_case, got_case)):
+                assert torch.equal(want, have), f"{case} output {i} differs between a lone call and a concurrent one"

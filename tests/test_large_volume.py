@@ -1,8 +1,10 @@
 """The CPU kernels (dwconv3d, LayerNorm, UX MLP) on a volume past 2**31 elements (a 512x512x300 CT at 48 channels
 has 3.8e9): the last depth planes of the second batch item lie at offsets that wrap in int32. Each case checks
-those planes against the reference ops on a slice.
+those planes against the reference ops on a slice. The parameter gradients (dwconv3d grad_weight / grad_bias, the
+UX MLP's) are sums over every voxel; their cases use an input that is zero except on those last planes, so the
+reference on the slice gives the whole sum.
 
-Opt-in (UXNET_LARGE_TESTS=1): a case allocates 9-13 GiB and runs for about half a minute, more than CI machines
+Opt-in (UXNET_LARGE_TESTS=1): a case allocates 5-13 GiB and runs for about half a minute, more than CI machines
 are promised."""
 
 import os
@@ -91,3 +93,50 @@ def test_ux_mlp_forward_past_2_31(layout):
     out = torch.ops.uxnet.ux_mlp(x, x, lnw, lnb, w1, b1, w2, b2, gamma, EPS)[0]
     want = reference.ux_mlp(tail(x), tail(x), *[p.float() for p in (lnw, lnb, w1, b1, w2, b2, gamma)], EPS)
     assert_close_rel(tail(out), want, torch.bfloat16, "ux_mlp forward, item 1's last planes")
+
+
+def tail_only_input(layout: str) -> torch.Tensor:
+    """bfloat16 SHAPE in `layout`, zero except item 1's last TAIL depth planes (random)."""
+    n, c, d, h, w = SHAPE
+    memory_format = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    x = torch.empty(SHAPE, dtype=torch.bfloat16, memory_format=memory_format).zero_()
+    x[1, :, -TAIL:] = torch.randn(c, TAIL, h, w).to(torch.bfloat16)
+    assert x.numel() > 2**31
+    return x
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dwconv3d_grad_weight_past_2_31(layout):
+    """x (zero but for item 1's last planes) also serves as grad_out: every product of the weight gradient sits in
+    those planes, past 2**31, and the reference on them (one zero plane below for the k = 3 halo) gives the sum."""
+    x = tail_only_input(layout)
+    weight = torch.randn(SHAPE[1], 1, 3, 3, 3).to(torch.bfloat16)
+    _, grad_weight, grad_bias = torch.ops.uxnet.dwconv3d_backward(x, x, weight, [False, True, True])
+    slab = x[1:, :, -(TAIL + 1):].float().contiguous()  # its first plane is zero
+    w_ref = weight.float().requires_grad_()
+    b_ref = torch.zeros(SHAPE[1], requires_grad=True)
+    want_w, want_b = torch.autograd.grad(reference.dwconv3d(slab, w_ref, b_ref), [w_ref, b_ref], slab)
+    assert_close_rel(grad_weight, want_w, torch.bfloat16, "dwconv3d grad_weight")
+    assert_close_rel(grad_bias, want_b, torch.bfloat16, "dwconv3d grad_bias")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ux_mlp_backward_past_2_31(layout):
+    """y (zero but for item 1's last planes) also serves as grad_out: grad_y of those planes and every parameter
+    gradient (zero grad_out elsewhere contributes nothing) against the reference on the planes."""
+    y = tail_only_input(layout)
+    c = SHAPE[1]
+    params = [1 + 0.1 * torch.randn(c), 0.1 * torch.randn(c), 0.5 * torch.randn(c, 4), 0.1 * torch.randn(c, 4),
+              0.5 * torch.randn(c, 4), 0.1 * torch.randn(c), torch.randn(c)]
+    params = [p.to(torch.bfloat16) for p in params]
+    _, mean, rstd = torch.ops.uxnet.ux_mlp(y, None, *params, EPS)
+    grads = torch.ops.uxnet.ux_mlp_backward(y, y, *params, mean, rstd)
+    del mean, rstd
+    y_tail = tail(y).requires_grad_()
+    p_ref = [p.float().requires_grad_() for p in params]
+    out_ref = reference.ux_mlp(y_tail, None, *p_ref, EPS)
+    want = torch.autograd.grad(out_ref, [y_tail, *p_ref], tail(y))
+    assert_close_rel(tail(grads[0]), want[0], torch.bfloat16, "ux_mlp grad_y, item 1's last planes")
+    names = ["ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]
+    for name, got, ref in zip(names, grads[1:], want[1:]):
+        assert_close_rel(got, ref, torch.bfloat16, f"ux_mlp grad_{name}")

@@ -22,7 +22,7 @@ template <typename acc_t>
 using Lanes = Vec<acc_t, kWidth>;
 using FloatLanes = Lanes<float>;
 using IntLanes = Mask<FloatLanes>;
-using DoubleLanes = Lanes<double>;
+using DoubleLanes = Lanes<double>;  // float64 sums of float lanes
 
 // Zero-initialised heap array of lane vectors, aligned for them (std::vector drops the vector alignment).
 template <typename V>
@@ -244,37 +244,28 @@ UXNET_SIMD_INLINE void tile_stats(const Lanes<acc_t>* rows, int64_t C, acc_t eps
   }
 }
 
-// The backward passes' per-voxel mean, recomputed in float64: the saved float32 mean is rounded, and with few
-// channels the input gradient is ill-conditioned in the mean (C = 2: xhat = +-1 up to eps terms, and grad_x is
-// what is left after cancelling terms of size |grad_out|; x - mean must be antisymmetric to the last bit). The
-// centred values are then x - mean rounded once to acc_t (centred()).
+// float lanes as float64 lanes (for float64 sums); float64 lanes as they are.
 UXNET_SIMD_INLINE DoubleLanes widen(FloatLanes v) { return to_wide<DoubleLanes>(v); }
 UXNET_SIMD_INLINE DoubleLanes widen(DoubleLanes v) { return v; }
 
-// float64 lanes rounded to acc_t.
-template <typename acc_t>
-UXNET_SIMD_INLINE Lanes<acc_t> to_acc(DoubleLanes v) {
-  if constexpr (std::is_same<acc_t, double>::value) {
-    return v;
-  } else {
-    return to_wide<FloatLanes>(v);
-  }
-}
-
-template <typename acc_t>
-UXNET_SIMD_INLINE Lanes<acc_t> centred(Lanes<acc_t> x, DoubleLanes mean) {
-  return to_acc<acc_t>(widen(x) - mean);
-}
-
-// Tile of C rows -> per-voxel float64 means.
+// The backward passes centre x on the saved mean plus a correction, mean_lo = mean_c(x - mean) (float, one more
+// sweep over the channels): with few channels the input gradient is ill-conditioned in the mean (C = 2: xhat is
+// +-1 up to eps terms and grad_x is what is left after cancelling terms of size |grad_out|), and the saved mean
+// is rounded. (x - mean) - mean_lo is x minus the mean to within a rounding of the centred value itself.
 template <typename V>
-UXNET_SIMD_INLINE void tile_means(const V* rows, int64_t C, DoubleLanes* mean) {
+UXNET_SIMD_INLINE V centred(V x, V mean, V mean_lo) {
+  return (x - mean) - mean_lo;
+}
+
+// Per-voxel mean corrections of a tile of C rows against the saved means.
+template <typename V>
+UXNET_SIMD_INLINE void tile_mean_corrections(const V* rows, int64_t C, const V* mean, V* mean_lo) {
   for (int64_t s = 0; s < kSub; ++s) {
-    DoubleLanes sum{};
+    V sum{};
     for (int64_t c = 0; c < C; ++c) {
-      sum += widen(rows[c * kSub + s]);
+      sum += rows[c * kSub + s] - mean[s];
     }
-    mean[s] = sum / static_cast<double>(C);
+    mean_lo[s] = sum / static_cast<Scalar<V>>(C);
   }
 }
 
@@ -290,14 +281,16 @@ UXNET_SIMD_INLINE void store_stats(const Lanes<acc_t>* mean, const Lanes<acc_t>*
   }
 }
 
-// Saved rstd of a tile (t.tile_voxels lanes); padding lanes get 0 (their grad_out is 0, so they contribute
-// nothing).
+// Saved stats of a tile (t.tile_voxels lanes); padding lanes get mean 0 and rstd 0 (their grad_out is 0, so they
+// contribute nothing).
 template <typename acc_t>
-UXNET_SIMD_INLINE void load_rstd(const acc_t* rstd_in, const VoxelTiling& t, const TileRef& tile,
-                                 Lanes<acc_t>* rstd) {
+UXNET_SIMD_INLINE void load_stats(const acc_t* mean_in, const acc_t* rstd_in, const VoxelTiling& t,
+                                  const TileRef& tile, Lanes<acc_t>* mean, Lanes<acc_t>* rstd) {
+  acc_t* mean_lanes = reinterpret_cast<acc_t*>(mean);
   acc_t* rstd_lanes = reinterpret_cast<acc_t*>(rstd);
   const int64_t base = tile.n * t.voxels + tile.v0;
   for (int64_t b = 0; b < t.tile_voxels; ++b) {
+    mean_lanes[b] = b < tile.count ? mean_in[base + b] : acc_t(0);
     rstd_lanes[b] = b < tile.count ? rstd_in[base + b] : acc_t(0);
   }
 }

@@ -3,8 +3,8 @@
 // NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per ISA variant.
 //
 // Backward: grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)) with g = grad_out * weight and
-// xhat = (x - mean) * rstd, the mean recomputed in float64 (centred(), tile_math.h); grad_weight = sum over
-// voxels of grad_out * xhat, grad_bias = sum of grad_out (as per-chunk partials).
+// xhat = centred(x) * rstd (the saved mean plus a correction, tile_math.h); grad_weight = sum over voxels of
+// grad_out * xhat, grad_bias = sum of grad_out (as per-chunk partials).
 #include "cpu/common/tile_math.h"
 
 namespace layer_norm_kernels {
@@ -23,12 +23,30 @@ UXNET_SIMD_INLINE void channel_lanes(const acc_t* param, int64_t C, Lanes<acc_t>
   for_each_lane_vector(C, [&](int64_t j, auto whole) { out[j] = lanes_at<acc_t>(param, j, C, whole); });
 }
 
-// The voxel's mean over its C channels at x, in float64.
+// mean_c(x - mean) over the voxel's C channels at x (the padding lanes of the partial last vector masked out).
 template <typename acc_t, typename scalar_t>
-UXNET_SIMD_INLINE double voxel_mean(const scalar_t* x, int64_t C) {
-  DoubleLanes sum{};
-  for_each_lane_vector(C, [&](int64_t j, auto whole) { sum += widen(lanes_at<acc_t>(x, j, C, whole)); });
-  return hsum(sum) / static_cast<double>(C);
+UXNET_SIMD_INLINE acc_t voxel_mean_correction(const scalar_t* x, int64_t C, acc_t mean,
+                                              const Lanes<acc_t>& in_last_vector) {
+  Lanes<acc_t> sum{};
+  for_each_lane_vector(C, [&](int64_t j, auto whole) {
+    Lanes<acc_t> d = lanes_at<acc_t>(x, j, C, whole) - mean;
+    if constexpr (!decltype(whole)::value) {
+      d *= in_last_vector;
+    }
+    sum += d;
+  });
+  return hsum(sum) / static_cast<acc_t>(C);
+}
+
+// 1 in the lanes of the last channel vector that hold a channel, 0 in its padding lanes.
+template <typename acc_t>
+UXNET_SIMD_INLINE Lanes<acc_t> last_vector_lanes(int64_t C) {
+  const int64_t channel_vectors = (C + kWidth - 1) / kWidth;
+  Lanes<acc_t> in_last_vector{};
+  for (int64_t b = 0; b < kWidth; ++b) {
+    in_last_vector[b] = (channel_vectors - 1) * kWidth + b < C ? acc_t(1) : acc_t(0);
+  }
+  return in_last_vector;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -41,10 +59,7 @@ void forward_voxels(const ForwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
   LaneBuffer<V> bias(channel_vectors);
   channel_lanes(a.weight, C, weight.data());
   channel_lanes(a.bias, C, bias.data());
-  V in_last_vector{};  // 1 in the lanes of the partial last channel vector that hold a channel
-  for (int64_t b = 0; b < kWidth; ++b) {
-    in_last_vector[b] = (channel_vectors - 1) * kWidth + b < C ? acc_t(1) : acc_t(0);
-  }
+  const V in_last_vector = last_vector_lanes<acc_t>(C);
   const int64_t tile_end = std::min(t.num_tiles, chunk_end * t.tiles_per_chunk);
   for (int64_t i = chunk_begin * t.tiles_per_chunk; i < tile_end; ++i) {
     const TileRef tile = tile_ref(t, i);
@@ -86,6 +101,7 @@ void backward_voxels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
   LaneBuffer<V> grad_bias(channel_vectors);
   LaneBuffer<DoubleLanes> param_sums(kRows * channel_vectors);  // [kRows][channel_vectors], this chunk
   channel_lanes(a.weight, C, weight.data());
+  const V in_last_vector = last_vector_lanes<acc_t>(C);
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t tile_begin = chunk * t.tiles_per_chunk;
     const int64_t tile_end = std::min(t.num_tiles, tile_begin + t.tiles_per_chunk);
@@ -95,13 +111,14 @@ void backward_voxels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
         const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
         const scalar_t* x = a.x + voxel * C;
         const scalar_t* grad_out = a.grad_out + voxel * C;
-        const DoubleLanes mean = broadcast<DoubleLanes>(voxel_mean<acc_t>(x, C));
+        const V mean = broadcast<V>(a.mean[voxel]);
+        const V mean_lo = broadcast<V>(voxel_mean_correction(x, C, a.mean[voxel], in_last_vector));
         const acc_t rstd = a.rstd[voxel];
         V sum_g{};   // grad_out * weight (padding lanes: grad_out is 0)
         V sum_gx{};  // grad_out * weight * xhat
         for_each_lane_vector(C, [&](int64_t j, auto whole) {
           const V g = lanes_at<acc_t>(grad_out, j, C, whole);
-          const V xhat = centred<acc_t>(lanes_at<acc_t>(x, j, C, whole), mean) * rstd;
+          const V xhat = centred(lanes_at<acc_t>(x, j, C, whole), mean, mean_lo) * rstd;
           grad_weight[j] = fma(g, xhat, grad_weight[j]);
           grad_bias[j] += g;
           const V gw = g * weight[j];
@@ -114,7 +131,7 @@ void backward_voxels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
           scalar_t* grad_x = a.grad_x + voxel * C;
           for_each_lane_vector(C, [&](int64_t j, auto whole) {
             const V g = lanes_at<acc_t>(grad_out, j, C, whole);
-            const V xhat = centred<acc_t>(lanes_at<acc_t>(x, j, C, whole), mean) * rstd;
+            const V xhat = centred(lanes_at<acc_t>(x, j, C, whole), mean, mean_lo) * rstd;
             // Unfused on purpose: g * weight rounds exactly as in sum_g, so C = 1 gives exact zeros.
             store_lanes_at<scalar_t, acc_t>(grad_x, j, C, whole, rstd * (g * weight[j] - mean_g - xhat * mean_gx));
           });
@@ -151,58 +168,54 @@ void backward_voxels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
 // first pass over x prefetches the next channel's rows one row ahead, as do passes that write (each row is a new
 // page, where the hardware prefetchers would have to start over).
 
-// Per-voxel float64 means of a row block: mean[v] over the C rows of x (row c at x + c * stride).
-template <typename acc_t, typename scalar_t>
-UXNET_SIMD_INLINE void row_block_means(const scalar_t* x, int64_t stride, int64_t C, int64_t count,
-                                       DoubleLanes* mean) {
-  const int64_t nv = (count + kWidth - 1) / kWidth;
-  for (int64_t v = 0; v < nv; ++v) {
-    mean[v] = DoubleLanes{};
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* row = x + c * stride;
-    for_each_lane_vector(count, [&](int64_t v, auto whole) {
-      __builtin_prefetch(row + stride + v * kWidth);
-      mean[v] += widen(lanes_at<acc_t>(row, v, count, whole));
-    });
-  }
-  for (int64_t v = 0; v < nv; ++v) {
-    mean[v] /= static_cast<double>(C);
-  }
-}
-
-// Two-pass statistics: the mean in float64, then the variance from the centred values (Welford's update in
-// float32 loses up to ~1e-5 of rstd when a voxel's channels are close to their mean, e.g. C = 2).
+// Corrected two-pass statistics (mean, then the centred values' sum and sum of squares): Welford's update in
+// float32 lost up to ~1e-5 of rstd when a voxel's channels are close to their mean (e.g. C = 2), which the
+// backward, ill-conditioned there, amplifies. x is read three times; a row block stays in L2 after the first.
 template <typename scalar_t, typename acc_t>
 void forward_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
   using V = Lanes<acc_t>;
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
-  LaneBuffer<DoubleLanes> mean_exact(t.tile_voxels / kWidth);
   LaneBuffer<V> mean(t.tile_voxels / kWidth);
-  LaneBuffer<V> rstd(t.tile_voxels / kWidth);  // holds the sum of squared deviations until the end of pass 2
+  LaneBuffer<V> mean_lo(t.tile_voxels / kWidth);  // sum of the centred values, then the mean's correction
+  LaneBuffer<V> rstd(t.tile_voxels / kWidth);     // sum of squared centred values, then 1 / sqrt(var + eps)
   const int64_t tile_end = std::min(t.num_tiles, chunk_end * t.tiles_per_chunk);
   for (int64_t i = chunk_begin * t.tiles_per_chunk; i < tile_end; ++i) {
     const TileRef tile = tile_ref(t, i);
     const int64_t nv = (tile.count + kWidth - 1) / kWidth;
     const scalar_t* x = a.x + tile.n * C * t.voxels + tile.v0;
     scalar_t* out = a.out + tile.n * C * t.voxels + tile.v0;
-    // Pass 1: the means.
-    row_block_means<acc_t>(x, t.voxels, C, tile.count, mean_exact.data());
     for (int64_t v = 0; v < nv; ++v) {
-      mean[v] = to_acc<acc_t>(mean_exact[v]);
+      mean[v] = V{};
+      mean_lo[v] = V{};
       rstd[v] = V{};
     }
-    // Pass 2: the sums of squared deviations.
+    // Pass 1: the means.
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* row = x + c * t.voxels;
       for_each_lane_vector(tile.count, [&](int64_t v, auto whole) {
-        const V d = centred<acc_t>(lanes_at<acc_t>(row, v, tile.count, whole), mean_exact[v]);
+        __builtin_prefetch(row + t.voxels + v * kWidth);
+        mean[v] += lanes_at<acc_t>(row, v, tile.count, whole);
+      });
+    }
+    for (int64_t v = 0; v < nv; ++v) {
+      mean[v] /= static_cast<acc_t>(C);
+    }
+    // Pass 2: sums of the centred values and of their squares.
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* row = x + c * t.voxels;
+      for_each_lane_vector(tile.count, [&](int64_t v, auto whole) {
+        const V d = lanes_at<acc_t>(row, v, tile.count, whole) - mean[v];
+        mean_lo[v] += d;
         rstd[v] = fma(d, d, rstd[v]);
       });
     }
     for (int64_t v = 0; v < nv; ++v) {
-      rstd[v] = lane_rsqrt(rstd[v] / static_cast<acc_t>(C) + a.eps);
+      mean_lo[v] /= static_cast<acc_t>(C);
+      V var = rstd[v] / static_cast<acc_t>(C) - mean_lo[v] * mean_lo[v];
+      var = select(lt(var, V{}), V{}, var);  // rounding below 0 when every channel is equal (NaN stays NaN)
+      rstd[v] = lane_rsqrt(var + a.eps);
+      mean[v] += mean_lo[v];
     }
     // Pass 3: normalise, scale, shift.
     for (int64_t c = 0; c < C; ++c) {
@@ -227,7 +240,8 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
   const int64_t width = t.tile_voxels / kWidth;
-  LaneBuffer<DoubleLanes> mean(width);
+  LaneBuffer<V> mean(width);
+  LaneBuffer<V> mean_lo(width);  // mean_c(x - mean): the saved mean's correction
   LaneBuffer<V> rstd(width);
   LaneBuffer<V> mean_g(width);   // per voxel: mean_c(grad_out * weight)
   LaneBuffer<V> mean_gx(width);  // per voxel: mean_c(grad_out * weight * xhat)
@@ -239,13 +253,23 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
       const TileRef tile = tile_ref(t, i);
       const int64_t nv = (tile.count + kWidth - 1) / kWidth;
       const int64_t offset = tile.n * C * t.voxels + tile.v0;
-      load_rstd(a.rstd, t, tile, rstd.data());
+      load_stats(a.mean, a.rstd, t, tile, mean.data(), rstd.data());
       for (int64_t v = 0; v < nv; ++v) {
+        mean_lo[v] = V{};
         mean_g[v] = V{};
         mean_gx[v] = V{};
       }
-      // Pass 0: the per-voxel means in float64.
-      row_block_means<acc_t>(a.x + offset, t.voxels, C, tile.count, mean.data());
+      // Pass 0: the corrections of the saved means.
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* x_row = a.x + offset + c * t.voxels;
+        for_each_lane_vector(tile.count, [&](int64_t v, auto whole) {
+          __builtin_prefetch(x_row + t.voxels + v * kWidth);
+          mean_lo[v] += lanes_at<acc_t>(x_row, v, tile.count, whole) - mean[v];
+        });
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        mean_lo[v] /= static_cast<acc_t>(C);
+      }
       // Pass 1: the per-voxel sums over channels and the per-channel parameter sums.
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* x_row = a.x + offset + c * t.voxels;
@@ -257,7 +281,7 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
           __builtin_prefetch(g_row + t.voxels + v * kWidth);
           __builtin_prefetch(x_row + t.voxels + v * kWidth);
           const V g = lanes_at<acc_t>(g_row, v, tile.count, whole);
-          const V xhat = centred<acc_t>(lanes_at<acc_t>(x_row, v, tile.count, whole), mean[v]) * rstd[v];
+          const V xhat = centred(lanes_at<acc_t>(x_row, v, tile.count, whole), mean[v], mean_lo[v]) * rstd[v];
           dw = fma(g, xhat, dw);
           db += g;
           const V gw = g * w;
@@ -287,7 +311,7 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
           __builtin_prefetch(x_row + t.voxels + v * kWidth);
           __builtin_prefetch(gx_row + t.voxels + v * kWidth, 1);
           const V g = lanes_at<acc_t>(g_row, v, tile.count, whole);
-          const V xhat = centred<acc_t>(lanes_at<acc_t>(x_row, v, tile.count, whole), mean[v]) * rstd[v];
+          const V xhat = centred(lanes_at<acc_t>(x_row, v, tile.count, whole), mean[v], mean_lo[v]) * rstd[v];
           // Unfused on purpose: g * w rounds exactly as in mean_g, so C = 1 gives exact zeros.
           store_lanes_at<scalar_t, acc_t>(gx_row, v, tile.count, whole,
                                           rstd[v] * (g * w - mean_g[v] - xhat * mean_gx[v]));
@@ -305,6 +329,70 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
           }
           partial[row * C + c] = sum;
           lanes = DoubleLanes{};
+        }
+      }
+    }
+  }
+}
+
+// ---- few channels (C <= kFewChannels): the backward in float64, voxel by voxel -------------------------------
+// With few channels the input gradient is ill-conditioned (C = 2: xhat = +-1 up to eps terms, and grad_x is what
+// is left after cancelling terms of size |grad_out|; C = 1: it is exactly 0). In float32 the cancellation leaves
+// errors as large as PyTorch's own; in float64 the only error left is the rounding of the saved float32 rstd
+// (the op is not given eps to recompute it). Scalar code: a handful of channels, little work per voxel.
+
+template <typename scalar_t, typename acc_t>
+void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
+  using ::uxnet::cpu::simd::convert;
+  constexpr int64_t kMax = ::uxnet::cpu::layer_norm::kFewChannels;
+  constexpr int64_t kRows = ::uxnet::cpu::ln_mlp::kLayerNormParams;
+  const VoxelTiling& t = a.tiling;
+  const int64_t C = t.channels;
+  const int64_t channel_stride = t.channels_last ? 1 : t.voxels;
+  double w[kMax];
+  for (int64_t c = 0; c < C; ++c) {
+    w[c] = static_cast<double>(a.weight[c]);
+  }
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    double sums[kRows][kMax] = {};  // grad_weight, grad_bias of this chunk
+    const int64_t tile_end = std::min(t.num_tiles, (chunk + 1) * t.tiles_per_chunk);
+    for (int64_t i = chunk * t.tiles_per_chunk; i < tile_end; ++i) {
+      const TileRef tile = tile_ref(t, i);
+      for (int64_t p = 0; p < tile.count; ++p) {
+        const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
+        const int64_t base = t.channels_last ? voxel * C : tile.n * C * t.voxels + tile.v0 + p;
+        double x[kMax], g[kMax], xhat[kMax], gw[kMax];
+        double mean = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          x[c] = convert<double>(a.x[base + c * channel_stride]);
+          g[c] = convert<double>(a.grad_out[base + c * channel_stride]);
+          mean += x[c];
+        }
+        mean /= static_cast<double>(C);
+        const double rstd = static_cast<double>(a.rstd[voxel]);
+        double mean_g = 0.0, mean_gx = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          xhat[c] = (x[c] - mean) * rstd;
+          gw[c] = g[c] * w[c];
+          mean_g += gw[c];
+          mean_gx += gw[c] * xhat[c];
+          sums[0][c] += g[c] * xhat[c];
+          sums[1][c] += g[c];
+        }
+        mean_g /= static_cast<double>(C);
+        mean_gx /= static_cast<double>(C);
+        if (a.grad_x != nullptr) {
+          for (int64_t c = 0; c < C; ++c) {
+            a.grad_x[base + c * channel_stride] = convert<scalar_t>(rstd * (gw[c] - mean_g - xhat[c] * mean_gx));
+          }
+        }
+      }
+    }
+    if (a.partials != nullptr) {
+      double* partial = a.partials + chunk * kRows * C;
+      for (int64_t row = 0; row < kRows; ++row) {
+        for (int64_t c = 0; c < C; ++c) {
+          partial[row * C + c] = sums[row][c];
         }
       }
     }

@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cpu(const at::Tenso
                                             b.data_ptr<acc_t>(),                ln_mlp::kernel_data_mut<scalar_t>(out),
                                             mean.data_ptr<acc_t>(),             rstd.data_ptr<acc_t>(),
                                             static_cast<acc_t>(eps),            tiling};
-    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last).forward);
+    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).forward);
   });
   return {out, mean, rstd};
 }
@@ -93,15 +93,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
     using acc_t = ln_mlp::acc_type<scalar_t>;
     using kernel_t = ln_mlp::kernel_type<scalar_t>;
     const at::Tensor w = ln_mlp::param_table<acc_t>(weight);
+    const at::Tensor mean_c = mean.contiguous();
     const at::Tensor rstd_c = rstd.contiguous();
     const BackwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(gc),
                                              ln_mlp::kernel_data<scalar_t>(xc),
                                              w.data_ptr<acc_t>(),
+                                             mean_c.data_ptr<acc_t>(),
                                              rstd_c.data_ptr<acc_t>(),
                                              output_mask[0] ? ln_mlp::kernel_data_mut<scalar_t>(grad_x) : nullptr,
                                              want_params ? partials.data_ptr<double>() : nullptr,
                                              tiling};
-    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last).backward);
+    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).backward);
     if (output_mask[1]) grad_weight = ln_mlp::partial_row_sum<scalar_t>(partials, 0, x.options());
     if (output_mask[2]) grad_bias = ln_mlp::partial_row_sum<scalar_t>(partials, 1, x.options());
   });

@@ -27,20 +27,24 @@ struct ForwardArgs {
   ln_mlp::VoxelTiling tiling;  // row blocks
 };
 
-// grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)) with g = grad_out * weight; the backward recomputes
-// each voxel's mean from x in float64 (the saved float32 mean is rounded, and few channels make grad_x sensitive
-// to it) and uses the saved rstd. grad_weight = sum over voxels of grad_out * xhat, grad_bias = sum of grad_out,
+// grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)) with g = grad_out * weight; the backward centres x on
+// the saved mean plus a correction mean_c(x - mean) (the saved mean is rounded, and few channels make grad_x
+// sensitive to it). grad_weight = sum over voxels of grad_out * xhat, grad_bias = sum of grad_out,
 // as per-chunk float64 partials [num_chunks][2][C].
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* grad_out;
   const scalar_t* x;
   const acc_t* weight;
+  const acc_t* mean;
   const acc_t* rstd;
   scalar_t* grad_x;  // nullptr: not wanted
   double* partials;  // nullptr: parameter grads not wanted
   ln_mlp::VoxelTiling tiling;
 };
+
+// Up to this many channels the backward runs in float64 (kernels.h, backward_few_channels).
+constexpr int64_t kFewChannels = 4;
 
 template <typename scalar_t, typename acc_t>
 struct Kernels {
@@ -48,10 +52,10 @@ struct Kernels {
   ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>> backward;
 };
 
-// The kernels of an ISA variant for a layout (kernels.cpp); instantiated for (float, float), (bf16, float) and
-// (double, double).
+// The kernels of an ISA variant for a layout and channel count (kernels.cpp); instantiated for (float, float),
+// (bf16, float) and (double, double).
 template <typename scalar_t, typename acc_t>
-Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last);
+Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last, int64_t channels);
 
 }  // namespace layer_norm
 }  // namespace cpu

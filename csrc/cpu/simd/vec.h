@@ -80,102 +80,108 @@ using Mask = Vec<typename IntOfSize<sizeof(Scalar<V>)>::type, kLanesOf<V>>;
 namespace detail {
 
 // A vector wider than a hardware register (the emulation's 64-byte vectors, or double vectors of a float
-// vector's lane count) is processed as kPieces native-width vectors. GCC splits arithmetic on such vectors into
-// native instructions by itself, but not comparisons, selects or intrinsics: those go through these helpers.
+// vector's lane count) is processed as kCount native-width pieces. GCC splits arithmetic on such vectors into
+// native instructions by itself, but comparisons lane by lane, and intrinsics take native widths only: those go
+// through map_pieces.
 template <typename V>
 struct Pieces {
   static constexpr int64_t kBytes = sizeof(V) < static_cast<size_t>(kNativeBytes) ? sizeof(V) : kNativeBytes;
   static constexpr int64_t kCount = sizeof(V) / kBytes;
-  using Piece = Vec<Scalar<V>, kBytes / sizeof(Scalar<V>)>;
 };
+
+// Lanes [first, first + N) of v, and two vectors joined, built lane by lane from constant indices: GCC turns
+// these into register shuffles. (A memcpy through the vector's address would pin it to the stack, also inside
+// the loops that accumulate it.)
+template <int64_t first, typename V, size_t... I>
+UXNET_SIMD_INLINE Vec<Scalar<V>, sizeof...(I)> slice_lanes(V v, std::index_sequence<I...>) {
+  return Vec<Scalar<V>, sizeof...(I)>{v[first + static_cast<int64_t>(I)]...};
+}
+
+template <int64_t first, int64_t N, typename V>
+UXNET_SIMD_INLINE Vec<Scalar<V>, N> slice(V v) {
+  return slice_lanes<first>(v, std::make_index_sequence<N>{});
+}
+
+template <typename H, size_t... I>
+UXNET_SIMD_INLINE Vec<Scalar<H>, 2 * kLanesOf<H>> concat_lanes(H lo, H hi, std::index_sequence<I...>) {
+  constexpr int64_t n = kLanesOf<H>;
+  return Vec<Scalar<H>, 2 * n>{(static_cast<int64_t>(I) < n ? lo[I % n] : hi[I % n])...};
+}
+
+template <typename H>
+UXNET_SIMD_INLINE Vec<Scalar<H>, 2 * kLanesOf<H>> concat(H lo, H hi) {
+  return concat_lanes(lo, hi, std::make_index_sequence<2 * kLanesOf<H>>{});
+}
+
+// f applied to `count` equal pieces of the vectors vs (all with R's lane count), the results joined into R.
+template <typename R, int64_t count, typename F, typename... Vs>
+UXNET_SIMD_INLINE R map_pieces(F f, Vs... vs) {
+  if constexpr (count == 1) {
+    return f(vs...);
+  } else {
+    constexpr int64_t half = kLanesOf<R> / 2;
+    using H = Vec<Scalar<R>, half>;
+    return concat(map_pieces<H, count / 2>(f, slice<0, half>(vs)...),
+                  map_pieces<H, count / 2>(f, slice<half, half>(vs)...));
+  }
+}
 
 template <typename R, typename V, typename F>
 UXNET_SIMD_INLINE R map1(V a, F f) {
-  using P = typename Pieces<V>::Piece;
-  using RP = typename Pieces<R>::Piece;
-  static_assert(Pieces<V>::kCount == Pieces<R>::kCount, "same number of pieces");
-  if constexpr (Pieces<V>::kCount == 1) {
-    return f(a);
-  } else {
-    P pa[Pieces<V>::kCount];
-    RP pr[Pieces<V>::kCount];
-    std::memcpy(pa, &a, sizeof(a));
-    for (int64_t i = 0; i < Pieces<V>::kCount; ++i) pr[i] = f(pa[i]);
-    R r;
-    std::memcpy(&r, pr, sizeof(r));
-    return r;
-  }
+  return map_pieces<R, Pieces<V>::kCount>(f, a);
 }
 
 template <typename R, typename V, typename F>
 UXNET_SIMD_INLINE R map2(V a, V b, F f) {
-  using P = typename Pieces<V>::Piece;
-  using RP = typename Pieces<R>::Piece;
   static_assert(Pieces<V>::kCount == Pieces<R>::kCount, "same number of pieces");
-  if constexpr (Pieces<V>::kCount == 1) {
-    return f(a, b);
-  } else {
-    P pa[Pieces<V>::kCount], pb[Pieces<V>::kCount];
-    RP pr[Pieces<V>::kCount];
-    std::memcpy(pa, &a, sizeof(a));
-    std::memcpy(pb, &b, sizeof(b));
-    for (int64_t i = 0; i < Pieces<V>::kCount; ++i) pr[i] = f(pa[i], pb[i]);
-    R r;
-    std::memcpy(&r, pr, sizeof(r));
-    return r;
-  }
+  return map_pieces<R, Pieces<V>::kCount>(f, a, b);
 }
 
 template <typename V, typename F>
 UXNET_SIMD_INLINE V map3(V a, V b, V c, F f) {
-  using P = typename Pieces<V>::Piece;
-  if constexpr (Pieces<V>::kCount == 1) {
-    return f(a, b, c);
-  } else {
-    P pa[Pieces<V>::kCount], pb[Pieces<V>::kCount], pc[Pieces<V>::kCount];
-    std::memcpy(pa, &a, sizeof(a));
-    std::memcpy(pb, &b, sizeof(b));
-    std::memcpy(pc, &c, sizeof(c));
-    for (int64_t i = 0; i < Pieces<V>::kCount; ++i) pa[i] = f(pa[i], pb[i], pc[i]);
-    V r;
-    std::memcpy(&r, pa, sizeof(r));
-    return r;
-  }
+  return map_pieces<V, Pieces<V>::kCount>(f, a, b, c);
 }
 
-// One native-width piece: a * b + c with one rounding (or two, UXNET_SIMD_FMA == 0).
-template <typename P>
+// One native-width piece: a * b + c (kNegate: c - a * b) with one rounding (two where UXNET_SIMD_FMA == 0).
+template <bool kNegate, typename P>
 UXNET_SIMD_INLINE P fma_piece(P a, P b, P c) {
 #if UXNET_SIMD_FMA == 1
-  using S = Scalar<P>;
-  if constexpr (sizeof(P) == 64 && std::is_same<S, float>::value) {
-    return (P)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  constexpr bool f32 = std::is_same<Scalar<P>, float>::value;
+  if constexpr (sizeof(P) == 64 && f32) {
+    return kNegate ? (P)_mm512_fnmadd_ps((__m512)a, (__m512)b, (__m512)c)
+                   : (P)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
   } else if constexpr (sizeof(P) == 64) {
-    return (P)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
-  } else if constexpr (sizeof(P) == 32 && std::is_same<S, float>::value) {
-    return (P)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+    return kNegate ? (P)_mm512_fnmadd_pd((__m512d)a, (__m512d)b, (__m512d)c)
+                   : (P)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+  } else if constexpr (sizeof(P) == 32 && f32) {
+    return kNegate ? (P)_mm256_fnmadd_ps((__m256)a, (__m256)b, (__m256)c)
+                   : (P)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
   } else if constexpr (sizeof(P) == 32) {
-    return (P)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
-  } else if constexpr (sizeof(P) == 16 && std::is_same<S, float>::value) {
-    return (P)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+    return kNegate ? (P)_mm256_fnmadd_pd((__m256d)a, (__m256d)b, (__m256d)c)
+                   : (P)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+  } else if constexpr (sizeof(P) == 16 && f32) {
+    return kNegate ? (P)_mm_fnmadd_ps((__m128)a, (__m128)b, (__m128)c)
+                   : (P)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
   } else if constexpr (sizeof(P) == 16) {
-    return (P)_mm_fmadd_pd((__m128d)a, (__m128d)b, (__m128d)c);
-  } else {  // a narrower piece (a half vector): lane by lane, still fused
-    for (int64_t i = 0; i < kLanesOf<P>; ++i) a[i] = std::fma(a[i], b[i], c[i]);
+    return kNegate ? (P)_mm_fnmadd_pd((__m128d)a, (__m128d)b, (__m128d)c)
+                   : (P)_mm_fmadd_pd((__m128d)a, (__m128d)b, (__m128d)c);
+  } else {  // a narrower piece: lane by lane, still fused
+    for (int64_t i = 0; i < kLanesOf<P>; ++i) a[i] = std::fma(kNegate ? -a[i] : a[i], b[i], c[i]);
     return a;
   }
 #elif UXNET_SIMD_FMA == 2
-  using S = Scalar<P>;
-  if constexpr (sizeof(P) == 16 && std::is_same<S, float>::value) {
-    return (P)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+  if constexpr (sizeof(P) == 16 && std::is_same<Scalar<P>, float>::value) {
+    return kNegate ? (P)vfmsq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b)
+                   : (P)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
   } else if constexpr (sizeof(P) == 16) {
-    return (P)vfmaq_f64((float64x2_t)c, (float64x2_t)a, (float64x2_t)b);
+    return kNegate ? (P)vfmsq_f64((float64x2_t)c, (float64x2_t)a, (float64x2_t)b)
+                   : (P)vfmaq_f64((float64x2_t)c, (float64x2_t)a, (float64x2_t)b);
   } else {
-    for (int64_t i = 0; i < kLanesOf<P>; ++i) a[i] = std::fma(a[i], b[i], c[i]);
+    for (int64_t i = 0; i < kLanesOf<P>; ++i) a[i] = std::fma(kNegate ? -a[i] : a[i], b[i], c[i]);
     return a;
   }
 #else
-  return a * b + c;
+  return kNegate ? c - a * b : a * b + c;
 #endif
 }
 
@@ -208,9 +214,17 @@ UXNET_SIMD_INLINE V zero() {
   return V{};
 }
 
+namespace detail {
+template <typename V, size_t... I>
+UXNET_SIMD_INLINE V broadcast_lanes(Scalar<V> s, std::index_sequence<I...>) {
+  return V{(static_cast<void>(I), s)...};
+}
+}  // namespace detail
+
+// s in every lane (exactly: V{} + s would turn -0.0 into +0.0).
 template <typename V>
 UXNET_SIMD_INLINE V broadcast(Scalar<V> s) {
-  return V{} + s;
+  return detail::broadcast_lanes<V>(s, std::make_index_sequence<kLanesOf<V>>{});
 }
 
 template <typename V>
@@ -270,13 +284,13 @@ UXNET_SIMD_INLINE void store_partial(Mem* p, V v, int64_t n) {
 
 template <typename V>
 UXNET_SIMD_INLINE V fma(V a, V b, V c) {
-  return detail::map3(a, b, c, [](auto x, auto y, auto z) { return detail::fma_piece(x, y, z); });
+  return detail::map3(a, b, c, [](auto x, auto y, auto z) { return detail::fma_piece<false>(x, y, z); });
 }
 
 // c - a * b with one rounding (where fma is fused).
 template <typename V>
 UXNET_SIMD_INLINE V fnma(V a, V b, V c) {
-  return fma(-a, b, c);
+  return detail::map3(a, b, c, [](auto x, auto y, auto z) { return detail::fma_piece<true>(x, y, z); });
 }
 
 template <typename V>
@@ -354,11 +368,8 @@ UXNET_SIMD_INLINE Scalar<V> hsum(V v) {
   if constexpr (kLanesOf<V> == 2) {
     return v[0] + v[1];
   } else {
-    using H = Vec<Scalar<V>, kLanesOf<V> / 2>;
-    H lo, hi;
-    std::memcpy(&lo, &v, sizeof(H));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
-    return hsum(lo + hi);
+    constexpr int64_t half = kLanesOf<V> / 2;
+    return hsum(detail::slice<0, half>(v) + detail::slice<half, half>(v));
   }
 }
 
@@ -372,26 +383,17 @@ UXNET_SIMD_INLINE W to_wide(V v) {
 template <typename V>
 UXNET_SIMD_INLINE Vec<double, kLanesOf<V> / 2> widen_lo(V v) {
   using D = Vec<double, kLanesOf<V> / 2>;
-  Vec<float, kLanesOf<V> / 2> h;
-  std::memcpy(&h, &v, sizeof(h));
-  return __builtin_convertvector(h, D);
+  return __builtin_convertvector(detail::slice<0, kLanesOf<V> / 2>(v), D);
 }
 
 template <typename V>
 UXNET_SIMD_INLINE Vec<double, kLanesOf<V> / 2> widen_hi(V v) {
   using D = Vec<double, kLanesOf<V> / 2>;
-  Vec<float, kLanesOf<V> / 2> h;
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(h), sizeof(h));
-  return __builtin_convertvector(h, D);
+  return __builtin_convertvector(detail::slice<kLanesOf<V> / 2, kLanesOf<V> / 2>(v), D);
 }
 
 template <typename D>
 UXNET_SIMD_INLINE Vec<float, 2 * kLanesOf<D>> narrow(D lo, D hi) {
   using F = Vec<float, kLanesOf<D>>;
-  const F l = __builtin_convertvector(lo, F);
-  const F h = __builtin_convertvector(hi, F);
-  Vec<float, 2 * kLanesOf<D>> r;
-  std::memcpy(&r, &l, sizeof(l));
-  std::memcpy(reinterpret_cast<char*>(&r) + sizeof(l), &h, sizeof(h));
-  return r;
+  return detail::concat(__builtin_convertvector(lo, F), __builtin_convertvector(hi, F));
 }

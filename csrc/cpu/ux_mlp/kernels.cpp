@@ -15,7 +15,7 @@ namespace cpu {
 namespace ux_mlp {
 
 template <typename scalar_t, typename acc_t>
-Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last) {
+Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last, int64_t channels) {
   using Forward = ln_mlp::ChunkKernel<ForwardArgs<scalar_t, acc_t>>;
   using Backward = ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>>;
   static const auto forward_cl = UXNET_SIMD_PER_ISA(Forward, ux_mlp_kernels::forward_chunks<scalar_t, acc_t, true>);
@@ -24,13 +24,19 @@ Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last) {
       UXNET_SIMD_PER_ISA(Backward, ux_mlp_kernels::backward_chunks<scalar_t, acc_t, true>);
   static const auto backward_cf =
       UXNET_SIMD_PER_ISA(Backward, ux_mlp_kernels::backward_chunks<scalar_t, acc_t, false>);
-  return channels_last ? Kernels<scalar_t, acc_t>{forward_cl[isa], backward_cl[isa]}
-                       : Kernels<scalar_t, acc_t>{forward_cf[isa], backward_cf[isa]};
+  static const auto backward_few_cl =
+      UXNET_SIMD_PER_ISA(Backward, ux_mlp_kernels::backward_few_channels<scalar_t, acc_t, true>);
+  static const auto backward_few_cf =
+      UXNET_SIMD_PER_ISA(Backward, ux_mlp_kernels::backward_few_channels<scalar_t, acc_t, false>);
+  Kernels<scalar_t, acc_t> chosen = channels_last ? Kernels<scalar_t, acc_t>{forward_cl[isa], backward_cl[isa]}
+                                                  : Kernels<scalar_t, acc_t>{forward_cf[isa], backward_cf[isa]};
+  if (channels <= kFewChannels) chosen.backward = channels_last ? backward_few_cl[isa] : backward_few_cf[isa];
+  return chosen;
 }
 
-template Kernels<float, float> kernels(simd::Isa, bool);
-template Kernels<simd::bf16, float> kernels(simd::Isa, bool);
-template Kernels<double, double> kernels(simd::Isa, bool);
+template Kernels<float, float> kernels(simd::Isa, bool, int64_t);
+template Kernels<simd::bf16, float> kernels(simd::Isa, bool, int64_t);
+template Kernels<double, double> kernels(simd::Isa, bool, int64_t);
 
 }  // namespace ux_mlp
 }  // namespace cpu

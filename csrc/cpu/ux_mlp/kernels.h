@@ -1,8 +1,8 @@
 // Chunk kernels of the CPU fused UX MLP (forward and backward), one pass over each voxel's C channels:
 //   n_c = LN(y)_c * ln_weight_c + ln_bias_c;  u_cj = w1_cj * n_c + b1_cj;  h_cj = u_cj * Phi(u_cj)
 //   z_c = sum_j w2_cj * h_cj + b2_c;          out_c = residual_c + gamma_c * z_c
-// The backward recomputes n, u, h from y, the saved per-voxel rstd and the mean (recomputed in float64, see
-// centred() in tile_math.h); nothing 4C-wide is stored.
+// The backward recomputes n, u, h from y and the saved per-voxel mean (plus a correction, centred() in
+// tile_math.h) and rstd; nothing 4C-wide is stored.
 //
 // NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per ISA variant.
 #include "cpu/common/tile_math.h"
@@ -87,8 +87,7 @@ void backward_chunks(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
   LaneBuffer<V> grad(C * kSub);
   LaneBuffer<V> y(C * kSub);
   LaneBuffer<V> lanes(C * kRows * kSub);
-  DoubleLanes mean[kSub];
-  V rstd[kSub];
+  V mean[kSub], mean_lo[kSub], rstd[kSub];
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     double* partial = a.partials + chunk * kRows * C;
     std::fill(partial, partial + kRows * C, 0.0);
@@ -98,8 +97,8 @@ void backward_chunks(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
       const TileRef tile = tile_ref(t, i);
       load_tile<kChannelsLast, scalar_t, acc_t>(a.grad_out, t, tile, grad.data());
       load_tile<kChannelsLast, scalar_t, acc_t>(a.y, t, tile, y.data());
-      load_rstd(a.rstd, t, tile, rstd);
-      tile_means(y.data(), C, mean);
+      load_stats(a.mean, a.rstd, t, tile, mean, rstd);
+      tile_mean_corrections(y.data(), C, mean, mean_lo);
       for (int64_t s = 0; s < kSub; ++s) {
         V sum_g{};
         V sum_gx{};
@@ -108,7 +107,7 @@ void backward_chunks(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
           const int64_t i_cs = c * kSub + s;
           V* lane = lanes.data() + c * kRows * kSub + s;  // row r of channel c at lane[r * kSub]
           const V g = grad[i_cs];
-          const V xhat = centred<acc_t>(y[i_cs], mean[s]) * rstd[s];
+          const V xhat = centred(y[i_cs], mean[s], mean_lo[s]) * rstd[s];
           const V n = fma(xhat, broadcast<V>(p.ln_weight), broadcast<V>(p.ln_bias));
           const V gz = g * p.gamma;
           V z = broadcast<V>(p.b2);
@@ -140,7 +139,7 @@ void backward_chunks(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
         const V mean_gx = sum_gx * inv_c;
         for (int64_t c = 0; c < C; ++c) {
           const int64_t i_cs = c * kSub + s;
-          const V xhat = centred<acc_t>(y[i_cs], mean[s]) * rstd[s];
+          const V xhat = centred(y[i_cs], mean[s], mean_lo[s]) * rstd[s];
           // Unfused on purpose: for C = 1, grad - mean_g is exactly 0 and xhat is exactly 0.
           grad[i_cs] = rstd[s] * (grad[i_cs] - mean_g - xhat * mean_gx);
         }
@@ -148,6 +147,80 @@ void backward_chunks(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
       store_tile<kChannelsLast, scalar_t, acc_t>(grad.data(), t, tile, a.grad_y);
       if ((i - tile_begin + 1) % kTilesPerFlush == 0 || i + 1 == tile_end) {
         flush_lanes<acc_t>(lanes.data(), kRows, C, partial);
+      }
+    }
+  }
+}
+
+// ---- few channels (C <= kFewChannels): the backward in float64, voxel by voxel -------------------------------
+// As for the LayerNorm (layer_norm/kernels.h): with few channels grad_y is ill-conditioned, and with C = 1 every
+// voxel shares its pre-activations, so the parameter gradients are one GELU'-weighted sum that can cancel. float64
+// arithmetic (and libm's erfc / exp) leaves only the rounding of the saved float32 rstd.
+
+template <typename scalar_t, typename acc_t, bool kChannelsLast>
+void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
+  using ::uxnet::cpu::simd::convert;
+  constexpr int64_t kMax = ::uxnet::cpu::ux_mlp::kFewChannels;
+  constexpr int64_t kRows = kMlpParams;
+  const VoxelTiling& t = a.tiling;
+  const int64_t C = t.channels;
+  const int64_t channel_stride = kChannelsLast ? 1 : t.voxels;
+  double table[kRows][kMax];
+  for (int64_t row = 0; row < kRows; ++row) {
+    for (int64_t c = 0; c < C; ++c) {
+      table[row][c] = static_cast<double>(a.params[row * C + c]);
+    }
+  }
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    double* partial = a.partials + chunk * kRows * C;
+    std::fill(partial, partial + kRows * C, 0.0);
+    const int64_t tile_end = std::min(t.num_tiles, (chunk + 1) * t.tiles_per_chunk);
+    for (int64_t i = chunk * t.tiles_per_chunk; i < tile_end; ++i) {
+      const TileRef tile = tile_ref(t, i);
+      for (int64_t p = 0; p < tile.count; ++p) {
+        const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
+        const int64_t base = kChannelsLast ? voxel * C : tile.n * C * t.voxels + tile.v0 + p;
+        double y[kMax], g[kMax], xhat[kMax], gx[kMax];
+        double mean = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          y[c] = convert<double>(a.y[base + c * channel_stride]);
+          g[c] = convert<double>(a.grad_out[base + c * channel_stride]);
+          mean += y[c];
+        }
+        mean /= static_cast<double>(C);
+        const double rstd = static_cast<double>(a.rstd[voxel]);
+        double sum_g = 0.0, sum_gx = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          xhat[c] = (y[c] - mean) * rstd;
+          const double n = xhat[c] * table[kLnWeight][c] + table[kLnBias][c];
+          const double gz = g[c] * table[kGamma][c];
+          double z = table[kB2][c];
+          double gn = 0.0;
+          for (int64_t j = 0; j < 4; ++j) {
+            const double u = n * table[kW1 + j][c] + table[kB1 + j][c];
+            const double cdf = 0.5 * std::erfc(-u * 0.70710678118654752440);
+            const double pdf = std::exp(-0.5 * u * u) * 0.39894228040143267794;
+            const double h = u * cdf;
+            const double gu = gz * table[kW2 + j][c] * (cdf + u * pdf);
+            z += table[kW2 + j][c] * h;
+            partial[(kW2 + j) * C + c] += gz * h;
+            partial[(kB1 + j) * C + c] += gu;
+            partial[(kW1 + j) * C + c] += gu * n;
+            gn += gu * table[kW1 + j][c];
+          }
+          partial[kGamma * C + c] += g[c] * z;
+          partial[kB2 * C + c] += gz;
+          partial[kLnBias * C + c] += gn;
+          partial[kLnWeight * C + c] += gn * xhat[c];
+          gx[c] = gn * table[kLnWeight][c];
+          sum_g += gx[c];
+          sum_gx += gx[c] * xhat[c];
+        }
+        const double mean_g = sum_g / static_cast<double>(C);
+        const double mean_gx = sum_gx / static_cast<double>(C);
+        for (int64_t c = 0; c < C; ++c) {
+          a.grad_y[base + c * channel_stride] = convert<scalar_t>(rstd * (gx[c] - mean_g - xhat[c] * mean_gx));
+        }
       }
     }
   }

@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cpu(
                                             rstd.data_ptr<acc_t>(),
                                             static_cast<acc_t>(eps),
                                             ln_mlp::make_tiling(yc, format, /*row_blocks=*/false)};
-    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, args.tiling.channels_last).forward);
+    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, args.tiling.channels_last, args.tiling.channels).forward);
   });
   return {out, mean, rstd};
 }
@@ -133,12 +133,17 @@ ux_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y, const at::T
       using acc_t = ln_mlp::acc_type<scalar_t>;
       using kernel_t = ln_mlp::kernel_type<scalar_t>;
       const at::Tensor table = pack_params<acc_t>(params);
+      const at::Tensor mean_c = mean.contiguous();
       const at::Tensor rstd_c = rstd.contiguous();
-      const BackwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(gc),     ln_mlp::kernel_data<scalar_t>(yc),
-                                               table.data_ptr<acc_t>(),               rstd_c.data_ptr<acc_t>(),
-                                               ln_mlp::kernel_data_mut<scalar_t>(grad_y), partials.data_ptr<double>(),
+      const BackwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(gc),
+                                               ln_mlp::kernel_data<scalar_t>(yc),
+                                               table.data_ptr<acc_t>(),
+                                               mean_c.data_ptr<acc_t>(),
+                                               rstd_c.data_ptr<acc_t>(),
+                                               ln_mlp::kernel_data_mut<scalar_t>(grad_y),
+                                               partials.data_ptr<double>(),
                                                tiling};
-      ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last).backward);
+      ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).backward);
     });
     sums = ln_mlp::sum_partials_in_order(partials);
   }

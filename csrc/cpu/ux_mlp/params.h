@@ -27,17 +27,21 @@ struct ForwardArgs {
   ln_mlp::VoxelTiling tiling;  // kTile tiles
 };
 
-// The backward recomputes each voxel's mean from y in float64 (see layer_norm/params.h) and uses the saved rstd.
+// The backward centres y on the saved mean plus a correction (see layer_norm/params.h).
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* grad_out;
   const scalar_t* y;
   const acc_t* params;
+  const acc_t* mean;
   const acc_t* rstd;
   scalar_t* grad_y;
   double* partials;  // [num_chunks][kMlpParams][C]
   ln_mlp::VoxelTiling tiling;
 };
+
+// Up to this many channels the backward runs in float64 (kernels.h, backward_few_channels).
+constexpr int64_t kFewChannels = 4;
 
 template <typename scalar_t, typename acc_t>
 struct Kernels {
@@ -45,10 +49,10 @@ struct Kernels {
   ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>> backward;
 };
 
-// The kernels of an ISA variant for a layout (kernels.cpp); instantiated for (float, float), (bf16, float) and
-// (double, double).
+// The kernels of an ISA variant for a layout and channel count (kernels.cpp); instantiated for (float, float),
+// (bf16, float) and (double, double).
 template <typename scalar_t, typename acc_t>
-Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last);
+Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last, int64_t channels);
 
 }  // namespace ux_mlp
 }  // namespace cpu

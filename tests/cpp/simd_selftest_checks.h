@@ -1,0 +1,142 @@
+// The SIMD layer's operations (csrc/cpu/simd/vec.h) against scalar C++, compiled once per ISA variant by
+// simd_selftest.cpp through compile_per_isa.inc. NO include guard (included once per variant, inside its namespace).
+
+namespace selftest {
+
+using Report = ::uxnet::cpu::selftest_report::Report;
+
+// Values with every special case: signed zeros, denormals, NaN, infinities, ties of bf16 rounding.
+template <typename T>
+inline T special(int i) {
+  const T values[] = {T(0),
+                      T(-0.0),
+                      T(1),
+                      T(-1.5),
+                      T(3.25),
+                      std::numeric_limits<T>::denorm_min(),
+                      -std::numeric_limits<T>::min(),
+                      std::numeric_limits<T>::max(),
+                      std::numeric_limits<T>::infinity(),
+                      -std::numeric_limits<T>::infinity(),
+                      std::numeric_limits<T>::quiet_NaN(),
+                      T(1.00390625),      // 1 + 2^-8: a bf16 rounding tie, to even: 1
+                      T(1.01171875),      // 1 + 3 * 2^-8: a tie, to even: 1 + 2^-6
+                      T(-2.7182818284),
+                      T(1e-3),
+                      T(123456.789)};
+  return values[i % 16];
+}
+
+inline bool same(double a, double b) {
+  return (std::isnan(a) && std::isnan(b)) || (a == b && std::signbit(a) == std::signbit(b));
+}
+
+template <typename V>
+inline V lanes_from(int offset) {
+  using T = Scalar<V>;
+  T buf[kLanesOf<V>];
+  for (int64_t i = 0; i < kLanesOf<V>; ++i) buf[i] = special<T>(static_cast<int>(i) + offset);
+  return load<V>(buf);
+}
+
+template <typename T>
+void check_type(Report& r) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  for (int offset = 0; offset < 16; offset += 3) {
+    const V a = lanes_from<V>(offset), b = lanes_from<V>(offset + 5), c = lanes_from<V>(offset + 11);
+    // loads, stores, partial tails
+    for (int64_t n = 0; n <= L; ++n) {
+      T src[L], dst[L];
+      for (int64_t i = 0; i < L; ++i) {
+        src[i] = special<T>(static_cast<int>(i) + offset);
+        dst[i] = T(7);
+      }
+      const V p = load_partial<V>(src, n);
+      store_partial(dst, p, n);
+      for (int64_t i = 0; i < L; ++i) {
+        r.check(same(p[i], i < n ? src[i] : T(0)), "load_partial", i);
+        r.check(same(dst[i], i < n ? src[i] : T(7)), "store_partial", i);
+      }
+    }
+    const V s = fma(a, b, c), ns = fnma(a, b, c), q = sqrt(a), mn = min(a, b), mx = max(a, b), ab = abs(a);
+    const Mask<V> m_lt = lt(a, b), m_le = le(a, b), m_gt = gt(a, b), m_ge = ge(a, b), m_eq = eq(a, b),
+                  m_ne = ne(a, b);
+    const V sel = select(m_lt, a, b);
+    for (int64_t i = 0; i < L; ++i) {
+      const T x = a[i], y = b[i], z = c[i];
+#if UXNET_SIMD_FMA == 0
+      const T fused = x * y + z, fused_neg = z - x * y;
+#else
+      const T fused = std::fma(x, y, z), fused_neg = std::fma(-x, y, z);
+#endif
+      r.check(same(s[i], fused), "fma", i);
+      r.check(same(ns[i], fused_neg), "fnma", i);
+      r.check(same(q[i], std::sqrt(x)), "sqrt", i);
+      r.check(same(mn[i], x < y ? x : y), "min", i);
+      r.check(same(mx[i], x > y ? x : y), "max", i);
+      r.check(same(ab[i], std::fabs(x)), "abs", i);
+      r.check(m_lt[i] == (x < y ? -1 : 0) && m_le[i] == (x <= y ? -1 : 0), "lt / le", i);
+      r.check(m_gt[i] == (x > y ? -1 : 0) && m_ge[i] == (x >= y ? -1 : 0), "gt / ge", i);
+      r.check(m_eq[i] == (x == y ? -1 : 0) && m_ne[i] == (x != y ? -1 : 0), "eq / ne", i);
+      r.check(same(sel[i], x < y ? x : y), "select", i);
+      r.check(same((a + b)[i], x + y) && same((a * b)[i], x * y) && same((a / b)[i], x / y), "+ * /", i);
+      r.check(same(broadcast<V>(z)[i], z) && same(zero<V>()[i], T(0)), "broadcast / zero", i);
+      r.check(same(from_bits<V>(bits(a))[i], x), "bits / from_bits", i);
+    }
+    // hsum: pairwise halves
+    T work[L];
+    store(work, b);
+    for (int64_t half = L / 2; half >= 1; half /= 2) {
+      for (int64_t i = 0; i < half; ++i) work[i] = work[i] + work[i + half];
+    }
+    r.check(same(hsum(b), work[0]), "hsum", 0);
+  }
+}
+
+inline void check_conversions(Report& r) {
+  using VF = Vec<float>;
+  constexpr int64_t L = kLanes<float>;
+  for (int offset = 0; offset < 16; offset += 3) {
+    const VF a = lanes_from<VF>(offset);
+    const auto lo = widen_lo(a), hi = widen_hi(a);
+    const VF back = narrow(lo, hi);
+    const auto wide = to_wide<Vec<double, L>>(a);
+    for (int64_t i = 0; i < L; ++i) {
+      const double w = i < L / 2 ? lo[i] : hi[i - L / 2];
+      r.check(same(w, static_cast<double>(a[i])) && same(wide[i], static_cast<double>(a[i])), "widen", i);
+      r.check(same(back[i], a[i]), "narrow", i);
+    }
+    // bf16 memory: round to nearest even, NaN kept, as c10::BFloat16; loads widen exactly.
+    ::uxnet::cpu::simd::bf16 h[L], partial[L];
+    store(h, a);
+    const VF loaded = load<VF>(h);
+    for (int64_t i = 0; i < L; ++i) {
+      const ::uxnet::cpu::simd::bf16 want = ::uxnet::cpu::simd::float_to_bf16(a[i]);
+      r.check(std::isnan(a[i]) ? (h[i].bits & 0x7fff) > 0x7f80 : h[i].bits == want.bits, "bf16 store", i);
+      r.check(same(loaded[i], ::uxnet::cpu::simd::bf16_to_float(h[i])), "bf16 load", i);
+    }
+    for (int64_t n = 0; n <= L; ++n) {
+      for (int64_t i = 0; i < L; ++i) partial[i].bits = 0x4242;
+      store_partial(partial, a, n);
+      const VF p = load_partial<VF>(partial, n);
+      for (int64_t i = 0; i < L; ++i) {
+        r.check(i < n ? partial[i].bits == h[i].bits : partial[i].bits == 0x4242, "bf16 store_partial", i);
+        r.check(same(p[i], i < n ? ::uxnet::cpu::simd::bf16_to_float(h[i]) : 0.0f), "bf16 load_partial", i);
+      }
+    }
+  }
+  // float -> int lanes (truncation, as exp-like code uses it)
+  VF small;
+  for (int64_t i = 0; i < L; ++i) small[i] = static_cast<float>(i) - 3.5f;
+  const Mask<VF> ints = to_wide<Mask<VF>>(small);
+  for (int64_t i = 0; i < L; ++i) r.check(ints[i] == static_cast<int32_t>(small[i]), "to_wide float -> int", i);
+}
+
+inline void run(Report& r) {
+  check_type<float>(r);
+  check_type<double>(r);
+  check_conversions(r);
+}
+
+}  // namespace selftest
