@@ -1,6 +1,7 @@
 """Differential fuzz of the compiled CPU kernels against a float64 truth, under every ISA variant.
 
-Each case draws an op (dwconv3d, layer_norm_channels_first, ux_mlp), a shape (N up to 3, C from 1 with odd and
+Each case draws an op (dwconv3d, layer_norm_channels_first, ux_mlp, and the decoder's instance_norm_lrelu and
+instance_norm_add_lrelu with a residual or a one- or two-input projection shortcut), a shape (N up to 3, C from 1 with odd and
 16-lane-boundary counts, spatial dims from 1, often smaller than the kernel), per-axis odd kernels up to 31, a dtype
 (float32, bfloat16, float64), a layout (NCDHW, channels_last_3d, a strided view) and, in some cases, a NaN or
 +-Inf in x or in a weight. It runs the forward and every gradient (through the registered autograd, so the
@@ -21,6 +22,8 @@ backward ops too) and compares each with the reference ops run in float64 on the
   PyTorch's error, is the bar (one PyTorch implementation's error there does not bound another's: its native
   F.layer_norm exceeds 2x its composite reference's error in 61% of one-voxel C = 2 cases). The summary counts
   the checks each clause passed.
+- The instance-norm ops' floor (run_instance_norm_floor) also perturbs the mean by an ulp and takes the kernel's
+  LeakyReLU branch where the float64 pre-activation is within the computation's rounding of 0.
 
 Every case is reproducible from its seed, printed with every mismatch:
 
@@ -50,7 +53,14 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float64
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative, as conftest.TOLERANCES
 FLOAT64_TOLERANCE = 1e-10
 FLOAT64_PER_FLOAT32 = 1e-5  # the tests' float64 / float32 tolerance ratio
-OPS = ("dwconv3d", "layer_norm", "ux_mlp")
+OPS = ("dwconv3d", "layer_norm", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
+INSTANCE_NORM_OPS = ("instance_norm_lrelu", "instance_norm_add_lrelu")
+# Two corners of the instance-norm ops the fuzz leaves out, both ill-conditioned beyond what the rule can judge
+# (docs/PERFORMANCE.md, "Reliability"): bfloat16 planes of fewer than MIN_BF16_PLANE voxels (the backward recovers
+# the normalised values from the bfloat16 output, and a 2-voxel plane's input gradient is 0 up to eps terms), and
+# one-channel shortcut inputs (the normalised projection does not depend on its weight's scale, so that gradient
+# is an eps effect).
+MIN_BF16_PLANE = 8
 # float64 reference work per case (N * C * D * H * W * taps for dwconv3d) is kept under this.
 MAX_CONV_WORK = 3_000_000
 
@@ -64,13 +74,19 @@ class Case:
     dtype: str
     layout: str  # contiguous | channels_last_3d | strided
     poison: Optional[Tuple[str, int, str]]  # (tensor name, flat index, "nan" | "inf" | "-inf")
-    residual: bool  # ux_mlp
+    residual: bool  # ux_mlp; instance_norm_add_lrelu: residual (True) or projection shortcut (False)
     gamma: bool  # ux_mlp
+    negative_slope: float = 0.01  # instance-norm ops
+    shortcut_channels: Tuple[int, ...] = ()  # instance_norm_add_lrelu with a shortcut: C_i of each input
 
     def describe(self) -> str:
         extra = f" k={self.kernel}" if self.op == "dwconv3d" else ""
         if self.op == "ux_mlp":
             extra = f" residual={self.residual} gamma={self.gamma}"
+        if self.op in INSTANCE_NORM_OPS:
+            extra = f" slope={self.negative_slope}"
+            if self.op == "instance_norm_add_lrelu":
+                extra += " residual" if self.residual else f" shortcut C_i={self.shortcut_channels}"
         return (f"case seed {self.seed}: {self.op} {self.shape}{extra} {self.dtype} {self.layout}"
                 f" poison={self.poison}")
 
@@ -101,16 +117,33 @@ def draw_case(seed: int) -> Case:
             work = n * c * d * h * w * kernel[0] * kernel[1] * kernel[2]
         else:
             work = n * c * d * h * w
+        if op in INSTANCE_NORM_OPS and d * h * w < 2:  # statistics over one voxel are rejected, like F.instance_norm
+            continue
         if work <= MAX_CONV_WORK:
             break
     dtype = rng.choice(list(DTYPES))
+    if op in INSTANCE_NORM_OPS and dtype == "bfloat16" and d * h * w < MIN_BF16_PLANE:
+        w = max(w, -(-MIN_BF16_PLANE // (d * h)))
     layout = rng.choice(["contiguous", "channels_last_3d", "strided"])
     poison = None
     if rng.random() < 0.2:
+        # instance_norm_add_lrelu: z only. A non-finite residual or shortcut makes the kernel's grad_z NaN over the
+        # affected (n, c) planes, where the reference (which keeps z) stays finite: a documented difference
+        # (docs/ARCHITECTURE.md), not checked here.
         names = {"dwconv3d": ["x", "weight", "bias"], "layer_norm": ["x", "weight", "bias"],
-                 "ux_mlp": ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]}[op]
+                 "ux_mlp": ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"],
+                 "instance_norm_lrelu": ["x"], "instance_norm_add_lrelu": ["x"]}[op]
         poison = (rng.choice(names), rng.randrange(1 << 30), rng.choice(["nan", "inf", "-inf"]))
-    return Case(seed, op, (n, c, d, h, w), kernel, dtype, layout, poison, rng.random() < 0.7, rng.random() < 0.7)
+    residual, gamma = rng.random() < 0.7, rng.random() < 0.7
+    slope, shortcut = 0.01, ()
+    if op in INSTANCE_NORM_OPS:
+        slope = rng.choice([0.01, 0.01, 0.1, 0.5, 2.0])
+        if op == "instance_norm_add_lrelu":
+            residual = rng.random() < 0.5
+            if not residual:
+                shortcut = tuple(rng.choice([2, 3, rng.randint(2, 9), 16, 17, 33])
+                                 for _ in range(rng.choice([1, 2])))
+    return Case(seed, op, (n, c, d, h, w), kernel, dtype, layout, poison, residual, gamma, slope, shortcut)
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
@@ -140,6 +173,14 @@ def make_inputs(case: Case) -> Dict[str, Optional[torch.Tensor]]:
     elif case.op == "layer_norm":
         inputs = {"x": rand(n, c, d, h, w, scale=1.5, offset=0.7), "weight": rand(c, scale=0.5, offset=1.0),
                   "bias": rand(c, scale=0.5)}
+    elif case.op == "instance_norm_lrelu":
+        inputs = {"x": rand(n, c, d, h, w, scale=1.5, offset=0.7)}
+    elif case.op == "instance_norm_add_lrelu":
+        inputs = {"x": rand(n, c, d, h, w, scale=1.5, offset=0.7),
+                  "residual": rand(n, c, d, h, w) if case.residual else None}
+        for i, c_i in enumerate(case.shortcut_channels):
+            inputs[f"shortcut_input{i}"] = rand(n, c_i, d, h, w, offset=0.2)
+            inputs[f"shortcut_weight{i}"] = rand(c, c_i, 1, 1, 1, scale=1 / math.sqrt(c_i))
     else:
         inputs = {"y": rand(n, c, d, h, w, offset=0.3), "residual": rand(n, c, d, h, w) if case.residual else None,
                   "ln_weight": rand(c, scale=0.5, offset=1.0), "ln_bias": rand(c, scale=0.5), "w1": rand(c, 4),
@@ -151,7 +192,7 @@ def make_inputs(case: Case) -> Dict[str, Optional[torch.Tensor]]:
         target = inputs.get(name)
         if target is not None and target.numel() > 0:
             target.view(-1)[index % target.numel()] = float(kind)
-    for name in ("x", "y", "residual", "grad_out"):
+    for name in ("x", "y", "residual", "grad_out", "shortcut_input0", "shortcut_input1"):
         if inputs.get(name) is not None:
             inputs[name] = _layout(inputs[name], case.layout)
     return inputs
@@ -167,9 +208,14 @@ def _leaves(inputs, dtype):
             for name, t in inputs.items()}
 
 
-def run(op: str, inputs, dtype, kernel: bool) -> List[Tuple[str, torch.Tensor]]:
+def _shortcut_names(inputs) -> List[str]:
+    return sorted(k for k in inputs if k.startswith("shortcut_"))
+
+
+def run(op: str, inputs, dtype, kernel: bool, slope: float = 0.01) -> List[Tuple[str, torch.Tensor]]:
     """[(name, tensor)] for the forward output and the gradient of every differentiable input, computed in
-    `dtype` by the compiled op (kernel=True) or by the reference ops."""
+    `dtype` by the compiled op (kernel=True) or by the reference ops (`slope`: the instance-norm ops' LeakyReLU
+    slope)."""
     leaves = _leaves(inputs, dtype)
     if op == "dwconv3d":
         args = [leaves["x"], leaves["weight"], leaves["bias"]]
@@ -180,10 +226,23 @@ def run(op: str, inputs, dtype, kernel: bool) -> List[Tuple[str, torch.Tensor]]:
         names = ["x", "weight", "bias"]
         out = (torch.ops.uxnet.layer_norm_cf(*args, EPS)[0] if kernel
                else reference.layer_norm_channels_first(*args, EPS))
-    else:
+    elif op == "ux_mlp":
         names = ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]
         args = [leaves[k] for k in names]
         out = torch.ops.uxnet.ux_mlp(*args, EPS)[0] if kernel else reference.ux_mlp(*args, EPS)
+    elif op == "instance_norm_lrelu":
+        names, args = ["x"], [leaves["x"]]
+        out = (torch.ops.uxnet.instance_norm_lrelu(leaves["x"], slope, EPS)[0] if kernel
+               else reference.instance_norm_lrelu(leaves["x"], slope, EPS))
+    else:
+        names = ["x", "residual"] + _shortcut_names(leaves)
+        args = [leaves[k] for k in names]
+        shortcut_inputs = [leaves[k] for k in names if k.startswith("shortcut_input")]
+        shortcut_weights = [leaves[k] for k in names if k.startswith("shortcut_weight")]
+        call = torch.ops.uxnet.instance_norm_add_lrelu if kernel else reference.instance_norm_add_lrelu
+        out = call(leaves["x"], leaves["residual"], shortcut_inputs, shortcut_weights, slope, EPS)
+        if kernel:
+            out = out[0]
     wrt = [(name, a) for name, a in zip(names, args) if a is not None]
     grads = torch.autograd.grad(out, [a for _, a in wrt], inputs["grad_out"].to(dtype), allow_unused=True)
     results = [("out", out.detach())]
@@ -205,24 +264,72 @@ RSTD_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-23, torch.float64: 2.
 
 
 class _NormalizeWithRoundedRstd(torch.autograd.Function):
-    """(x - mean) * rstd * (1 + rel) over dim 1, in float64, with LayerNorm's gradient formula for that rstd."""
+    """(x - mean) * rstd * (1 + rel) over `dims` (LayerNorm: channels; instance norm: D, H, W), in float64, with the
+    normalisation's gradient formula for that rstd."""
 
     @staticmethod
-    def forward(ctx, x, rel):
-        centred = x - x.mean(1, keepdim=True)
-        rstd = (centred.pow(2).mean(1, keepdim=True) + EPS).rsqrt() * (1 + rel)
+    def forward(ctx, x, rel, dims=(1,), mean_rel=0.0):
+        centred = x - x.mean(dims, keepdim=True) * (1 + mean_rel)
+        rstd = (centred.pow(2).mean(dims, keepdim=True) + EPS).rsqrt() * (1 + rel)
         xhat = centred * rstd
         ctx.save_for_backward(xhat, rstd)
+        ctx.dims = dims
         return xhat
 
     @staticmethod
     def backward(ctx, grad):
         xhat, rstd = ctx.saved_tensors
-        return rstd * (grad - grad.mean(1, keepdim=True) - xhat * (grad * xhat).mean(1, keepdim=True)), None
+        dims = ctx.dims
+        return (rstd * (grad - grad.mean(dims, keepdim=True) - xhat * (grad * xhat).mean(dims, keepdim=True)),
+                None, None, None)
+
+
+# ---- the instance-norm ops' floor ------------------------------------------------------------------------------
+# Two things no float32 / bfloat16 implementation can avoid, and PyTorch's own error is a coin toss of:
+# - the statistics: the mean and rstd of a plane are float32 numbers when they are applied (PyTorch applies
+#   x * rstd - mean * rstd with float32 coefficients too); with few voxels or a large mean a plane is ill-conditioned
+#   in them (2 voxels: xhat = +-1 up to eps terms). The floor perturbs both by one float32 ulp.
+# - LeakyReLU's branch: where the float64 pre-activation lies within the rounding of the computation (a few units
+#   of roundoff of its terms, z's normalised value, the residual or the normalised projection, and, for a
+#   projection, the projection itself rounded to the dtype), either branch is a correct rounding of the same
+#   result, and the gradient there differs by a factor of the slope. The floor takes the kernel's branch (from the
+#   sign of its output) at those positions and the float64 branch everywhere else, so a wrong branch outside the
+#   band is still a mismatch.
+
+
+def run_instance_norm_floor(op: str, inputs, dtype, slope: float, kernel_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+    leaves = _leaves(inputs, torch.float64)
+    rel = RSTD_ULP[dtype]
+    u = UNIT_ROUNDOFF[dtype] if dtype != torch.float64 else 2.0**-53
+    norm = lambda t: _NormalizeWithRoundedRstd.apply(t, rel, (2, 3, 4), rel)  # noqa: E731
+    xhat = norm(leaves["x"])
+    shortcut = _shortcut_names(leaves) if op == "instance_norm_add_lrelu" else []
+    names = ["x"] + (["residual"] + shortcut if op == "instance_norm_add_lrelu" else [])
+    residual, scale = torch.zeros_like(xhat), torch.zeros_like(xhat)
+    if op == "instance_norm_add_lrelu" and leaves["residual"] is not None:
+        residual = leaves["residual"]
+    elif shortcut:
+        ins, ws = [leaves[k] for k in shortcut[:len(shortcut) // 2]], [leaves[k] for k in shortcut[len(shortcut) // 2:]]
+        projection = sum(torch.nn.functional.conv3d(a, w) for a, w in zip(ins, ws))
+        residual = norm(projection)
+        with torch.no_grad():
+            centred = projection - projection.mean((2, 3, 4), keepdim=True)
+            scale = projection.abs() * (centred.pow(2).mean((2, 3, 4), keepdim=True) + EPS).rsqrt()
+    pre = xhat + residual
+    with torch.no_grad():
+        band = 4 * u * (xhat.abs() + residual.abs() + scale)
+        positive = torch.where(pre.abs() <= band, kernel_out.double() > 0, pre > 0)
+    out = torch.where(positive, pre, slope * pre)
+    wrt = [(name, leaves[name]) for name in names if leaves[name] is not None]
+    grads = torch.autograd.grad(out, [a for _, a in wrt], inputs["grad_out"].double(), allow_unused=True)
+    result = {"out": out.detach()}
+    for (name, a), g in zip(wrt, grads):
+        result[f"grad_{name}"] = torch.zeros_like(a) if g is None else g
+    return result
 
 
 def _layer_norm_floor(rel, x, weight, bias):
-    return weight[:, None, None, None] * _NormalizeWithRoundedRstd.apply(x, rel) + bias[:, None, None, None]
+    return weight[:, None, None, None] * _NormalizeWithRoundedRstd.apply(x, rel, (1,)) + bias[:, None, None, None]
 
 
 def _ux_mlp_floor(rel, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma):
@@ -236,10 +343,10 @@ def _ux_mlp_floor(rel, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma):
     return out if residual is None else residual + out
 
 
-def run_floor(op: str, inputs, dtype) -> Optional[Dict[str, torch.Tensor]]:
+def run_floor(op: str, inputs, dtype, slope: float = 0.01) -> Optional[Dict[str, torch.Tensor]]:
     """The statistics floor of every output of `op` for kernels in `dtype` (None for dwconv3d, which saves no
-    statistics)."""
-    if op == "dwconv3d":
+    statistics; the instance-norm ops' floor depends on the kernel's output: run_instance_norm_floor)."""
+    if op == "dwconv3d" or op in INSTANCE_NORM_OPS:
         return None
     leaves = _leaves(inputs, torch.float64)
     if op == "layer_norm":
@@ -313,18 +420,21 @@ def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbo
     """Runs one case under every variant in `isas`; returns the mismatch messages."""
     dtype = DTYPES[case.dtype]
     inputs = make_inputs(case)
-    truth = dict(run(case.op, inputs, torch.float64, kernel=False))
+    slope = case.negative_slope
+    truth = dict(run(case.op, inputs, torch.float64, kernel=False, slope=slope))
     # float64 has no higher-precision truth; PyTorch's float32 error is the yardstick of how ill-conditioned a result
     # is (e.g. gradients that are exactly 0 but come out as rounding noise from the float64 reference).
-    same = dict(run(case.op, inputs, dtype if dtype != torch.float64 else torch.float32, kernel=False))
-    floor = run_floor(case.op, inputs, dtype)
+    same = dict(run(case.op, inputs, dtype if dtype != torch.float64 else torch.float32, kernel=False, slope=slope))
+    floor = run_floor(case.op, inputs, dtype, slope)
     failures = []
     previous = os.environ.get("UXNET_CPU_ISA")
     try:
         for isa in isas:
             os.environ["UXNET_CPU_ISA"] = isa
             start = time.perf_counter()
-            got = run(case.op, inputs, dtype, kernel=True)
+            got = run(case.op, inputs, dtype, kernel=True, slope=slope)
+            if case.op in INSTANCE_NORM_OPS:
+                floor = run_instance_norm_floor(case.op, inputs, dtype, slope, got[0][1])
             tally = tallies[isa]
             tally.seconds += time.perf_counter() - start
             tally.cases += 1

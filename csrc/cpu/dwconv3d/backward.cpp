@@ -3,7 +3,7 @@
 //                 nonfinite.h);
 //   grad_weight = per-task partial sums of grad_out * shifted x over a fixed partition of (channel block,
 //                 slice of the N*D planes), reduced in task order: bit-identical for any thread count;
-//   grad_bias   = the same tasks' sums of grad_out.
+//   grad_bias   = the same tasks' sums of grad_out, in float64 across rows, planes and tasks.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -55,28 +55,33 @@ void backward_typed(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   if (!mask[1] && !mask[2]) return;
 
   const int64_t groups = weight_grad_groups(g);
-  const int64_t task_elems = (g.taps() + 1) * g.lanes;
-  std::vector<Tc> partial(static_cast<size_t>(g.Cb * groups * task_elems));
-  weight_grad_partials(kernels, g, grad_out.data_ptr<scalar_t>(), strides_of(grad_out), x.data_ptr<scalar_t>(),
-                       strides_of(x), groups, mask[1], mask[2], partial.data());
-
-  // Reduce the partials in task order (fixed), one output element per (channel, tap).
-  const Tc* part = partial.data();
   const int64_t V = g.lanes;
   const int64_t taps = g.taps();
+  const int64_t task_elems = taps * V;
+  std::vector<Tc> partial(mask[1] ? static_cast<size_t>(g.Cb * groups * task_elems) : 0);
+  std::vector<double> bias_partial(mask[2] ? static_cast<size_t>(g.Cb * groups * V) : 0);
+  weight_grad_partials(kernels, g, grad_out.data_ptr<scalar_t>(), strides_of(grad_out), x.data_ptr<scalar_t>(),
+                       strides_of(x), groups, mask[1] ? partial.data() : nullptr,
+                       mask[2] ? bias_partial.data() : nullptr);
+
+  // Reduce the partials in task order (fixed), one output element per (channel, tap).
   scalar_t* gw = mask[1] ? grad_weight.data_ptr<scalar_t>() : nullptr;
   scalar_t* gb = mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const Tc* base = part + (c / V) * groups * task_elems + (c % V);
-      for (int64_t t = (gw ? 0 : taps); t < (gb ? taps + 1 : taps); ++t) {
-        Tc sum = 0;
-        for (int64_t k = 0; k < groups; ++k) sum += base[k * task_elems + t * V];
-        if (t < taps) {
+      const int64_t first_task = (c / V) * groups;
+      if (gw) {
+        const Tc* base = partial.data() + first_task * task_elems + (c % V);
+        for (int64_t t = 0; t < taps; ++t) {
+          Tc sum = 0;
+          for (int64_t k = 0; k < groups; ++k) sum += base[k * task_elems + t * V];
           gw[c * taps + t] = static_cast<scalar_t>(sum);
-        } else {
-          gb[c] = static_cast<scalar_t>(sum);
         }
+      }
+      if (gb) {
+        double sum = 0;
+        for (int64_t k = 0; k < groups; ++k) sum += bias_partial[(first_task + k) * V + c % V];
+        gb[c] = static_cast<scalar_t>(sum);
       }
     }
   });

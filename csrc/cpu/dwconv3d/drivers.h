@@ -203,14 +203,13 @@ void conv_volume(const KernelTable<Tc>& kernels, const Geometry& g, const Tin* s
 }
 
 // Weight/bias-gradient partial sums of task t = cb * groups + group, over the group-th of `groups` fixed,
-// equal slices of the N * D (n, d) planes of channel block cb: partial[t][taps() + 1][lanes] (the last vector is
-// the bias gradient). The partition depends only on the shapes, never on the thread count, and each task sums
+// equal slices of the N * D (n, d) planes of channel block cb: partial[t][taps()][lanes] (weight gradient, null if
+// not wanted) and bias_partial[t][lanes] (float64, null if not wanted). The partition depends only on the shapes, never on the thread count, and each task sums
 // in a fixed order, so the reduced gradient is bit-identical run to run and across thread counts.
 template <typename Tin, typename Tc>
 void weight_grad_partials(const KernelTable<Tc>& kernels, const Geometry& g, const Tin* grad, Strides5 grad_strides,
-                          const Tin* x, Strides5 x_strides, int64_t groups, bool want_weight, bool want_bias,
-                          Tc* partial) {
-  const int64_t task_elems = (g.taps() + 1) * g.lanes;
+                          const Tin* x, Strides5 x_strides, int64_t groups, Tc* partial, double* bias_partial) {
+  const int64_t task_elems = g.taps() * g.lanes;
   const int64_t planes_total = g.N * g.D;
   at::parallel_for(0, g.Cb * groups, 1, [&](int64_t begin, int64_t end) {
     PlaneRing<Tc> ring(g);
@@ -219,14 +218,16 @@ void weight_grad_partials(const KernelTable<Tc>& kernels, const Geometry& g, con
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cb = task / groups;
       const int64_t group = task % groups;
-      Tc* part = partial + task * task_elems;
-      std::fill(part, part + task_elems, Tc(0));
+      Tc* part = partial ? partial + task * task_elems : nullptr;
+      double* bias_part = bias_partial ? bias_partial + task * g.lanes : nullptr;
+      if (part) std::fill(part, part + task_elems, Tc(0));
+      if (bias_part) std::fill(bias_part, bias_part + g.lanes, 0.0);
       for (int64_t p = group * planes_total / groups; p < (group + 1) * planes_total / groups; ++p) {
         const int64_t n = p / g.D;
         const int64_t d = p % g.D;
         pack_plane(grad, grad_strides, g, n, cb, d, grad_plane.data());
-        if (want_weight) ring.gather(x, x_strides, n, cb, d, planes.data());
-        kernels.weight_grad_plane(g, grad_plane.data(), planes.data(), part, want_weight, want_bias);
+        if (part) ring.gather(x, x_strides, n, cb, d, planes.data());
+        kernels.weight_grad_plane(g, grad_plane.data(), planes.data(), part, bias_part);
       }
     }
   });

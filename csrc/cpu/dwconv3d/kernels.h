@@ -107,20 +107,22 @@ inline void weight_grad_block_dispatch(int64_t n, Args... args) {
 
 template <typename T>
 void weight_grad_plane(const Geometry& g, const T* grad_plane, const T* const* in_planes, T* partial,
-                       bool want_weight, bool want_bias) {
+                       double* bias_partial) {
   using V = Vec<T>;
+  using VD = Vec<double, kLanes<T>>;
   constexpr int64_t L = kLanes<T>;
   const int64_t row_len = g.row_len();
-  if (want_bias) {
-    V sum = zero<V>();
+  if (bias_partial != nullptr) {  // rows summed in T, the rows in float64
+    VD sum = load<VD>(bias_partial);
     for (int64_t h = 0; h < g.H; ++h) {
       const T* grow = grad_plane + (h * row_len + g.pad_w()) * L;
-      for (int64_t w = 0; w < g.W; ++w) sum += load<V>(grow + w * L);
+      V row = zero<V>();
+      for (int64_t w = 0; w < g.W; ++w) row += load<V>(grow + w * L);
+      sum += to_wide<VD>(row);
     }
-    T* bias_partial = partial + g.taps() * L;
-    store(bias_partial, load<V>(bias_partial) + sum);
+    store(bias_partial, sum);
   }
-  if (!want_weight) return;
+  if (partial == nullptr) return;
   const int64_t kw_blocks = (g.KW + kTapBlock - 1) / kTapBlock;
   for (int64_t kd = 0; kd < g.KD; ++kd) {
     const T* in_plane = in_planes[kd];

@@ -44,11 +44,12 @@ struct KernelTable {
   // bias: [lanes] or null.
   void (*conv_row)(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
                    T* out_row);
-  // partial[tap][lane] += sum over the plane of grad(h, w) * input(h + kh - pad_h, w + kw - pad_w) (if
-  // want_weight) and partial[taps()][lane] += sum over the plane of grad(h, w) (if want_bias).
-  // grad_plane is blocked with the same padding as the input planes.
+  // partial[tap][lane] += sum over the plane of grad(h, w) * input(h + kh - pad_h, w + kw - pad_w) (unless
+  // partial is null) and bias_partial[lane] += sum over the plane of grad(h, w) (unless bias_partial is null; in
+  // float64: a sum of grad_out alone cancels freely, and its error would be the only one). grad_plane is blocked
+  // with the same padding as the input planes.
   void (*weight_grad_plane)(const Geometry& g, const T* grad_plane, const T* const* in_planes, T* partial,
-                            bool want_weight, bool want_bias);
+                            double* bias_partial);
 };
 
 // The kernel table of an ISA variant (kernels.cpp).
