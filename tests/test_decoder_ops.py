@@ -252,10 +252,14 @@ def test_statistics(op):
         torch.testing.assert_close(rstd.double(), want_rstd, rtol=tol, atol=0)
         if op in ("shortcut", "split_shortcut"):
             k = (len(a) - 1) // 2
-            proj = sum(torch.nn.functional.conv3d(x, w) for x, w in zip(a[1:1 + k], a[1 + k:])).double()
-            torch.testing.assert_close(outs[3].double(), proj.mean((2, 3, 4)), rtol=tol, atol=tol)
+            # the float64 projection of the same inputs; in bfloat16 the op's projection is rounded to bfloat16 (once
+            # per product, the products accumulated in float32), hence the statistics' looser tolerance there
+            proj = sum(torch.nn.functional.conv3d(x.double(), w.double()) for x, w in zip(a[1:1 + k], a[1 + k:]))
+            ptol = 2**-7 if dtype == torch.bfloat16 else tol
+            torch.testing.assert_close(outs[3].double(), proj.mean((2, 3, 4)), rtol=ptol,
+                                       atol=ptol * proj.abs().max().item())
             want = (proj.var((2, 3, 4), unbiased=False) + EPS).rsqrt()
-            torch.testing.assert_close(outs[4].double(), want, rtol=tol, atol=0)
+            torch.testing.assert_close(outs[4].double(), want, rtol=ptol, atol=0)
         elif op == "residual":
             assert outs[3].shape == (0,) and outs[4].shape == (0,)
 

@@ -2,8 +2,8 @@
 // (statistics per (n, c) over D*H*W, no affine) fused with LeakyReLU and, for the residual-block tail, the residual
 // add or the normalised 1x1x1 projection shortcut. NCDHW-contiguous or channels_last_3d; float32, bfloat16 (float32
 // math, float32 statistics) and float64. The backward recovers the normalised values from the saved output by
-// inverting the LeakyReLU; the shortcut convolution (ATen's) is recomputed instead of saved. Checks, allocation,
-// the shortcut convolution and threading here; the kernels (kernels.h, compiled per ISA variant in kernels.cpp)
+// inverting the LeakyReLU; the shortcut's 1x1x1 convolutions (matrix products, ATen's BLAS) are recomputed instead
+// of saved. Checks, allocation, the shortcut products and threading here; the kernels (kernels.h, compiled per ISA variant in kernels.cpp)
 // run with the variant simd::selected_isa() picks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -190,14 +190,35 @@ at::Tensor empty_stats(const at::Tensor& x) {
 // the results is allocated (a convolution library would add scratch at the peak of the backward).
 at::Tensor as_matrix(const at::Tensor& w) { return w.view({w.size(0), w.size(1)}); }  // (C, C_i, 1, 1, 1) -> (C, C_i)
 
-// (N, C', V) product as a 5-D tensor shaped like `like` with C' channels, in `format`.
+// a (C', C_in) @ b[n] (C_in, V) for every n into out (N, C', V) (accumulate: added to it). One matrix product per
+// sample: matmul's 2-D @ 3-D broadcast would transpose b into a contiguous (N * V, C_in) copy and the result back.
+void ncdhw_product(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) {
+  // Below autograd: the op's own autograd rule differentiates it (and out= products reject inputs requiring grad).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  for (int64_t n = 0; n < b.size(0); ++n) {
+    at::Tensor out_n = out.select(0, n);
+    if (accumulate) {
+      out_n.addmm_(a, b.select(0, n));
+    } else {
+      at::mm_out(out_n, a, b.select(0, n));
+    }
+  }
+}
+
+// (N, C', V) product as a 5-D tensor shaped like `like` with C' channels, in `format`; accumulate: added to `into`
+// (a tensor of that shape and format) instead of a new tensor.
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& like, int64_t channels,
-                   at::MemoryFormat format) {
+                   at::MemoryFormat format, const at::Tensor* into = nullptr) {
   const int64_t n = like.size(0), d = like.size(2), h = like.size(3), w = like.size(4);
   if (format == at::MemoryFormat::ChannelsLast3d) {  // a (N, V, C_in) @ b (C_in, C') -> (N, V, C')
-    return at::matmul(a, b).view({n, d, h, w, channels}).permute({0, 4, 1, 2, 3});
+    at::Tensor result = at::matmul(a, b).view({n, d, h, w, channels}).permute({0, 4, 1, 2, 3});
+    if (into == nullptr) return result.contiguous(format);
+    return into->add_(result);
   }
-  return at::matmul(a, b).view({n, channels, d, h, w});  // a (C', C_in) @ b (N, C_in, V) -> (N, C', V)
+  at::Tensor result = into ? *into : at::empty({n, channels, d, h, w}, like.options());
+  at::Tensor rows = result.view({n, channels, d * h * w});
+  ncdhw_product(a, b, rows, into != nullptr);  // a (C', C_in) @ b (N, C_in, V) -> (N, C', V)
+  return result;
 }
 
 // sum_i conv3d(x_i, w_i) in `format`.
@@ -208,13 +229,9 @@ at::Tensor shortcut_projection(const at::Tensor& z, at::TensorList inputs, at::T
   for (size_t i = 0; i < inputs.size(); ++i) {
     const at::Tensor x = inputs[i].flatten(2);  // (N, C_i, V)
     const at::Tensor w = as_matrix(weights[i]);
-    at::Tensor term = cl ? product(x.transpose(1, 2), w.t(), z, z.size(1), format)
-                         : product(w, x, z, z.size(1), format);
-    if (i == 0) {
-      sum = term.contiguous(format);
-    } else {
-      sum.add_(term);
-    }
+    const at::Tensor* into = i == 0 ? nullptr : &sum;
+    sum = cl ? product(x.transpose(1, 2), w.t(), z, z.size(1), format, into)
+             : product(w, x, z, z.size(1), format, into);
   }
   return sum;
 }
@@ -230,7 +247,7 @@ std::pair<at::Tensor, at::Tensor> shortcut_backward(const at::Tensor& grad_proj,
                           ? product(g.transpose(1, 2), w, x_in, x_in.size(1), format)
                           : product(w.t(), g, x_in, x_in.size(1), format);
   at::Tensor grad_w = at::matmul(g, x.transpose(1, 2)).sum(0).view(w_in.sizes());
-  return {grad_x.contiguous(format), grad_w};
+  return {grad_x, grad_w};
 }
 
 // out = lrelu(IN(z) + r_hat); fills mean/rstd of z, and r_mean/r_rstd of r when mode is normalized (r is then the
