@@ -1,4 +1,5 @@
-"""What the benchmarks time: op cases (dwconv3d, layer_norm_channels_first, ux_mlp) and model cases (UXNet
+"""What the benchmarks time: op cases (dwconv3d, layer_norm_channels_first, ux_mlp, and the decoder's
+instance_norm_lrelu and instance_norm_add_lrelu with a residual) and model cases (UXNet
 inference, training step, re-parameterised inference), for each size preset, and how each one is built.
 
 Every case belongs to a comparison ``group`` (same op, mode, shape, kernel and dtype; or same model workload) in
@@ -21,7 +22,9 @@ from uxnet_kernels import dispatch, reference
 from . import flops as flops_mod
 from .timing import InputPool, pool_size
 
-OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp")
+OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
+ENCODER_NORM_OPS = OPS[1:3]
+DECODER_OPS = OPS[3:]
 MODES = ("fwd", "fwd+bwd")
 LAYOUTS = ("ncdhw", "cl")
 TORCH = "torch"
@@ -34,6 +37,10 @@ _MIN_TENSOR_PASSES = {
     ("dwconv3d", "fwd"): 2, ("dwconv3d", "fwd+bwd"): 5,
     ("layer_norm_channels_first", "fwd"): 2, ("layer_norm_channels_first", "fwd+bwd"): 5,
     ("ux_mlp", "fwd"): 3, ("ux_mlp", "fwd+bwd"): 6,
+    # backward reads grad_out and the saved output (not the input) and writes grad_z (+ the residual's: grad_out
+    # times the activation's slope, a tensor of its own)
+    ("instance_norm_lrelu", "fwd"): 2, ("instance_norm_lrelu", "fwd+bwd"): 5,
+    ("instance_norm_add_lrelu", "fwd"): 3, ("instance_norm_add_lrelu", "fwd+bwd"): 7,
 }
 
 
@@ -104,7 +111,12 @@ def _dw(mode, shapes, kernels):
 
 
 def _norm_ops(shapes):
-    return [OpSpec(op, mode, s) for op in OPS[1:] for mode in MODES for s in shapes]
+    return [OpSpec(op, mode, s) for op in ENCODER_NORM_OPS for mode in MODES for s in shapes]
+
+
+def _decoder_ops(shapes):
+    """The decoder's norm + activation ops at full-resolution decoder shapes (48 channels at the patch size)."""
+    return [OpSpec(op, mode, s) for op in DECODER_OPS for mode in MODES for s in shapes]
 
 
 def _dedupe(specs):
@@ -127,19 +139,19 @@ SIZES: Dict[str, Size] = {
                 + _dw("fwd+bwd", stage_shapes(32, 1), (3, 7))
                 + _dw("fwd+bwd", stage_shapes(16, 1), (13, 21))
                 + _dw("fwd", _ISSUE3_FWD, (7,)) + _dw("fwd+bwd", _ISSUE3_FWDBWD, (7,))
-                + _norm_ops(stage_shapes(64, 1))),
+                + _norm_ops(stage_shapes(64, 1)) + _decoder_ops([(1, 48, 64, 64, 64)])),
         (model_spec("uxnet-small", 32, 1, **SMALL_MODEL),),
         ("float32",), budget_s=0.5, min_rounds=3, max_rounds=20,
         slow_references=(("dwconv3d", "fwd+bwd", (1, 48, 32, 32, 32), 7, "ncdhw"),),
-        note="UX-Net stage shapes of a 32^3 patch (dwconv3d fwd+bwd at k>=13: of a 16^3 patch); "
-             "model: UXNet feat_size (12,24,48,96), hidden 192 at 32^3",
+        note="UX-Net stage shapes of a 32^3 patch (dwconv3d fwd+bwd at k>=13: of a 16^3 patch); decoder ops at "
+             "48x64^3; model: UXNet feat_size (12,24,48,96), hidden 192 at 32^3",
     ),
     # The paper's sizes (96^3 patches, batch 2) for a GPU machine.
     "paper": Size(
         "paper",
         _dedupe(_dw("fwd", stage_shapes(96, 2), (3, 7, 13, 21)) + _dw("fwd+bwd", stage_shapes(96, 2), (3, 7, 13, 21))
                 + _dw("fwd", _ISSUE3_FWD, (7,)) + _dw("fwd+bwd", _ISSUE3_FWDBWD, (7,))
-                + _norm_ops(stage_shapes(96, 2))),
+                + _norm_ops(stage_shapes(96, 2)) + _decoder_ops([(2, 48, 96, 96, 96)])),
         (model_spec("uxnet", 96, 2, **DEFAULT_MODEL),),
         ("float32", "bfloat16"), budget_s=1.0, min_rounds=5, max_rounds=100,
         note="UX-Net stage shapes of a 96^3 patch, batch 2; model: the default UXNet at 96^3, batch 2",
@@ -148,10 +160,10 @@ SIZES: Dict[str, Size] = {
     "quick": Size(
         "quick",
         _dedupe(_dw("fwd", stage_shapes(32, 1)[:2], (7, 13)) + _dw("fwd+bwd", stage_shapes(32, 1)[:2], (7,))
-                + _norm_ops(stage_shapes(64, 1)[:1])),
+                + _norm_ops(stage_shapes(64, 1)[:1]) + _decoder_ops([(1, 48, 32, 32, 32)])),
         (model_spec("uxnet-small", 32, 1, **SMALL_MODEL),),
         ("float32",), budget_s=0.3, min_rounds=3, max_rounds=10,
-        note="dwconv3d k=7/13 at the first two stage shapes of a 32^3 patch; norms at 48x32^3; "
+        note="dwconv3d k=7/13 at the first two stage shapes of a 32^3 patch; norms and decoder ops at 48x32^3; "
              "model: UXNet feat_size (12,24,48,96), hidden 192 at 32^3",
         model_kinds=("inference", "train_step"),
     ),
@@ -258,6 +270,10 @@ def _op_args(case: OpCase, device: str) -> Tuple[torch.Tensor, ...]:
         return act(), par(c, 1, k, k, k, scale=k ** -1.5), par(c, scale=0.1)
     if case.op == "layer_norm_channels_first":
         return act(), par(c, scale=0.1, offset=1.0), par(c, scale=0.1)
+    if case.op == "instance_norm_lrelu":
+        return (act(),)
+    if case.op == "instance_norm_add_lrelu":
+        return act(), act()  # z and the residual
     return (act(), act(), par(c, scale=0.1, offset=1.0), par(c, scale=0.1), par(4 * c, 1, 1, 1, 1, scale=0.5),
             par(4 * c, scale=0.1), par(c, 4, 1, 1, 1, scale=0.5), par(c, scale=0.1), par(c, scale=0.1))
 

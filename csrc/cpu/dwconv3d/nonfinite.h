@@ -5,11 +5,12 @@
 // gradient instead skips the taps that fall outside grad_out, so grad_x is non-finite exactly where a non-finite
 // tap of the flipped kernel meets an in-range grad_out voxel. The kernels clip the D and H taps but multiply the
 // zero W padding, which matches neither, so the drivers fix those channels up here. Costs nothing when every
-// weight is finite (one pass over the C * taps weights).
+// weight is finite (one vectorisable pass over the C * taps weights).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -25,6 +26,17 @@ template <typename Tin>
 std::vector<uint8_t> nonfinite_taps(const Tin* weight, const Geometry& g) {
   std::vector<uint8_t> taps;
   const int64_t count = g.C * g.taps();
+  // The common case first, in one sweep the compiler vectorises (a branch per weight cost ~0.1 ms at 384 x 7^3, a
+  // fifth of a 384 x 6^3 forward): w * 0 is +-0 for a finite w and NaN otherwise (or for a float64 beyond float's
+  // range, which the exact scan below then clears), so the OR of its bits without the sign is 0 iff all are finite.
+  uint32_t probe = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const float zero_or_nan = static_cast<float>(weight[i]) * 0.0f;
+    uint32_t bits;
+    std::memcpy(&bits, &zero_or_nan, sizeof bits);
+    probe |= bits;
+  }
+  if ((probe & 0x7fffffffu) == 0) return taps;
   for (int64_t i = 0; i < count; ++i) {
     if (!std::isfinite(static_cast<double>(weight[i]))) {
       if (taps.empty()) taps.assign(static_cast<size_t>(count), 0);
