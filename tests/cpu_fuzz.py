@@ -1,10 +1,10 @@
 """Differential fuzz of the compiled CPU kernels against a float64 truth, under every ISA variant.
 
 Each case draws an op (dwconv3d, layer_norm_channels_first, ux_mlp, and the decoder's instance_norm_lrelu and
-instance_norm_add_lrelu with a residual or a one- or two-input projection shortcut), a shape (N up to 3, C from 1 with odd and
-16-lane-boundary counts, spatial dims from 1, often smaller than the kernel), per-axis odd kernels up to 31, a dtype
-(float32, bfloat16, float64), a layout (NCDHW, channels_last_3d, a strided view) and, in some cases, a NaN or
-+-Inf in x or in a weight. It runs the forward and every gradient (through the registered autograd, so the
+instance_norm_add_lrelu with a residual or a one- or two-input projection shortcut), a shape (N up to 3, C from 1
+with odd and 16-lane-boundary counts, spatial dims from 1, often smaller than the kernel), per-axis odd kernels up
+to 31, a dtype (float32, bfloat16, float64), a layout (NCDHW, channels_last_3d, a strided view) and, in some
+cases, a NaN or +-Inf in x or in a weight. It runs the forward and every gradient (through the registered autograd, so the
 backward ops too) and compares each with the reference ops run in float64 on the same rounded inputs (the truth):
 
 - non-finite values must sit at exactly the positions where the truth has them;
@@ -368,9 +368,9 @@ def run_floor(op: str, inputs, dtype, slope: float = 0.01) -> Optional[Dict[str,
 
 def compare(got: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor, dtype,
             floor: Optional[torch.Tensor] = None) -> Tuple[Optional[str], str]:
-    """(None, the clause that passed) if `got` passes (see the module docstring), else (why not, ""). `torch_same_dtype`:
-    the reference ops in the kernel's dtype (float32 for float64 kernels); `floor`: the float64 result with the
-    saved rstd off by an ulp (LayerNorm and UX MLP in float32 / bfloat16), or None."""
+    """(None, the clause that passed) if `got` passes (see the module docstring), else (why not, "").
+    `torch_same_dtype`: the reference ops in the kernel's dtype (float32 for float64 kernels); `floor`: the float64
+    result with the saved statistics off by an ulp (run_floor, run_instance_norm_floor), or None."""
     if got.shape != truth.shape:
         return f"shape {tuple(got.shape)} != {tuple(truth.shape)}", ""
     got64, torch64 = got.double(), torch_same_dtype.double()

@@ -18,6 +18,7 @@ import uxnet_kernels  # noqa: F401  (loads _C and registers autograd)
 from uxnet_kernels import cpu_isa, reference
 
 EPS = 1e-6
+SLOPE = 0.01  # the decoder's LeakyReLU
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,16 @@ def _inputs(op, shape, dtype, layout, seed):
         w = (0.2 * torch.randn(c, 1, 7, 5, 3, dtype=torch.float64)).to(dtype)
         b = torch.randn(c, dtype=torch.float64).to(dtype)
         return [x, w, b], to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
+    if op in ("instance_norm_lrelu", "instance_norm_add_lrelu"):
+        n, c = shape[:2]
+        z = to_layout((torch.randn(shape, dtype=torch.float64) * 1.5 + 0.7).to(dtype), layout)
+        if op == "instance_norm_lrelu":
+            args = [z]
+        else:  # a two-input projection shortcut (the split up block's conv3)
+            xs = [to_layout(torch.randn(n, ci, *shape[2:], dtype=torch.float64).to(dtype), layout) for ci in (5, 3)]
+            ws = [(0.4 * torch.randn(c, ci, 1, 1, 1, dtype=torch.float64)).to(dtype) for ci in (5, 3)]
+            args = [z, xs, ws]
+        return args, to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
     args = list(_ln_args(shape, dtype, layout)) if op == "layer_norm" else _mlp_args(shape, dtype, layout)
     return args, torch.randn(shape, dtype=torch.float64).to(dtype)
 
@@ -65,6 +76,15 @@ def _run(op, args, g):
         x, w, b = args
         out, mean, rstd = ops.layer_norm_cf(x, w, b, EPS)
         return [out, mean, rstd, *ops.layer_norm_cf_backward(g, x, w, mean, rstd, [True, True, True])]
+    if op == "instance_norm_lrelu":
+        out, mean, rstd = ops.instance_norm_lrelu(args[0], SLOPE, EPS)
+        return [out, mean, rstd, ops.instance_norm_lrelu_backward(g, out, rstd, SLOPE)]
+    if op == "instance_norm_add_lrelu":
+        z, xs, ws = args
+        out, mean, rstd, s_mean, s_rstd = ops.instance_norm_add_lrelu(z, None, xs, ws, SLOPE, EPS)
+        grad_z, _, grad_xs, grad_ws = ops.instance_norm_add_lrelu_backward(g, out, None, xs, ws, rstd, s_mean, s_rstd,
+                                                                          SLOPE)
+        return [out, mean, rstd, s_mean, s_rstd, grad_z, *grad_xs, *grad_ws]
     out, mean, rstd = ops.ux_mlp(*args, EPS)
     return [out, mean, rstd, *ops.ux_mlp_backward(g, args[0], *args[2:], mean, rstd)]
 
@@ -82,7 +102,7 @@ def _bits(t):
 # and 37 give W register blocks of 16 and 13; odd voxel counts leave partial voxel vectors and tiles.
 BITWISE_CASES = [
     (op, shape, dtype, layout)
-    for op in ("dwconv3d", "layer_norm", "ux_mlp")
+    for op in ("dwconv3d", "layer_norm", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
     for shape in ((2, 13, 3, 5, 16), (1, 19, 4, 3, 37), (1, 33, 2, 7, 9))
     for dtype in (torch.float32, torch.bfloat16, torch.float64)
     for layout in ("contiguous", "channels_last_3d")

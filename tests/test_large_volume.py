@@ -1,8 +1,9 @@
-"""The CPU kernels (dwconv3d, LayerNorm, UX MLP) on a volume past 2**31 elements (a 512x512x300 CT at 48 channels
-has 3.8e9): the last depth planes of the second batch item lie at offsets that wrap in int32. Each case checks
-those planes against the reference ops on a slice. The parameter gradients (dwconv3d grad_weight / grad_bias, the
-UX MLP's) are sums over every voxel; their cases use an input that is zero except on those last planes, so the
-reference on the slice gives the whole sum.
+"""The CPU kernels (dwconv3d, LayerNorm, UX MLP, the decoder's instance norm + LeakyReLU) on a volume past 2**31
+elements (a 512x512x300 CT at 48 channels has 3.8e9): the last depth planes of the second batch item lie at
+offsets that wrap in int32. Each case checks those planes against the reference ops on a slice. The parameter
+gradients (dwconv3d grad_weight / grad_bias, the UX MLP's) and the instance norm's plane sums are sums over every
+voxel; their cases use an input that is zero except on those last planes, so the reference on the slice gives the
+whole sum.
 
 Opt-in (UXNET_LARGE_TESTS=1): a case allocates 5-13 GiB and runs for about half a minute, more than CI machines
 are promised."""
@@ -140,3 +141,35 @@ def test_ux_mlp_backward_past_2_31(layout):
     names = ["ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]
     for name, got, ref in zip(names, grads[1:], want[1:]):
         assert_close_rel(got, ref, torch.bfloat16, f"ux_mlp grad_{name}")
+
+
+def plane_stats(x: torch.Tensor):
+    """float64 (N, C) mean and rstd of big_input's planes: every block of BLOCK_PLANES depth planes is a roll of
+    the first along W, so the first block's statistics are the whole plane's."""
+    first = x[:, :, :BLOCK_PLANES].double()
+    return first.mean((2, 3, 4)), (first.var((2, 3, 4), unbiased=False) + 1e-5).rsqrt()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_instance_norm_lrelu_past_2_31(layout):
+    """The decoder's instance norm + LeakyReLU: the statistics of item 1's planes (which end past 2**31), its last
+    planes' output, and grad_x there for a grad_out that is zero but on those planes (the plane sums of the
+    backward then come from them alone, divided by the whole plane's voxel count)."""
+    slope = 0.01
+    x = big_input(layout)
+    out, mean, rstd = torch.ops.uxnet.instance_norm_lrelu(x, slope, 1e-5)
+    want_mean, want_rstd = plane_stats(x)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), want_rstd, rtol=1e-5, atol=0)
+    xhat = (tail(x).double() - want_mean[1:, :, None, None, None]) * want_rstd[1:, :, None, None, None]
+    assert_close_rel(tail(out), torch.nn.functional.leaky_relu(xhat, slope), torch.bfloat16,
+                     "instance_norm_lrelu forward, item 1's last planes")
+    del x
+    grad_out = tail_only_input(layout)
+    grad_x = torch.ops.uxnet.instance_norm_lrelu_backward(grad_out, out, rstd, slope)
+    voxels = SHAPE[2] * SHAPE[3] * SHAPE[4]
+    g = tail(grad_out).double() * torch.where(xhat > 0, 1.0, slope)
+    sum_g = g.sum((2, 3, 4), keepdim=True) / voxels
+    sum_gx = (g * xhat).sum((2, 3, 4), keepdim=True) / voxels
+    want = want_rstd[1:, :, None, None, None] * (g - sum_g - xhat * sum_gx)
+    assert_close_rel(tail(grad_x), want, torch.bfloat16, "instance_norm_lrelu grad_x, item 1's last planes")

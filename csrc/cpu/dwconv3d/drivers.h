@@ -204,8 +204,9 @@ void conv_volume(const KernelTable<Tc>& kernels, const Geometry& g, const Tin* s
 
 // Weight/bias-gradient partial sums of task t = cb * groups + group, over the group-th of `groups` fixed,
 // equal slices of the N * D (n, d) planes of channel block cb: partial[t][taps()][lanes] (weight gradient, null if
-// not wanted) and bias_partial[t][lanes] (float64, null if not wanted). The partition depends only on the shapes, never on the thread count, and each task sums
-// in a fixed order, so the reduced gradient is bit-identical run to run and across thread counts.
+// not wanted) and bias_partial[t][lanes] (float64, null if not wanted). The partition depends only on the shapes,
+// never on the thread count, and each task sums in a fixed order, so the reduced gradient is bit-identical run to
+// run and across thread counts.
 template <typename Tin, typename Tc>
 void weight_grad_partials(const KernelTable<Tc>& kernels, const Geometry& g, const Tin* grad, Strides5 grad_strides,
                           const Tin* x, Strides5 x_strides, int64_t groups, Tc* partial, double* bias_partial) {

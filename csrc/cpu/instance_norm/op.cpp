@@ -3,8 +3,8 @@
 // add or the normalised 1x1x1 projection shortcut. NCDHW-contiguous or channels_last_3d; float32, bfloat16 (float32
 // math, float32 statistics) and float64. The backward recovers the normalised values from the saved output by
 // inverting the LeakyReLU; the shortcut's 1x1x1 convolutions (matrix products, ATen's BLAS) are recomputed instead
-// of saved. Checks, allocation, the shortcut products and threading here; the kernels (kernels.h, compiled per ISA variant in kernels.cpp)
-// run with the variant simd::selected_isa() picks.
+// of saved. Checks, allocation, the shortcut products and threading here; the kernels (kernels.h, compiled per
+// ISA variant in kernels.cpp) run with the variant simd::selected_isa() picks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
