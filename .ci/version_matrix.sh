@@ -72,7 +72,7 @@ run_stack() {  # NAME PY TORCH TRITON CUDA_KERNELS
   echo "[$name] extension built in $((SECONDS - t0))s"
   # The tree's own package (with its freshly built _C) comes first on sys.path, in subprocesses too.
   (cd "$tree" && export PYTHONPATH="$tree" UXNET_REQUIRE_EXTENSION=1 &&
-    "$venv/bin/python" -m uxnet.cli info | head -n 6 &&
+    "$venv/bin/python" -m uxnet.cli info | sed -n 1,6p &&  # sed reads it all: head would break the pipe
     # shellcheck disable=SC2046
     "$venv/bin/python" -m pytest -q -p no:cacheprovider ${UXNET_MATRIX_TESTS:-$(versions tests)})
   if [ "$5" = 1 ]; then

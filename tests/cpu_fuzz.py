@@ -297,6 +297,16 @@ class _NormalizeWithRoundedRstd(torch.autograd.Function):
 #   band is still a mismatch.
 
 
+def _float64_results(out, leaves, names, grad_out) -> Dict[str, torch.Tensor]:
+    """{"out": out, "grad_<name>": its gradient} for the float64 leaves named (zeros for unused ones)."""
+    wrt = [(name, leaves[name]) for name in names if leaves[name] is not None]
+    grads = torch.autograd.grad(out, [a for _, a in wrt], grad_out.double(), allow_unused=True)
+    result = {"out": out.detach()}
+    for (name, a), g in zip(wrt, grads):
+        result[f"grad_{name}"] = torch.zeros_like(a) if g is None else g
+    return result
+
+
 def run_instance_norm_floor(op: str, inputs, dtype, slope: float, kernel_out: torch.Tensor) -> Dict[str, torch.Tensor]:
     leaves = _leaves(inputs, torch.float64)
     rel = RSTD_ULP[dtype]
@@ -320,12 +330,7 @@ def run_instance_norm_floor(op: str, inputs, dtype, slope: float, kernel_out: to
         band = 4 * u * (xhat.abs() + residual.abs() + scale)
         positive = torch.where(pre.abs() <= band, kernel_out.double() > 0, pre > 0)
     out = torch.where(positive, pre, slope * pre)
-    wrt = [(name, leaves[name]) for name in names if leaves[name] is not None]
-    grads = torch.autograd.grad(out, [a for _, a in wrt], inputs["grad_out"].double(), allow_unused=True)
-    result = {"out": out.detach()}
-    for (name, a), g in zip(wrt, grads):
-        result[f"grad_{name}"] = torch.zeros_like(a) if g is None else g
-    return result
+    return _float64_results(out, leaves, names, inputs["grad_out"])
 
 
 def _layer_norm_floor(rel, x, weight, bias):
@@ -355,12 +360,7 @@ def run_floor(op: str, inputs, dtype, slope: float = 0.01) -> Optional[Dict[str,
     else:
         names = ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]
         out = _ux_mlp_floor(RSTD_ULP[dtype], *[leaves[k] for k in names])
-    wrt = [(name, leaves[name]) for name in names if leaves[name] is not None]
-    grads = torch.autograd.grad(out, [a for _, a in wrt], inputs["grad_out"].double(), allow_unused=True)
-    result = {"out": out.detach()}
-    for (name, a), g in zip(wrt, grads):
-        result[f"grad_{name}"] = torch.zeros_like(a) if g is None else g
-    return result
+    return _float64_results(out, leaves, names, inputs["grad_out"])
 
 
 # ---- the comparison -------------------------------------------------------------------------------------------

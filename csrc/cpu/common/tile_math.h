@@ -314,3 +314,19 @@ UXNET_SIMD_INLINE void flush_lanes(Lanes<acc_t>* lanes, int64_t rows, int64_t C,
     }
   }
 }
+
+// ---- few-channel backwards (float64, voxel by voxel) ---------------------------------------------------------
+// One voxel's C channels of x and grad_out (channel c at base + c * channel_stride) as float64 into xs and gs;
+// returns the channels' mean of x.
+template <typename scalar_t>
+inline double load_voxel_channels(const scalar_t* x, const scalar_t* grad_out, int64_t base, int64_t channel_stride,
+                                  int64_t C, double* xs, double* gs) {
+  using ::uxnet::cpu::simd::convert;
+  double mean = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    xs[c] = convert<double>(x[base + c * channel_stride]);
+    gs[c] = convert<double>(grad_out[base + c * channel_stride]);
+    mean += xs[c];
+  }
+  return mean / static_cast<double>(C);
+}

@@ -362,13 +362,7 @@ void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk
         const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
         const int64_t base = t.channels_last ? voxel * C : tile.n * C * t.voxels + tile.v0 + p;
         double x[kMax], g[kMax], xhat[kMax], gw[kMax];
-        double mean = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-          x[c] = convert<double>(a.x[base + c * channel_stride]);
-          g[c] = convert<double>(a.grad_out[base + c * channel_stride]);
-          mean += x[c];
-        }
-        mean /= static_cast<double>(C);
+        const double mean = load_voxel_channels(a.x, a.grad_out, base, channel_stride, C, x, g);
         const double rstd = static_cast<double>(a.rstd[voxel]);
         double mean_g = 0.0, mean_gx = 0.0;
         for (int64_t c = 0; c < C; ++c) {

@@ -181,13 +181,7 @@ void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk
         const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
         const int64_t base = kChannelsLast ? voxel * C : tile.n * C * t.voxels + tile.v0 + p;
         double y[kMax], g[kMax], xhat[kMax], gx[kMax];
-        double mean = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-          y[c] = convert<double>(a.y[base + c * channel_stride]);
-          g[c] = convert<double>(a.grad_out[base + c * channel_stride]);
-          mean += y[c];
-        }
-        mean /= static_cast<double>(C);
+        const double mean = load_voxel_channels(a.y, a.grad_out, base, channel_stride, C, y, g);
         const double rstd = static_cast<double>(a.rstd[voxel]);
         double sum_g = 0.0, sum_gx = 0.0;
         for (int64_t c = 0; c < C; ++c) {
