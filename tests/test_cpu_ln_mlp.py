@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import uxnet_kernels  # noqa: F401  (loads _C, registers fake impls and autograd of torch.ops.uxnet)
 from uxnet_kernels import _extension, reference
 from conftest import REQUIRE_EXTENSION, TOLERANCES, assert_close_rel, reference_dtype, rel_error, to_layout
+from cpu_fuzz import UNIT_ROUNDOFF
 from op_cases import upcast
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
@@ -115,6 +116,7 @@ def check_against_reference(kernel, ref, args, dtype):
     )
     assert out.is_contiguous(memory_format=want_format), "output must keep the first input's memory format"
     cache = {}
+    grad_scale = grad_out.double().norm().item()
 
     def exact():
         if "exact" not in cache:
@@ -136,8 +138,11 @@ def check_against_reference(kernel, ref, args, dtype):
         truth = pick(exact())
         scale = truth.double().norm().item()
         ours = (got.double() - truth.double()).norm().item()
+        if scale <= 1e-12 * grad_scale and ours <= scale:
+            return  # the exact result is 0 (C = 1 gradients): the float64 reference is rounding noise, the kernel 0
         torchs = (pick(float32_reference()).double() - truth.double()).norm().item()
-        bound = (1e-5 if dtype == torch.float64 else 2.0) * torchs
+        # + the rounding of the result itself, which both pay (2u ||truth||, as tests/cpu_fuzz.py)
+        bound = (1e-5 if dtype == torch.float64 else 2.0) * torchs + 2 * UNIT_ROUNDOFF[dtype] * scale
         assert ours <= bound, (f"{what}: error {ours:.3e} vs float64 (norm {scale:.3e}) > {bound:.3e}, from PyTorch "
                                f"float32's {torchs:.3e}; relative error {rel_error(got, want):.3e} vs the reference "
                                f"> {TOLERANCES[dtype]:.0e}")
@@ -438,7 +443,10 @@ def test_generic_isa_matches_selected_isa_in_a_fresh_process(tmp_path):
 # ---- property test ------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=int(os.environ.get("UXNET_HYPOTHESIS_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so CI cannot flake on an ill-conditioned draw this rule cannot judge
+# (tests/cpu_fuzz.py has the full rule, with the statistics floor, and CI runs it with a new seed per commit).
+@settings(max_examples=int(os.environ.get("UXNET_HYPOTHESIS_EXAMPLES", "30")), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 2),
     c=st.integers(1, 9),
