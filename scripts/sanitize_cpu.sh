@@ -20,8 +20,8 @@ start=$(date +%s)
    "$python" setup.py -q build_ext --inplace >"$out/build.log" 2>&1) || { tail -30 "$out/build.log"; exit 1; }
 built=$(date +%s)
 runtimes="$(g++ -print-file-name=libasan.so):$(g++ -print-file-name=libubsan.so)"
-tests=(tests/test_cpu_dwconv3d.py tests/test_cpu_ln_mlp.py tests/test_cpu_isa.py tests/test_cpu_nonfinite.py tests/test_decoder_ops.py
-       tests/test_cpu_fuzz.py)
+tests=(tests/test_cpu_dwconv3d.py tests/test_cpu_ln_mlp.py tests/test_cpu_isa.py tests/test_cpu_nonfinite.py
+       tests/test_decoder_ops.py tests/test_cpu_fuzz.py)
 status=0
 (cd "$out/tree" && LD_PRELOAD="$runtimes" \
    ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$out/reports/asan" \

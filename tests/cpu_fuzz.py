@@ -3,8 +3,8 @@
 Each case draws an op (dwconv3d, layer_norm_channels_first, ux_mlp, and the decoder's instance_norm_lrelu and
 instance_norm_add_lrelu with a residual or a one- or two-input projection shortcut), a shape (N up to 3, C from 1
 with odd and 16-lane-boundary counts, spatial dims from 1, often smaller than the kernel), per-axis odd kernels up
-to 31, a dtype (float32, bfloat16, float64), a layout (NCDHW, channels_last_3d, a strided view) and, in some
-cases, a NaN or +-Inf in x or in a weight. It runs the forward and every gradient (through the registered autograd, so the
+to 31, a dtype (float32, bfloat16, float64), a layout (NCDHW, channels_last_3d, a strided view) and, in some cases,
+a NaN or +-Inf in x or in a weight. It runs the forward and every gradient (through the registered autograd, so the
 backward ops too) and compares each with the reference ops run in float64 on the same rounded inputs (the truth):
 
 - non-finite values must sit at exactly the positions where the truth has them;
