@@ -103,6 +103,32 @@ def require_compiled(device_type: str = "cpu"):
     pytest.skip(f"compiled {device_type} backend not available")
 
 
+def require_cpu_kernels(*ops: str) -> None:
+    """Skip when an op has no compiled CPU kernel, unless UXNET_REQUIRE_EXTENSION=1 (CI), where that is a failure."""
+    from uxnet_kernels import _extension
+
+    missing = [op for op in ops if not _extension.has_kernel(op, "CPU")]
+    if missing:
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"UXNET_REQUIRE_EXTENSION=1 but no CPU kernel for {missing}")
+        pytest.skip(f"no CPU kernel registered for {missing}")
+
+
+@contextlib.contextmanager
+def poisoned_empty_tensors():
+    """torch.empty returns NaN-filled memory meanwhile (deterministic mode's fill_uninitialized_memory), so a value a
+    kernel fails to write shows up as NaN."""
+    was_det = torch.are_deterministic_algorithms_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
+        torch.use_deterministic_algorithms(was_det)
+
+
 # ---- ISA variants of the CPU kernels (UXNET_CPU_ISA, uxnet_kernels.cpu_isa) --------------------------------------
 
 CPU_ISAS = ("generic", "avx2", "avx512", "avx512-emulated")

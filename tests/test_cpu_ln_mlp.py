@@ -16,8 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import uxnet_kernels  # noqa: F401  (loads _C, registers fake impls and autograd of torch.ops.uxnet)
-from uxnet_kernels import _extension, reference
-from conftest import REQUIRE_EXTENSION, TOLERANCES, assert_close_rel, reference_dtype, rel_error, to_layout
+from uxnet_kernels import reference
+from conftest import (
+    TOLERANCES,
+    assert_close_rel,
+    poisoned_empty_tensors,
+    reference_dtype,
+    rel_error,
+    require_cpu_kernels,
+    to_layout,
+)
 from cpu_fuzz import UNIT_ROUNDOFF
 from op_cases import upcast
 
@@ -28,23 +36,13 @@ EPS = 1e-6
 
 @pytest.fixture(autouse=True)
 def _require_kernels():
-    missing = [op for op in ("layer_norm_cf", "ux_mlp") if not _extension.has_kernel(op, "CPU")]
-    if missing:
-        if REQUIRE_EXTENSION:
-            pytest.fail(f"UXNET_REQUIRE_EXTENSION=1 but no CPU kernel for {missing}")
-        pytest.skip(f"no CPU kernel registered for {missing}")
+    require_cpu_kernels("layer_norm_cf", "ux_mlp")
 
 
 @pytest.fixture(autouse=True)
 def _poison_empty_outputs():
-    """torch.empty returns NaN-filled memory while this is on (needs deterministic mode)."""
-    was_det = torch.are_deterministic_algorithms_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = was_fill
-    torch.use_deterministic_algorithms(was_det)
+    with poisoned_empty_tensors():
+        yield
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import uxnet_kernels as uk
-from uxnet_kernels import _extension, reference
-from conftest import REQUIRE_EXTENSION, assert_close_flash, reference_dtype, to_layout
+from uxnet_kernels import reference
+from conftest import assert_close_flash, poisoned_empty_tensors, reference_dtype, require_cpu_kernels, to_layout
 from op_cases import upcast
 
 SLOPE, EPS = 0.01, 1e-5
@@ -29,22 +29,13 @@ OPS = ["lrelu", "residual", "shortcut", "split_shortcut"]
 
 @pytest.fixture(autouse=True)
 def _require_kernels():
-    missing = [op for op in ("instance_norm_lrelu", "instance_norm_add_lrelu") if not _extension.has_kernel(op, "CPU")]
-    if missing:
-        if REQUIRE_EXTENSION:
-            pytest.fail(f"UXNET_REQUIRE_EXTENSION=1 but no CPU kernel for {missing}")
-        pytest.skip(f"no CPU kernel registered for {missing}")
+    require_cpu_kernels("instance_norm_lrelu", "instance_norm_add_lrelu")
 
 
 @pytest.fixture(autouse=True)
 def _poison_empty_outputs():
-    was_det = torch.are_deterministic_algorithms_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = was_fill
-    torch.use_deterministic_algorithms(was_det)
+    with poisoned_empty_tensors():
+        yield
 
 
 def _rand(shape, layout="contiguous", scale=1.0, offset=0.0):

@@ -96,6 +96,16 @@ inline TileRef tile_ref(const VoxelTiling& t, int64_t tile) {
 template <typename Args>
 using ChunkKernel = void (*)(const Args&, int64_t chunk_begin, int64_t chunk_end);
 
+// The forward and backward chunk kernels an op runs for one layout and channel count.
+template <typename ForwardArgs, typename BackwardArgs>
+struct ChunkKernels {
+  ChunkKernel<ForwardArgs> forward;
+  ChunkKernel<BackwardArgs> backward;
+};
+
+// Up to this many channels the LayerNorm and UX MLP backwards run in float64 (backward_few_channels).
+constexpr int64_t kFewChannels = 4;
+
 }  // namespace ln_mlp
 }  // namespace cpu
 }  // namespace uxnet

@@ -10,6 +10,7 @@ namespace instance_norm_kernels {
 
 using ::uxnet::cpu::instance_norm::Args;
 using ::uxnet::cpu::instance_norm::kBackwardSums;
+using ::uxnet::cpu::instance_norm::finalize_stats;
 using ::uxnet::cpu::instance_norm::ResidualMode;
 using ::uxnet::cpu::instance_norm::StatsArgs;
 using ::uxnet::cpu::simd::convert;
@@ -94,16 +95,40 @@ UXNET_SIMD_INLINE void with_mode(ResidualMode mode, Fn fn) {
   }
 }
 
-// ---- statistics ----------------------------------------------------------------------------------------------
-
-template <typename acc_t>
-UXNET_SIMD_INLINE void finalize_stats(double shift, double s1, double s2, int64_t voxels, double eps, acc_t* mean,
-                                      acc_t* rstd) {
-  const double m = s1 / static_cast<double>(voxels);
-  const double var = std::max(s2 / static_cast<double>(voxels) - m * m, 0.0);  // NaN stays NaN
-  *mean = static_cast<acc_t>(shift + m);
-  *rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+// channels_last_3d element passes: fn(mode, offset, c, count) for every run of up to one vector of channels
+// [c, c + count) of each voxel in [v0, v1) of batch item n, `offset` its first element.
+template <typename scalar_t, typename acc_t, typename Fn>
+UXNET_SIMD_INLINE void for_each_channel_run(const Args<scalar_t, acc_t>& a, int64_t n, int64_t v0, int64_t v1, Fn fn) {
+  constexpr int64_t L = kL<acc_t>;
+  const int64_t C = a.layout.channels;
+  const int64_t base = n * a.layout.voxels * C;
+  with_mode(a.mode, [&](auto mode) {
+    for (int64_t v = v0; v < v1; ++v) {
+      for (int64_t c = 0; c < C; c += L) fn(mode, base + v * C + c, c, std::min<int64_t>(L, C - c));
+    }
+  });
 }
+
+// The residual of a channel run: r at `offset` and, for the normalised shortcut, its (n, c) statistics at `nc`
+// (zeros where the mode has none).
+template <typename acc_t>
+struct ResidualLanes {
+  VA<acc_t> r, mean, rstd;
+};
+
+template <ResidualMode kMode, typename scalar_t, typename acc_t>
+UXNET_SIMD_INLINE ResidualLanes<acc_t> load_residual(const Args<scalar_t, acc_t>& a, int64_t offset, int64_t nc,
+                                                     int64_t count) {
+  ResidualLanes<acc_t> res{zero<VA<acc_t>>(), zero<VA<acc_t>>(), zero<VA<acc_t>>()};
+  if constexpr (kMode != ResidualMode::none) res.r = load_n<acc_t>(a.r + offset, count);
+  if constexpr (kMode == ResidualMode::normalized) {
+    res.mean = load_n<acc_t>(a.r_mean + nc, count);
+    res.rstd = load_n<acc_t>(a.r_rstd + nc, count);
+  }
+  return res;
+}
+
+// ---- statistics ----------------------------------------------------------------------------------------------
 
 // Shifted float64 sums of the lanes of v: s1 += v - k, s2 += (v - k)^2.
 template <typename acc_t>
@@ -229,26 +254,15 @@ void forward_planes(const Args<scalar_t, acc_t>& a, int64_t p0, int64_t p1) {
 
 template <typename scalar_t, typename acc_t>
 void forward_voxels(const Args<scalar_t, acc_t>& a, int64_t n, int64_t v0, int64_t v1) {
-  using V = VA<acc_t>;
-  constexpr int64_t L = kL<acc_t>;
-  const int64_t C = a.layout.channels;
-  const int64_t base = n * a.layout.voxels * C;
-  const V slope = broadcast<V>(a.slope);
-  with_mode(a.mode, [&](auto mode) {
+  const VA<acc_t> slope = broadcast<VA<acc_t>>(a.slope);
+  for_each_channel_run(a, n, v0, v1, [&](auto mode, int64_t offset, int64_t c, int64_t count) {
     constexpr ResidualMode kMode = decltype(mode)::value;
-    for (int64_t v = v0; v < v1; ++v) {
-      const int64_t row = base + v * C;
-      for (int64_t c = 0; c < C; c += L) {
-        const int64_t count = std::min<int64_t>(L, C - c);
-        const int64_t nc = n * C + c;
-        const V rv = kMode == ResidualMode::none ? zero<V>() : load_n<acc_t>(a.r + row + c, count);
-        const V r_mean = kMode == ResidualMode::normalized ? load_n<acc_t>(a.r_mean + nc, count) : zero<V>();
-        const V r_rstd = kMode == ResidualMode::normalized ? load_n<acc_t>(a.r_rstd + nc, count) : zero<V>();
-        const V y = forward_value<kMode, acc_t>(load_n<acc_t>(a.z + row + c, count), load_n<acc_t>(a.mean + nc, count),
-                                                load_n<acc_t>(a.rstd + nc, count), rv, r_mean, r_rstd, slope);
-        store_n<acc_t>(a.y + row + c, y, count);
-      }
-    }
+    const int64_t nc = n * a.layout.channels + c;
+    const ResidualLanes<acc_t> res = load_residual<kMode>(a, offset, nc, count);
+    store_n<acc_t>(a.y + offset,
+                   forward_value<kMode, acc_t>(load_n<acc_t>(a.z + offset, count), load_n<acc_t>(a.mean + nc, count),
+                                               load_n<acc_t>(a.rstd + nc, count), res.r, res.mean, res.rstd, slope),
+                   count);
   });
 }
 
@@ -378,29 +392,18 @@ void backward_sums_voxels(const Args<scalar_t, acc_t>& a, int64_t n, int64_t v0,
 template <typename scalar_t, typename acc_t>
 void backward_apply_voxels(const Args<scalar_t, acc_t>& a, int64_t n, int64_t v0, int64_t v1,
                            const acc_t* coefficients) {
-  using V = VA<acc_t>;
-  constexpr int64_t L = kL<acc_t>;
   const int64_t C = a.layout.channels;
-  const int64_t base = n * a.layout.voxels * C;
-  const V slope = broadcast<V>(a.slope);
-  with_mode(a.mode, [&](auto mode) {
+  const VA<acc_t> slope = broadcast<VA<acc_t>>(a.slope);
+  for_each_channel_run(a, n, v0, v1, [&](auto mode, int64_t offset, int64_t c, int64_t count) {
     constexpr ResidualMode kMode = decltype(mode)::value;
-    for (int64_t v = v0; v < v1; ++v) {
-      const int64_t row = base + v * C;
-      for (int64_t c = 0; c < C; c += L) {
-        const int64_t count = std::min<int64_t>(L, C - c);
-        const int64_t nc = n * C + c;
-        const V r = kMode == ResidualMode::none ? zero<V>() : load_n<acc_t>(a.r + row + c, count);
-        const V r_mean = kMode == ResidualMode::normalized ? load_n<acc_t>(a.r_mean + nc, count) : zero<V>();
-        const V r_rstd = kMode == ResidualMode::normalized ? load_n<acc_t>(a.r_rstd + nc, count) : zero<V>();
-        const BackwardTerms<acc_t> t = backward_terms<kMode, acc_t>(
-            load_n<acc_t>(a.grad_out + row + c, count), load_n<acc_t>(a.out + row + c, count), r, r_mean, r_rstd,
-            slope);
-        store_backward<kMode>(a, row + c, count, t, load_n<acc_t>(a.rstd + nc, count), r_rstd,
-                              load_n<acc_t>(coefficients + c, count), load_n<acc_t>(coefficients + C + c, count),
-                              load_n<acc_t>(coefficients + 2 * C + c, count));
-      }
-    }
+    const int64_t nc = n * C + c;
+    const ResidualLanes<acc_t> res = load_residual<kMode>(a, offset, nc, count);
+    const BackwardTerms<acc_t> t =
+        backward_terms<kMode, acc_t>(load_n<acc_t>(a.grad_out + offset, count), load_n<acc_t>(a.out + offset, count),
+                                     res.r, res.mean, res.rstd, slope);
+    store_backward<kMode>(a, offset, count, t, load_n<acc_t>(a.rstd + nc, count), res.rstd,
+                          load_n<acc_t>(coefficients + c, count), load_n<acc_t>(coefficients + C + c, count),
+                          load_n<acc_t>(coefficients + 2 * C + c, count));
   });
 }
 

@@ -28,6 +28,7 @@ namespace {
 namespace ln_mlp = cpu::ln_mlp;
 namespace simd = cpu::simd;
 using cpu::instance_norm::Args;
+using cpu::instance_norm::finalize_stats;
 using cpu::instance_norm::kBackwardSums;
 using cpu::instance_norm::kernels;
 using cpu::instance_norm::Layout;
@@ -131,11 +132,8 @@ void compute_stats_voxels(simd::Isa isa, const kernel_t* x, const Layout& l, dou
         s1 += partial[(n * chunks + chunk) * 2 * C + c];
         s2 += partial[(n * chunks + chunk) * 2 * C + C + c];
       }
-      const double shift = simd::convert<double>(x[n * l.voxels * C + c]);
-      const double m = s1 / static_cast<double>(l.voxels);
-      const double var = std::max(s2 / static_cast<double>(l.voxels) - m * m, 0.0);  // NaN stays NaN
-      mean[n * C + c] = static_cast<acc_t>(shift + m);
-      rstd[n * C + c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+      finalize_stats(simd::convert<double>(x[n * l.voxels * C + c]), s1, s2, l.voxels, eps, mean + n * C + c,
+                     rstd + n * C + c);
     }
   }
 }

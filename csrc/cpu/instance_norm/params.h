@@ -17,6 +17,8 @@
 // sums per channel, which the host reduces in a fixed order: results do not depend on the thread count.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/simd/config.h"
@@ -82,6 +84,16 @@ struct Kernels {
 // The kernels of an ISA variant (kernels.cpp); instantiated for (float, float), (bf16, float), (double, double).
 template <typename scalar_t, typename acc_t>
 const Kernels<scalar_t, acc_t>& kernels(simd::Isa isa);
+
+// mean and rstd of one (n, c) from float64 sums of its values shifted by `shift`, s1 = sum(x - shift) and
+// s2 = sum((x - shift)^2) over `voxels` voxels: the kernels' NCDHW planes and the host's channels_last_3d reduction.
+template <typename acc_t>
+inline void finalize_stats(double shift, double s1, double s2, int64_t voxels, double eps, acc_t* mean, acc_t* rstd) {
+  const double m = s1 / static_cast<double>(voxels);
+  const double var = std::max(s2 / static_cast<double>(voxels) - m * m, 0.0);  // NaN stays NaN
+  *mean = static_cast<acc_t>(shift + m);
+  *rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+}
 
 }  // namespace instance_norm
 }  // namespace cpu

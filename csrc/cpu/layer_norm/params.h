@@ -43,14 +43,10 @@ struct BackwardArgs {
   ln_mlp::VoxelTiling tiling;
 };
 
-// Up to this many channels the backward runs in float64 (kernels.h, backward_few_channels).
-constexpr int64_t kFewChannels = 4;
+using ln_mlp::kFewChannels;
 
 template <typename scalar_t, typename acc_t>
-struct Kernels {
-  ln_mlp::ChunkKernel<ForwardArgs<scalar_t, acc_t>> forward;
-  ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>> backward;
-};
+using Kernels = ln_mlp::ChunkKernels<ForwardArgs<scalar_t, acc_t>, BackwardArgs<scalar_t, acc_t>>;
 
 // The kernels of an ISA variant for a layout and channel count (kernels.cpp); instantiated for (float, float),
 // (bf16, float) and (double, double).
