@@ -13,6 +13,12 @@ so a block keeps x, a1 and out instead of x, conv1(x), a1, conv2(a1), conv3(x) a
 upsampled tensor and the skip connection as separate inputs (``split_concat``): conv1 and conv3 run on both halves
 with the matching slices of their weights, so the concatenation is never materialised or kept.
 
+``fold_upsample`` (on CPU, set by ``UXNet`` for the full-resolution up block): conv1's slice over the upsampled
+tensor is one transposed convolution of the low-resolution input with the composed kernel. A bias-free 2x2x2
+stride-2 transposed conv followed by a 3x3x3 conv (padding 1) is the same linear map as one 4x4x4 stride-2
+transposed conv (padding 1) whose kernel is their full convolution (``compose_upsample_conv``): about 40 % fewer
+FLOPs than the 3x3x3 conv alone. The upsampled tensor is still computed for the 1x1x1 shortcut.
+
 ``recompute_a1`` (set by ``UXNet(activation_checkpointing=True)``) runs conv1 -> instance_norm_lrelu -> conv2 under
 non-reentrant activation checkpointing: a1, the only tensor the fused block keeps besides its input and output, is
 dropped and recomputed in backward from x by conv1 (the recomputation stops before conv2's forward, whose saved
@@ -100,41 +106,69 @@ class UnetResBlock(nn.Module):
         residual = self.norm3(self.conv3(x)) if self.downsample else x
         return self.lrelu(out + residual)
 
-    def forward_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_parts(self, parts: Sequence[torch.Tensor], upsampled_from: Optional[tuple] = None) -> torch.Tensor:
         """The fused block on the channel concatenation of ``parts``, without concatenating them: conv1 and conv3
-        run on each part with the matching input-channel slice of their weight."""
+        run on each part with the matching input-channel slice of their weight.
+
+        ``upsampled_from = (x, transp_conv)`` says ``parts[0]`` is ``transp_conv(x)`` (bias-free, kernel = stride):
+        conv1 then reads x through the composed kernel instead of reading ``parts[0]``."""
         if not self.fused:
             return self.forward(torch.cat(tuple(parts), dim=1))
         eps, parts = self.fused_eps, list(parts)
+        conv1_inputs = parts if upsampled_from is None else [upsampled_from[0], *parts[1:]]
+        transp = None if upsampled_from is None else upsampled_from[1]
         if self.recompute_a1 and self.training and torch.is_grad_enabled():
-            z2 = checkpoint(self._conv_norm_conv, *parts, use_reentrant=False)
+            z2 = checkpoint(self._conv_norm_conv, *conv1_inputs, use_reentrant=False, transp=transp,
+                            part_channels=[p.shape[1] for p in parts])
         else:
-            z2 = self._conv_norm_conv(*parts)
+            z2 = self._conv_norm_conv(*conv1_inputs, transp=transp, part_channels=[p.shape[1] for p in parts])
         if self.downsample:
             w3 = _split_in_channels(self.conv3.conv.weight, parts)
             return uk.instance_norm_add_lrelu(z2, None, parts, w3, NEGATIVE_SLOPE, eps)
         return uk.instance_norm_add_lrelu(z2, parts[0], negative_slope=NEGATIVE_SLOPE, eps=eps)
 
-
-    def _conv_norm_conv(self, *parts: torch.Tensor) -> torch.Tensor:
-        """conv2(instance_norm_lrelu(conv1(concat(parts)))) without the concatenation."""
-        if len(parts) == 1:
-            z1 = self.conv1(parts[0])
+    def _conv_norm_conv(self, *inputs: torch.Tensor, transp: Optional[nn.ConvTranspose3d] = None,
+                        part_channels: Sequence[int] = ()) -> torch.Tensor:
+        """conv2(instance_norm_lrelu(conv1(concat(parts)))) without the concatenation; with ``transp``, inputs[0]
+        is the low-resolution tensor that ``transp`` upsamples into the first part."""
+        if len(inputs) == 1 and transp is None:
+            z1 = self.conv1(inputs[0])
         else:
-            w1 = _split_in_channels(self.conv1.conv.weight, parts)
-            z1 = F.conv3d(parts[0], w1[0], padding=self.padding)
-            for part, w in zip(parts[1:], w1[1:]):
+            w1 = _split_by_channels(self.conv1.conv.weight, part_channels)
+            if transp is None:
+                z1 = F.conv3d(inputs[0], w1[0], padding=self.padding)
+            else:
+                z1 = F.conv_transpose3d(inputs[0], compose_upsample_conv(transp.weight, w1[0]),
+                                        stride=transp.stride, padding=self.padding)
+            for part, w in zip(inputs[1:], w1[1:]):
                 z1 = z1.add_(F.conv3d(part, w, padding=self.padding))  # in place: no conv keeps its output
         return self.conv2(uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, self.fused_eps))
 
 
+def compose_upsample_conv(transp_weight: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
+    """The kernel of ``conv3d(conv_transpose3d(x, transp_weight, stride=u), conv_weight, padding=(k - 1) // 2)`` as
+    one ``conv_transpose3d(x, K, stride=u, padding=(k - 1) // 2)``, for a bias-free transposed conv whose kernel
+    equals its stride.
+
+    transp_weight (C_in, C, u, u, u), conv_weight (C_out, C, k, k, k) -> K (C_in, C_out, u + k - 1, ...): the full
+    convolution of the two kernels over the shared channels, composed in float32 or wider even under autocast."""
+    dtype = torch.promote_types(transp_weight.dtype, torch.float32)
+    with torch.autocast(transp_weight.device.type, enabled=False):
+        kernel = F.conv_transpose3d(transp_weight.to(dtype), conv_weight.to(dtype).flip(2, 3, 4).transpose(0, 1))
+    return kernel.to(conv_weight.dtype)
+
+
 def _split_in_channels(weight: torch.Tensor, parts: Sequence[torch.Tensor]):
-    if len(parts) == 1:
+    return _split_by_channels(weight, [p.shape[1] for p in parts])
+
+
+def _split_by_channels(weight: torch.Tensor, channels: Sequence[int]):
+    if len(channels) == 1:
         return [weight]
-    if sum(p.shape[1] for p in parts) != weight.shape[1]:
-        raise ValueError(f"UnetResBlock: inputs with {[p.shape[1] for p in parts]} channels do not add up to the "
+    if sum(channels) != weight.shape[1]:
+        raise ValueError(f"UnetResBlock: inputs with {list(channels)} channels do not add up to the "
                          f"{weight.shape[1]} input channels of the block")
-    return list(torch.split(weight, [p.shape[1] for p in parts], dim=1))
+    return list(torch.split(weight, list(channels), dim=1))
 
 
 class UnetrBasicBlock(nn.Module):
@@ -157,20 +191,23 @@ class UnetrUpBlock(nn.Module):
     """MONAI ``UnetrUpBlock(res_block=True)``: 2x2x2 stride-2 transposed conv, concat skip, residual block.
 
     ``split_concat`` (fused blocks only): hand the upsampled tensor and the skip to the residual block as two parts
-    instead of concatenating them."""
+    instead of concatenating them. ``fold_upsample`` (fused, split, CPU tensors): conv1 reads the low-resolution
+    input through ``compose_upsample_conv`` (module docstring)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, upsample_kernel_size: int = 2,
-                 norm_name="instance", fused: bool = False, split_concat: bool = True):
+                 norm_name="instance", fused: bool = False, split_concat: bool = True, fold_upsample: bool = False):
         super().__init__()
         self.transp_conv = _Conv(nn.ConvTranspose3d(in_channels, out_channels, upsample_kernel_size,
                                                     stride=upsample_kernel_size, bias=False))
         self.conv_block = UnetResBlock(2 * out_channels, out_channels, kernel_size, norm_name, fused)
         self.split_concat = split_concat
+        self.fold_upsample = fold_upsample
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.transp_conv(x)
         if self.conv_block.fused and self.split_concat:
-            return self.conv_block.forward_parts([up, skip])
+            fold = self.fold_upsample and x.device.type == "cpu"
+            return self.conv_block.forward_parts([up, skip], (x, self.transp_conv.conv) if fold else None)
         return self.conv_block(torch.cat((up, skip), dim=1))
 
     @property
@@ -179,11 +216,23 @@ class UnetrUpBlock(nn.Module):
 
 
 class UnetOutBlock(nn.Module):
-    """MONAI ``UnetOutBlock``: a 1x1x1 conv with bias."""
+    """MONAI ``UnetOutBlock``: a 1x1x1 conv with bias.
 
-    def __init__(self, in_channels: int, out_channels: int):
+    ``as_matmul`` (set by ``UXNet(fused_decoder=True)``): run it as one batched matrix product of the weight with
+    the (N, C, D*H*W) view of x. The output is NCDHW-contiguous. On CPU, PyTorch's 1x1x1 conv of a full-resolution
+    48-channel input runs about 2.5x slower forward and backward (``docs/PERFORMANCE.md``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, as_matmul: bool = False):
         super().__init__()
         self.conv = _Conv(nn.Conv3d(in_channels, out_channels, 1, bias=True))
+        self.as_matmul = as_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        if not self.as_matmul or x.dim() != 5:
+            return self.conv(x)
+        conv = self.conv.conv
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"UnetOutBlock: expected {conv.in_channels} input channels, got {x.shape[1]}")
+        weight = conv.weight.view(1, conv.out_channels, conv.in_channels).expand(x.shape[0], -1, -1)
+        out = torch.baddbmm(conv.bias.view(1, -1, 1), weight, x.flatten(2))
+        return out.view(x.shape[0], conv.out_channels, *x.shape[2:])

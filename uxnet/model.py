@@ -183,8 +183,10 @@ class UXNet(nn.Module):
             stage and UNETR block whole from its inputs (about one extra forward). ``False``: off. Eval mode and
             ``torch.no_grad`` are unaffected. Not part of the state_dict.
         fused_decoder: run the norms and activations of the UNETR blocks (``encoder1..5``, ``decoder1..5``) as the
-            memory-lean ``uxnet_kernels`` ops ``instance_norm_lrelu`` / ``instance_norm_add_lrelu`` and feed the up
-            blocks' skip connections without ``torch.cat`` (see ``uxnet.decoder_blocks``). Applies only to a plain
+            memory-lean ``uxnet_kernels`` ops ``instance_norm_lrelu`` / ``instance_norm_add_lrelu``, feed the up
+            blocks' skip connections without ``torch.cat``, fold the full-resolution up block's transposed conv into
+            its conv1 (CPU) and run the output 1x1x1 conv as a matrix product (see ``uxnet.decoder_blocks``; the
+            same map up to rounding). All but the output rewrite apply only to a plain
             instance norm (``norm_name="instance"``, the paper's); any other ``norm_name`` (batch, group, instance
             with affine) runs the MONAI-equivalent modules as before. ``False`` gives the official model's
             computation, op for op. Not part of the state_dict.
@@ -259,9 +261,9 @@ class UXNet(nn.Module):
         self.decoder5 = UnetrUpBlock(hidden_size, f[3], 3, 2, norm_name, fused)
         self.decoder4 = UnetrUpBlock(f[3], f[2], 3, 2, norm_name, fused)
         self.decoder3 = UnetrUpBlock(f[2], f[1], 3, 2, norm_name, fused)
-        self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name, fused)
+        self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name, fused, fold_upsample=True)
         self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name, fused)
-        self.out = UnetOutBlock(f[0], out_chans)
+        self.out = UnetOutBlock(f[0], out_chans, as_matmul=fused)
         self.deep_supervision_heads = DeepSupervisionHeads(f[1:], out_chans) if deep_supervision else None
         self.activation_checkpointing = activation_checkpointing
 
