@@ -22,6 +22,7 @@ from uxnet.bench.memory import PeakMemoryTracker, rss_peak_supported
 from uxnet.bench.memory_predict import LOSS_BLOCK, block_labels, predict_step, track_step
 from uxnet.bench.step_memory import MALLOC_ENV, measure_in_subprocess
 from uxnet.bench.train_step import make_batch, make_optimizer, make_spec, model_for, training_step
+from conftest import require_cpu_kernels
 
 TINY = dict(feat_size=[4, 8, 16, 32], hidden_size=16, depths=[1, 1, 1, 1], out_chans=2)
 SMALL = dict(feat_size=[8, 16, 32, 64], hidden_size=64, out_chans=14)  # the 32^3 case of docs/PERFORMANCE.md
@@ -192,3 +193,54 @@ def test_modelled_slow_conv_buffers_match_a_measured_call():
         assert r["ws_fwd"] > 0 and r["ws_bwd"] > 0
         for measured, predicted in ((r["fwd"], r["out"] + r["ws_fwd"]), (r["bwd"], r["grad_input"] + r["ws_bwd"])):
             assert abs(measured - predicted) <= 0.1 * predicted + 2**20, r
+
+
+_TAIL_CHILD = textwrap.dedent("""
+    import json
+    import torch
+    import uxnet_kernels as uk
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from uxnet.bench.memory import PeakMemoryTracker
+    from uxnet.bench.memory_predict import cpu_op_scratch_bytes
+    ops = torch.ops.uxnet
+    torch.manual_seed(0)
+    z = torch.randn(1, 32, 48, 48, 48)
+    parts = [torch.randn(1, 16, 48, 48, 48), torch.randn(1, 16, 48, 48, 48)]
+    weights = [torch.randn(32, 16, 1, 1, 1), torch.randn(32, 16, 1, 1, 1)]
+    def forward():
+        return ops.instance_norm_add_lrelu(z, None, parts, weights, 0.01, 1e-5)
+    out, mean, rstd, s_mean, s_rstd = forward()
+    g = torch.randn_like(out)
+    def backward():
+        return ops.instance_norm_add_lrelu_backward(g, out, None, parts, weights, rstd, s_mean, s_rstd, 0.01)
+    forward(), backward()  # warm-up
+    with PeakMemoryTracker(torch.device("cpu")) as fwd:
+        result = forward()
+    del result
+    with PeakMemoryTracker(torch.device("cpu")) as bwd:
+        grads = backward()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fz, fg, fo, *fparts = (mode.from_tensor(t) for t in (z, g, out, *parts))
+        ws_fwd = cpu_op_scratch_bytes(ops.instance_norm_add_lrelu.default, (fz, None, fparts, weights, 0.01, 1e-5))
+        ws_bwd = cpu_op_scratch_bytes(ops.instance_norm_add_lrelu_backward.default,
+                                      (fg, fo, None, fparts, weights, rstd, s_mean, s_rstd, 0.01))
+        ws_residual = cpu_op_scratch_bytes(ops.instance_norm_add_lrelu_backward.default,
+                                           (fg, fo, fz, [], [], rstd, s_mean, s_rstd, 0.01))
+    print(json.dumps(dict(fwd=fwd.result.bytes, out=out.numel() * 4, ws_fwd=ws_fwd, bwd=bwd.result.bytes,
+                          grads=(out.numel() + sum(p.numel() for p in parts)) * 4, ws_bwd=ws_bwd,
+                          ws_residual=ws_residual, z=z.numel() * 4)))
+""")
+
+
+def test_modelled_block_tail_projection_buffer_matches_a_measured_call():
+    """The CPU instance_norm_add_lrelu with a projection shortcut recomputes the projection into a z-sized
+    temporary, in forward and in backward; with an identity residual it has none."""
+    _measurable()
+    require_cpu_kernels("instance_norm_add_lrelu", "instance_norm_add_lrelu_backward")
+    env = dict(os.environ, **MALLOC_ENV)
+    proc = subprocess.run([sys.executable, "-c", _TAIL_CHILD], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["ws_fwd"] == r["ws_bwd"] == r["z"] and r["ws_residual"] == 0
+    for measured, predicted in ((r["fwd"], r["out"] + r["ws_fwd"]), (r["bwd"], r["grads"] + r["ws_bwd"])):
+        assert abs(measured - predicted) <= 0.1 * predicted + 2**20, r

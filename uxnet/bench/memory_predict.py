@@ -15,8 +15,9 @@ batch 2 takes seconds and no memory. One warm-up step creates the optimizer stat
   tracker finds alive after forward + loss, counts them (it equals the saved bytes less the batch otherwise).
 * **peak**: the largest sum of live tensor storages after any op of the step, tracked by
   ``torch.distributed._tools.mem_tracker.MemTracker`` (parameters, gradients, optimizer state, batch, activations,
-  backward temporaries; CUDA sizes rounded up to the allocator's 512 bytes), plus the temporary buffers PyTorch's
-  CPU convolutions keep inside the op (:mod:`uxnet.bench.conv_workspace`), and where it happened (phase and block).
+  backward temporaries; CUDA sizes rounded up to the allocator's 512 bytes), plus the temporary buffers ops keep
+  inside the call on the CPU (:func:`cpu_op_scratch_bytes`: PyTorch's convolutions, :mod:`uxnet.bench.conv_workspace`,
+  and the projection the CPU block-tail op recomputes), and where it happened (phase and block).
 
 Not predicted: other memory kernels allocate internally without going through the dispatcher (half-precision
 oneDNN buffers on CPU; cuDNN/cuBLAS workspaces on CUDA), allocator overheads (fragmentation, the CUDA context), and
@@ -224,9 +225,27 @@ def _category_name(key) -> str:
     return str(getattr(key, "value", key))
 
 
+_SHORTCUT_OPS = {"instance_norm_add_lrelu": 2, "instance_norm_add_lrelu_backward": 3}  # op -> shortcut_inputs arg
+
+
+def cpu_op_scratch_bytes(func, args, out=None) -> int:
+    """Bytes a CPU op call keeps in buffers of its own next to its inputs and outputs: PyTorch's convolutions
+    (:func:`uxnet.bench.conv_workspace.conv_workspace_bytes`), and ``uxnet.instance_norm_add_lrelu`` (+ backward)
+    with a projection shortcut, whose CPU kernel recomputes the projection into one temporary the size of z
+    (``csrc/cpu/instance_norm/op.cpp``)."""
+    name = getattr(func, "_opname", "")
+    if getattr(func, "namespace", "") == "uxnet" and name in _SHORTCUT_OPS:
+        shortcut_inputs = args[_SHORTCUT_OPS[name]] if len(args) > _SHORTCUT_OPS[name] else ()
+        z_like = args[1] if name.endswith("_backward") else args[0]
+        if shortcut_inputs and z_like.device.type == "cpu":
+            return z_like.numel() * z_like.element_size()
+        return 0
+    return conv_workspace_bytes(func, args, out)
+
+
 class _PeakRecorder:
     """The step's peak: after every op, the live tracked bytes plus the scratch that op allocated internally
-    (:func:`uxnet.bench.conv_workspace.conv_workspace_bytes`), by category, and where it happened."""
+    (:func:`cpu_op_scratch_bytes`), by category, and where it happened."""
 
     def __init__(self, tracker, fqn_to_block: Dict[str, str]):
         self.tracker = tracker
@@ -264,9 +283,10 @@ class _PeakRecorder:
 
 def _step_tracker(fqn_to_block: Dict[str, str], cpu_conv_scratch: bool):
     """A MemTracker that also records :class:`_PeakRecorder`'s peak (as ``.recorder``), with the CPU convolutions'
-    internal buffers when ``cpu_conv_scratch`` (a step that runs on the CPU; not when a CUDA step is emulated)."""
+    and the CPU block-tail op's internal buffers when ``cpu_conv_scratch`` (a step that runs on the CPU; not when a
+    CUDA step is emulated)."""
     base = _mem_tracker_class()
-    scratch = conv_workspace_bytes if cpu_conv_scratch else (lambda func, args, out: 0)
+    scratch = cpu_op_scratch_bytes if cpu_conv_scratch else (lambda func, args, out: 0)
 
     class StepTracker(base):
         def __init__(self):
