@@ -10,7 +10,11 @@ op), uxnet (the default UXNet on the fast backend), uxnet-ckpt (activation_check
 uxnet-ckpt-full ("full"), uxnet-cl (uxnet with the model and input in channels_last_3d), uxnet-unfused
 (fused_decoder=False on the fast backend), uxnet-cat (the up blocks concatenate the skip connection instead of
 splitting conv1/conv3 over the two halves), uxnet-nofold (conv1 of the full-resolution up block reads the upsampled
-tensor instead of folding the transposed conv into its kernel). Peak memory needs fresh processes: `uxnet memory --measure`.
+tensor instead of folding the transposed conv into its kernel). Peak memory needs fresh processes:
+`python examples/training_memory.py`.
+
+Printed per variant: the median and fastest step, the ratio of the medians to the first variant's, and the paired
+ratio (the median over rounds of the first variant's step / this one's in the same round).
 """
 
 import argparse
