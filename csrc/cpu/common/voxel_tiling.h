@@ -92,6 +92,20 @@ inline TileRef tile_ref(const VoxelTiling& t, int64_t tile) {
   return {n, v0, left < t.tile_voxels ? left : t.tile_voxels};
 }
 
+// fn(voxel, base) for every voxel of chunk `chunk`, in order: voxel = n * voxels + v indexes its per-voxel
+// statistics, base is the offset of its channel 0 (the channels step by 1 in channels_last, by voxels otherwise).
+template <typename Fn>
+inline void for_each_chunk_voxel(const VoxelTiling& t, int64_t chunk, Fn fn) {
+  const int64_t tile_end = std::min(t.num_tiles, (chunk + 1) * t.tiles_per_chunk);
+  for (int64_t i = chunk * t.tiles_per_chunk; i < tile_end; ++i) {
+    const TileRef tile = tile_ref(t, i);
+    for (int64_t p = 0; p < tile.count; ++p) {
+      const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
+      fn(voxel, t.channels_last ? voxel * t.channels : tile.n * t.channels * t.voxels + tile.v0 + p);
+    }
+  }
+}
+
 // A chunk kernel: processes chunks [chunk_begin, chunk_end) of args.tiling.
 template <typename Args>
 using ChunkKernel = void (*)(const Args&, int64_t chunk_begin, int64_t chunk_end);

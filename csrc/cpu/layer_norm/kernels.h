@@ -13,6 +13,7 @@ template <typename scalar_t, typename acc_t>
 using ForwardArgs = ::uxnet::cpu::layer_norm::ForwardArgs<scalar_t, acc_t>;
 template <typename scalar_t, typename acc_t>
 using BackwardArgs = ::uxnet::cpu::layer_norm::BackwardArgs<scalar_t, acc_t>;
+using ::uxnet::cpu::ln_mlp::for_each_chunk_voxel;
 using ::uxnet::cpu::ln_mlp::tile_ref;
 
 // ---- channels_last_3d: voxel by voxel; a voxel's C channels are contiguous, lane = channel --------------------
@@ -355,33 +356,27 @@ void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk
   }
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     double sums[kRows][kMax] = {};  // grad_weight, grad_bias of this chunk
-    const int64_t tile_end = std::min(t.num_tiles, (chunk + 1) * t.tiles_per_chunk);
-    for (int64_t i = chunk * t.tiles_per_chunk; i < tile_end; ++i) {
-      const TileRef tile = tile_ref(t, i);
-      for (int64_t p = 0; p < tile.count; ++p) {
-        const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
-        const int64_t base = t.channels_last ? voxel * C : tile.n * C * t.voxels + tile.v0 + p;
-        double x[kMax], g[kMax], xhat[kMax], gw[kMax];
-        const double mean = load_voxel_channels(a.x, a.grad_out, base, channel_stride, C, x, g);
-        const double rstd = static_cast<double>(a.rstd[voxel]);
-        double mean_g = 0.0, mean_gx = 0.0;
+    for_each_chunk_voxel(t, chunk, [&](int64_t voxel, int64_t base) {
+      double x[kMax], g[kMax], xhat[kMax], gw[kMax];
+      const double mean = load_voxel_channels(a.x, a.grad_out, base, channel_stride, C, x, g);
+      const double rstd = static_cast<double>(a.rstd[voxel]);
+      double mean_g = 0.0, mean_gx = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        xhat[c] = (x[c] - mean) * rstd;
+        gw[c] = g[c] * w[c];
+        mean_g += gw[c];
+        mean_gx += gw[c] * xhat[c];
+        sums[0][c] += g[c] * xhat[c];
+        sums[1][c] += g[c];
+      }
+      mean_g /= static_cast<double>(C);
+      mean_gx /= static_cast<double>(C);
+      if (a.grad_x != nullptr) {
         for (int64_t c = 0; c < C; ++c) {
-          xhat[c] = (x[c] - mean) * rstd;
-          gw[c] = g[c] * w[c];
-          mean_g += gw[c];
-          mean_gx += gw[c] * xhat[c];
-          sums[0][c] += g[c] * xhat[c];
-          sums[1][c] += g[c];
-        }
-        mean_g /= static_cast<double>(C);
-        mean_gx /= static_cast<double>(C);
-        if (a.grad_x != nullptr) {
-          for (int64_t c = 0; c < C; ++c) {
-            a.grad_x[base + c * channel_stride] = convert<scalar_t>(rstd * (gw[c] - mean_g - xhat[c] * mean_gx));
-          }
+          a.grad_x[base + c * channel_stride] = convert<scalar_t>(rstd * (gw[c] - mean_g - xhat[c] * mean_gx));
         }
       }
-    }
+    });
     if (a.partials != nullptr) {
       double* partial = a.partials + chunk * kRows * C;
       for (int64_t row = 0; row < kRows; ++row) {

@@ -174,49 +174,43 @@ void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     double* partial = a.partials + chunk * kRows * C;
     std::fill(partial, partial + kRows * C, 0.0);
-    const int64_t tile_end = std::min(t.num_tiles, (chunk + 1) * t.tiles_per_chunk);
-    for (int64_t i = chunk * t.tiles_per_chunk; i < tile_end; ++i) {
-      const TileRef tile = tile_ref(t, i);
-      for (int64_t p = 0; p < tile.count; ++p) {
-        const int64_t voxel = tile.n * t.voxels + tile.v0 + p;
-        const int64_t base = kChannelsLast ? voxel * C : tile.n * C * t.voxels + tile.v0 + p;
-        double y[kMax], g[kMax], xhat[kMax], gx[kMax];
-        const double mean = load_voxel_channels(a.y, a.grad_out, base, channel_stride, C, y, g);
-        const double rstd = static_cast<double>(a.rstd[voxel]);
-        double sum_g = 0.0, sum_gx = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-          xhat[c] = (y[c] - mean) * rstd;
-          const double n = xhat[c] * table[kLnWeight][c] + table[kLnBias][c];
-          const double gz = g[c] * table[kGamma][c];
-          double z = table[kB2][c];
-          double gn = 0.0;
-          for (int64_t j = 0; j < 4; ++j) {
-            const double u = n * table[kW1 + j][c] + table[kB1 + j][c];
-            const double cdf = 0.5 * std::erfc(-u * 0.70710678118654752440);
-            const double pdf = std::exp(-0.5 * u * u) * 0.39894228040143267794;
-            const double h = u * cdf;
-            const double gu = gz * table[kW2 + j][c] * (cdf + u * pdf);
-            z += table[kW2 + j][c] * h;
-            partial[(kW2 + j) * C + c] += gz * h;
-            partial[(kB1 + j) * C + c] += gu;
-            partial[(kW1 + j) * C + c] += gu * n;
-            gn += gu * table[kW1 + j][c];
-          }
-          partial[kGamma * C + c] += g[c] * z;
-          partial[kB2 * C + c] += gz;
-          partial[kLnBias * C + c] += gn;
-          partial[kLnWeight * C + c] += gn * xhat[c];
-          gx[c] = gn * table[kLnWeight][c];
-          sum_g += gx[c];
-          sum_gx += gx[c] * xhat[c];
+    for_each_chunk_voxel(t, chunk, [&](int64_t voxel, int64_t base) {
+      double y[kMax], g[kMax], xhat[kMax], gx[kMax];
+      const double mean = load_voxel_channels(a.y, a.grad_out, base, channel_stride, C, y, g);
+      const double rstd = static_cast<double>(a.rstd[voxel]);
+      double sum_g = 0.0, sum_gx = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        xhat[c] = (y[c] - mean) * rstd;
+        const double n = xhat[c] * table[kLnWeight][c] + table[kLnBias][c];
+        const double gz = g[c] * table[kGamma][c];
+        double z = table[kB2][c];
+        double gn = 0.0;
+        for (int64_t j = 0; j < 4; ++j) {
+          const double u = n * table[kW1 + j][c] + table[kB1 + j][c];
+          const double cdf = 0.5 * std::erfc(-u * 0.70710678118654752440);
+          const double pdf = std::exp(-0.5 * u * u) * 0.39894228040143267794;
+          const double h = u * cdf;
+          const double gu = gz * table[kW2 + j][c] * (cdf + u * pdf);
+          z += table[kW2 + j][c] * h;
+          partial[(kW2 + j) * C + c] += gz * h;
+          partial[(kB1 + j) * C + c] += gu;
+          partial[(kW1 + j) * C + c] += gu * n;
+          gn += gu * table[kW1 + j][c];
         }
-        const double mean_g = sum_g / static_cast<double>(C);
-        const double mean_gx = sum_gx / static_cast<double>(C);
-        for (int64_t c = 0; c < C; ++c) {
-          a.grad_y[base + c * channel_stride] = convert<scalar_t>(rstd * (gx[c] - mean_g - xhat[c] * mean_gx));
-        }
+        partial[kGamma * C + c] += g[c] * z;
+        partial[kB2 * C + c] += gz;
+        partial[kLnBias * C + c] += gn;
+        partial[kLnWeight * C + c] += gn * xhat[c];
+        gx[c] = gn * table[kLnWeight][c];
+        sum_g += gx[c];
+        sum_gx += gx[c] * xhat[c];
       }
-    }
+      const double mean_g = sum_g / static_cast<double>(C);
+      const double mean_gx = sum_gx / static_cast<double>(C);
+      for (int64_t c = 0; c < C; ++c) {
+        a.grad_y[base + c * channel_stride] = convert<scalar_t>(rstd * (gx[c] - mean_g - xhat[c] * mean_gx));
+      }
+    });
   }
 }
 
