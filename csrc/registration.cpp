@@ -148,4 +148,9 @@ TORCH_LIBRARY(uxnet, m) {
       "instance_norm_add_lrelu_backward(Tensor grad_out, Tensor out, Tensor? residual, Tensor[] shortcut_inputs,"
       " Tensor[] shortcut_weights, Tensor rstd, Tensor shortcut_mean, Tensor shortcut_rstd, float negative_slope)"
       " -> (Tensor grad_z, Tensor grad_residual, Tensor[] grad_shortcut_inputs, Tensor[] grad_shortcut_weights)");
+  // instance_norm_add_lrelu with its output written over z (CPU only; the statistics are returned).
+  m.def(
+      "instance_norm_add_lrelu_inplace(Tensor(a!) z, Tensor? residual, Tensor[] shortcut_inputs,"
+      " Tensor[] shortcut_weights, float negative_slope, float eps)"
+      " -> (Tensor mean, Tensor rstd, Tensor shortcut_mean, Tensor shortcut_rstd)");
 }

@@ -251,6 +251,22 @@ def run(op: str, inputs, dtype, kernel: bool, slope: float = 0.01) -> List[Tuple
     return results
 
 
+def inplace_mismatch(inputs, dtype, slope: float, out: torch.Tensor) -> Optional[str]:
+    """uxnet::instance_norm_add_lrelu_inplace on a copy of x with x's strides (the strided layout has gaps, so it
+    runs through its temporary) must write exactly the functional op's output ``out``; None when it does."""
+    leaves = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in _leaves(inputs, dtype).items()}
+    x = leaves["x"]
+    z = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(x)
+    names = _shortcut_names(leaves)
+    torch.ops.uxnet.instance_norm_add_lrelu_inplace(
+        z, leaves["residual"], [leaves[k] for k in names if k.startswith("shortcut_input")],
+        [leaves[k] for k in names if k.startswith("shortcut_weight")], slope, EPS)
+    if z.stride() != x.stride():
+        return f"strides changed from {x.stride()} to {z.stride()}"
+    same = (z == out) | (torch.isnan(z) & torch.isnan(out))
+    return None if bool(same.all()) else f"{int((~same).sum())} elements differ from the functional op's output"
+
+
 # ---- the float32-statistics floor ---------------------------------------------------------------------------
 # The backward ops receive the forward's per-voxel statistics as float32 tensors (their schema) and not eps, so no
 # implementation can do better than the exact gradient formula evaluated with a float32-rounded rstd. Where a result
@@ -438,6 +454,13 @@ def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbo
             tally = tallies[isa]
             tally.seconds += time.perf_counter() - start
             tally.cases += 1
+            if case.op == "instance_norm_add_lrelu":
+                tally.checks += 1
+                why = inplace_mismatch(inputs, dtype, slope, got[0][1])
+                if why is not None:
+                    tally.mismatches += 1
+                    failures.append(f"[{isa}] {case.describe()}: out_inplace: {why}\n"
+                                    f"    reproduce: python tests/cpu_fuzz.py --case-seed {case.seed} --isa {isa} -v")
             for name, tensor in got:
                 tally.checks += 1
                 why, clause = compare(tensor, same[name], truth[name], dtype, None if floor is None else floor[name])

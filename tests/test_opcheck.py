@@ -28,6 +28,11 @@ def _samples(layout):
     yield "ux_mlp", _canonical_mlp(ux_mlp_args(small, layout=layout, residual=False, gamma=False, grad=True))
     for args in _instance_norm_samples(layout, grad=True):
         yield args
+    # The in-place tail has no registered autograd (uxnet_kernels differentiates it with an autograd.Function that
+    # marks z dirty), so its samples do not require grad; z is a copy, as the op writes over it.
+    for name, args in _instance_norm_samples(layout, grad=False):
+        if name == "instance_norm_add_lrelu":
+            yield "instance_norm_add_lrelu_inplace", (args[0].clone(), *args[1:])
 
 
 def _instance_norm_samples(layout, grad):

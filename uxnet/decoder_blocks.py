@@ -9,7 +9,8 @@ activations as two ``uxnet_kernels`` ops, which keep only what their backward ne
     out = instance_norm_add_lrelu(conv2(a1), x)             # identity shortcut: keeps out and x (conv1 keeps x)
     out = instance_norm_add_lrelu(conv2(a1), None, [x], [w3])  # projection shortcut: conv3 recomputed in backward
 
-so a block keeps x, a1 and out instead of x, conv1(x), a1, conv2(a1), conv3(x) and out. An up block passes the
+so a block keeps x, a1 and out instead of x, conv1(x), a1, conv2(a1), conv3(x) and out. The tail is called with
+``donate_z=True``: on CPU its output is written over conv2(a1), which no backward needs. An up block passes the
 upsampled tensor and the skip connection as separate inputs (``split_concat``): conv1 and conv3 run on both halves
 with the matching slices of their weights, so the concatenation is never materialised or kept.
 
@@ -122,10 +123,11 @@ class UnetResBlock(nn.Module):
                             part_channels=[p.shape[1] for p in parts])
         else:
             z2 = self._conv_norm_conv(*conv1_inputs, transp=transp, part_channels=[p.shape[1] for p in parts])
+        # z2 is needed by nothing else (conv2's backward keeps its input), so the tail may write over it.
         if self.downsample:
             w3 = _split_in_channels(self.conv3.conv.weight, parts)
-            return uk.instance_norm_add_lrelu(z2, None, parts, w3, NEGATIVE_SLOPE, eps)
-        return uk.instance_norm_add_lrelu(z2, parts[0], negative_slope=NEGATIVE_SLOPE, eps=eps)
+            return uk.instance_norm_add_lrelu(z2, None, parts, w3, NEGATIVE_SLOPE, eps, donate_z=True)
+        return uk.instance_norm_add_lrelu(z2, parts[0], negative_slope=NEGATIVE_SLOPE, eps=eps, donate_z=True)
 
     def _conv_norm_conv(self, *inputs: torch.Tensor, transp: Optional[nn.ConvTranspose3d] = None,
                         part_channels: Sequence[int] = ()) -> torch.Tensor:

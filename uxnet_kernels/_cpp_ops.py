@@ -7,8 +7,8 @@ The schemas and device kernels are C++ (csrc/); this module makes the ops tracea
 import torch
 
 from ._extension import LOADED
-from .autograd_rules import (dwconv3d_rule, instance_norm_add_lrelu_rule, instance_norm_lrelu_rule, layer_norm_rule,
-                             ux_mlp_rule)
+from .autograd_rules import (dwconv3d_rule, instance_norm_add_lrelu_inplace_function, instance_norm_add_lrelu_rule,
+                             instance_norm_lrelu_rule, layer_norm_rule, ux_mlp_rule)
 
 EMPTY_GRAD_SHAPE = (0,)
 
@@ -122,6 +122,16 @@ def _register() -> None:
     backward, setup = instance_norm_add_lrelu_rule(ops.instance_norm_add_lrelu_backward)
     torch.library.register_autograd("uxnet::instance_norm_add_lrelu", backward, setup_context=setup)
 
+    # ---- instance_norm_add_lrelu_inplace (differentiated through InstanceNormAddLReLUInplace) -----------------
+    @torch.library.register_fake("uxnet::instance_norm_add_lrelu_inplace")
+    def _instance_norm_add_lrelu_inplace_fake(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
+        return _instance_norm_add_lrelu_fake(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps)[1:]
+
+
+# The autograd.Function running uxnet::instance_norm_add_lrelu_inplace (None when the extension is not built).
+InstanceNormAddLReLUInplace = None
 
 if LOADED:
     _register()
+    InstanceNormAddLReLUInplace = instance_norm_add_lrelu_inplace_function(
+        torch.ops.uxnet.instance_norm_add_lrelu_inplace, torch.ops.uxnet.instance_norm_add_lrelu_backward)

@@ -24,7 +24,8 @@ Policies:
   (normally the autocast dtype, as x is a convolution output), statistics in float32.
 * ``instance_norm_add_lrelu``: the projection shortcut is a convolution, so its inputs and weights are cast to the
   autocast dtype; ``z`` and the residual are then brought to their promoted dtype, the dtype of the official
-  ``instance_norm(z) + r`` (a float32 residual stream stays float32). Statistics in float32.
+  ``instance_norm(z) + r`` (a float32 residual stream stays float32). Statistics in float32. A donated z is
+  written over only when that dtype is z's own.
 """
 
 from typing import Callable, Optional
@@ -125,7 +126,7 @@ def instance_norm_lrelu(op: Callable, x, negative_slope, eps):
 
 
 def instance_norm_add_lrelu(op: Callable, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps,
-                            dtype: torch.dtype):
+                            dtype: torch.dtype, donate_z: bool = False):
     shortcut_inputs = [_cast(dtype, t) for t in shortcut_inputs]
     shortcut_weights = [_cast(dtype, t) for t in shortcut_weights]
     others = [residual] if residual is not None else shortcut_inputs
@@ -135,4 +136,5 @@ def instance_norm_add_lrelu(op: Callable, z, residual, shortcut_inputs, shortcut
             compute = torch.promote_types(compute, t.dtype)
     with _disabled(z):
         return op(_cast(compute, z), _cast(compute, residual), [_cast(compute, t) for t in shortcut_inputs],
-                  [_cast(compute, t) for t in shortcut_weights], negative_slope, eps)
+                  [_cast(compute, t) for t in shortcut_weights], negative_slope, eps,
+                  donate_z=donate_z and compute == z.dtype)

@@ -118,13 +118,46 @@ def instance_norm_add_lrelu_rule(backward_op) -> AutogradRule:
                               *shortcut_weights)
 
     def backward(ctx, grad_out, *_grad_stats):
-        out, residual, rstd, shortcut_mean, shortcut_rstd, *shortcut = ctx.saved_tensors
-        refuse_double_backward("instance_norm_add_lrelu", grad_out, out, residual, *shortcut)
-        k = ctx.num_shortcut
-        grad_z, grad_residual, grad_inputs, grad_weights = backward_op(
-            grad_out, out, residual, shortcut[:k], shortcut[k:], rstd, shortcut_mean, shortcut_rstd,
-            ctx.negative_slope)
-        return (grad_z, grad_residual if ctx.has_residual else None, list(grad_inputs), list(grad_weights), None,
-                None)
+        grad_z, grad_residual, grad_inputs, grad_weights = _add_lrelu_grads(ctx, grad_out, backward_op)
+        return grad_z, grad_residual, grad_inputs, grad_weights, None, None
 
     return backward, setup_context
+
+
+def _add_lrelu_grads(ctx, grad_out, backward_op):
+    """(grad_z, grad_residual or None, grad_shortcut_inputs, grad_shortcut_weights) from what the setup saved."""
+    out, residual, rstd, shortcut_mean, shortcut_rstd, *shortcut = ctx.saved_tensors
+    refuse_double_backward("instance_norm_add_lrelu", grad_out, out, residual, *shortcut)
+    k = ctx.num_shortcut
+    grad_z, grad_residual, grad_inputs, grad_weights = backward_op(
+        grad_out, out, residual, shortcut[:k], shortcut[k:], rstd, shortcut_mean, shortcut_rstd, ctx.negative_slope)
+    return grad_z, grad_residual if ctx.has_residual else None, list(grad_inputs), list(grad_weights)
+
+
+def instance_norm_add_lrelu_inplace_function(inplace_op, backward_op) -> type:
+    """An autograd.Function for ``inplace_op`` (instance_norm_add_lrelu with its output written over z, returning
+    the statistics), differentiated by the same ``backward_op`` as :func:`instance_norm_add_lrelu_rule`.
+
+    ``apply(z, residual, negative_slope, eps, *shortcut_inputs, *shortcut_weights)`` returns z, marked dirty: its
+    autograd history becomes this op's, and anything that saved z's old value for its backward fails there with
+    autograd's in-place version error instead of using the overwritten values."""
+
+    class InstanceNormAddLReLUInplace(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, residual, negative_slope, eps, *shortcut):
+            k = len(shortcut) // 2
+            _mean, rstd, shortcut_mean, shortcut_rstd = inplace_op(z, residual, list(shortcut[:k]),
+                                                                   list(shortcut[k:]), negative_slope, eps)
+            ctx.mark_dirty(z)
+            ctx.negative_slope = negative_slope
+            ctx.has_residual = residual is not None
+            ctx.num_shortcut = k
+            ctx.save_for_backward(z, residual, rstd, shortcut_mean, shortcut_rstd, *shortcut)
+            return z
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_z, grad_residual, grad_inputs, grad_weights = _add_lrelu_grads(ctx, grad_out, backward_op)
+            return grad_z, grad_residual, None, None, *grad_inputs, *grad_weights
+
+    return InstanceNormAddLReLUInplace

@@ -155,6 +155,8 @@ def instance_norm_add_lrelu(
     shortcut_weights: Sequence[torch.Tensor] = (),
     negative_slope: float = 0.01,
     eps: float = 1e-5,
+    *,
+    donate_z: bool = False,
 ) -> torch.Tensor:
     """The UNETR residual-block tail ``leaky_relu(instance_norm(z) + r, negative_slope)`` in one op.
 
@@ -171,9 +173,17 @@ def instance_norm_add_lrelu(
         shortcut_weights: one (C, C_i, 1, 1, 1) weight per shortcut input.
         negative_slope: LeakyReLU slope, > 0.
         eps: instance-norm epsilon, > 0 (for z and the shortcut).
+        donate_z: the caller will not use z (or any alias of it) again, as a conv output that no backward needs,
+            so the output may be written over z's memory: one full-size tensor less to allocate (and, on CPU, to
+            page in). The CPU backend then writes in place and returns z itself (z's autograd history becomes this
+            op's). Other backends, torch.compile (which plans its own buffers), a z that is a view or a leaf
+            requiring grad, a z sharing memory with ``residual`` or a shortcut input, and an autocast output dtype
+            other than z's (a float32 residual stream) leave z alone and return a new tensor (the reason is logged
+            at DEBUG on ``uxnet_kernels.dispatch``). If autograd saved z's old values for another backward, that
+            backward fails with autograd's in-place version error, never silently.
 
     Returns:
-        Tensor shaped like z.
+        Tensor shaped like z (z itself when donated and written in place).
 
     Raises:
         ValueError: wrong rank or shapes, both or neither of residual and shortcut, dtype or device mismatch,
@@ -183,10 +193,33 @@ def instance_norm_add_lrelu(
     amp_dtype = autocast.active_dtype(z)
     if amp_dtype is not None:
         return autocast.instance_norm_add_lrelu(instance_norm_add_lrelu, z, residual, shortcut_inputs,
-                                                shortcut_weights, negative_slope, eps, amp_dtype)
+                                                shortcut_weights, negative_slope, eps, amp_dtype, donate_z)
     validation.check_instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps)
     if z.numel() == 0:
         return _empty_result(z if residual is None else z + residual, *shortcut_inputs, *shortcut_weights)
     backend = dispatch.select("instance_norm_add_lrelu", z)
-    return backend.instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, float(negative_slope),
-                                           float(eps))
+    run = backend.instance_norm_add_lrelu
+    if donate_z:
+        why = _why_z_is_kept(backend, z, residual, *shortcut_inputs)
+        if not why:
+            run = backend.instance_norm_add_lrelu_donated
+        elif not torch.compiler.is_compiling():
+            dispatch.logger.debug("instance_norm_add_lrelu: donate_z declined (%s)", why)
+    return run(z, residual, shortcut_inputs, shortcut_weights, float(negative_slope), float(eps))
+
+
+def _why_z_is_kept(backend, z: torch.Tensor, *others: Optional[torch.Tensor]) -> str:
+    """Why z's memory cannot take the output ("" when it can): z must not be a view, nor a leaf that autograd refuses
+    to modify, nor share memory with the ``others`` (which the op reads, and its backward may keep), and the backend
+    needs an in-place kernel. Never while torch.compile traces: the compiler plans its own buffers, and Dynamo
+    (torch 2.13) mis-traces the in-place autograd.Function inside activation checkpointing."""
+    if torch.compiler.is_compiling():
+        return "torch.compile plans buffers itself"
+    if z._base is not None:
+        return "z is a view"
+    if z.requires_grad and z.is_leaf:
+        return "z is a leaf that requires grad"
+    # Storage identity, not data_ptr: fake tensors (uxnet memory's predictions) all report data_ptr 0.
+    if any(t is not None and torch._C._is_alias_of(t, z) for t in others):
+        return "another input shares z's memory"
+    return backend.donation_verdict()[1]

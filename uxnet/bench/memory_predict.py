@@ -225,7 +225,8 @@ def _category_name(key) -> str:
     return str(getattr(key, "value", key))
 
 
-_SHORTCUT_OPS = {"instance_norm_add_lrelu": 2, "instance_norm_add_lrelu_backward": 3}  # op -> shortcut_inputs arg
+_SHORTCUT_OPS = {"instance_norm_add_lrelu": 2, "instance_norm_add_lrelu_inplace": 2,
+                 "instance_norm_add_lrelu_backward": 3}  # op -> shortcut_inputs arg
 
 
 def cpu_op_scratch_bytes(func, args, out=None) -> int:

@@ -13,6 +13,8 @@ Its op methods receive arguments already validated and canonicalised by ``uxnet_
     instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps)
                                                       residual: like z, or None; shortcut_inputs/_weights: lists
                                                       (empty when residual is given)
+    instance_norm_add_lrelu_donated(...)              the same arguments; writes the output over z and returns z
+                                                      (backends whose donation_verdict() says yes)
 
 and return the output tensor with autograd attached.
 """
@@ -73,4 +75,22 @@ class Backend:
         negative_slope: float,
         eps: float,
     ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def donation_verdict(self) -> Verdict:
+        """Whether ``instance_norm_add_lrelu_donated`` can write the output over z."""
+        return False, f"backend {self.name!r} has no in-place block-tail kernel"
+
+    def instance_norm_add_lrelu_donated(
+        self,
+        z: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        shortcut_inputs: List[torch.Tensor],
+        shortcut_weights: List[torch.Tensor],
+        negative_slope: float,
+        eps: float,
+    ) -> torch.Tensor:
+        """``instance_norm_add_lrelu`` written over z, which the caller donated (z is neither a view, nor a leaf
+        requiring grad, nor aliased by the residual or a shortcut input); returns z. Only called when
+        ``donation_verdict`` says yes."""
         raise NotImplementedError

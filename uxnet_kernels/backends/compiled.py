@@ -2,7 +2,7 @@
 
 import torch
 
-from .. import _cpp_ops  # noqa: F401  (registers fake impls and autograd)
+from .. import _cpp_ops  # registers fake impls and autograd
 from .._extension import LOAD_ERROR, LOADED, has_kernel
 from .base import YES, Backend
 
@@ -29,6 +29,7 @@ class CompiledBackend(Backend):
         # Looked up once here: the dispatcher query is not traceable by torch.compile, and the registrations of a
         # loaded library do not change.
         self._has_kernel = {op: has_kernel(schema, self.dispatch_key) for op, schema in _SCHEMA_NAMES.items()}
+        self._has_inplace_tail = has_kernel("instance_norm_add_lrelu_inplace", self.dispatch_key)
 
     def available(self):
         if not LOADED:
@@ -64,3 +65,12 @@ class CompiledBackend(Backend):
     def instance_norm_add_lrelu(self, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
         return torch.ops.uxnet.instance_norm_add_lrelu(z, residual, shortcut_inputs, shortcut_weights,
                                                        negative_slope, eps)[0]
+
+    def donation_verdict(self):
+        if not self._has_inplace_tail:
+            return False, f"no {self.dispatch_key} kernel registered for uxnet::instance_norm_add_lrelu_inplace"
+        return YES
+
+    def instance_norm_add_lrelu_donated(self, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps):
+        return _cpp_ops.InstanceNormAddLReLUInplace.apply(z, residual, negative_slope, eps, *shortcut_inputs,
+                                                          *shortcut_weights)

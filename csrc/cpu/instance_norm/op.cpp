@@ -39,6 +39,7 @@ constexpr const char* kForwardOp = "uxnet::instance_norm_lrelu";
 constexpr const char* kBackwardOp = "uxnet::instance_norm_lrelu_backward";
 constexpr const char* kAddForwardOp = "uxnet::instance_norm_add_lrelu";
 constexpr const char* kAddBackwardOp = "uxnet::instance_norm_add_lrelu_backward";
+constexpr const char* kInplaceForwardOp = "uxnet::instance_norm_add_lrelu_inplace";
 // channels_last_3d: the voxels of an item are cut into at most this many chunks of at least kMinChunkVoxels (a
 // partition that depends on the shape only: the unit of parallel work and of the ordered float64 reduction).
 constexpr int64_t kMaxChunksPerItem = 64;
@@ -295,35 +296,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_lrelu_cpu(const at:
   return {out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> instance_norm_add_lrelu_cpu(
-    const at::Tensor& z, const std::optional<at::Tensor>& residual, at::TensorList shortcut_inputs,
-    at::TensorList shortcut_weights, double negative_slope, double eps) {
-  check_input(kAddForwardOp, z, "z");
-  check_slope_eps(kAddForwardOp, negative_slope, eps);
+using AddStats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // mean, rstd, shortcut mean, rstd
+
+// The block tail of z into `out` (shaped like z in suggested_memory_format(z)). `out` may be z itself: both kernels
+// read each element of z (and of the residual) before writing the output element at the same place, and the
+// statistics pass over z runs first.
+AddStats add_lrelu_into(const char* op, const at::Tensor& z, const std::optional<at::Tensor>& residual,
+                        at::TensorList shortcut_inputs, at::TensorList shortcut_weights, double negative_slope,
+                        double eps, at::Tensor& out) {
+  check_input(op, z, "z");
+  check_slope_eps(op, negative_slope, eps);
   const bool has_residual = residual.has_value() && residual->defined();
-  TORCH_CHECK(has_residual != !shortcut_inputs.empty(), kAddForwardOp,
+  TORCH_CHECK(has_residual != !shortcut_inputs.empty(), op,
               ": expected either residual or shortcut_inputs/shortcut_weights");
   const at::MemoryFormat format = suggested_memory_format(z);
-  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(format));
   at::Tensor mean = empty_stats(z);
   at::Tensor rstd = empty_stats(z);
   at::Tensor r_mean = has_residual ? z.new_empty({0}, z.options().dtype(stats_dtype(z))) : empty_stats(z);
   at::Tensor r_rstd = has_residual ? z.new_empty({0}, z.options().dtype(stats_dtype(z))) : empty_stats(z);
   at::Tensor r;
   if (has_residual) {
-    ln_mlp::check_like(kAddForwardOp, *residual, "residual", z, "z");
+    ln_mlp::check_like(op, *residual, "residual", z, "z");
     r = residual->contiguous(format);
   } else {
-    check_shortcut(kAddForwardOp, z, shortcut_inputs, shortcut_weights);
+    check_shortcut(op, z, shortcut_inputs, shortcut_weights);
   }
   if (z.numel() == 0) {
     for (at::Tensor* s : {&mean, &rstd, &r_mean, &r_rstd}) s->fill_(NAN);
-    return {out, mean, rstd, r_mean, r_rstd};
+    return {mean, rstd, r_mean, r_rstd};
   }
   if (!has_residual) r = shortcut_projection(z, shortcut_inputs, shortcut_weights, format);
-  forward(kAddForwardOp, z, r, has_residual ? ResidualMode::plain : ResidualMode::normalized, negative_slope, eps,
-          out, mean, rstd, r_mean, r_rstd);
+  forward(op, z, r, has_residual ? ResidualMode::plain : ResidualMode::normalized, negative_slope, eps, out, mean,
+          rstd, r_mean, r_rstd);
+  return {mean, rstd, r_mean, r_rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> instance_norm_add_lrelu_cpu(
+    const at::Tensor& z, const std::optional<at::Tensor>& residual, at::TensorList shortcut_inputs,
+    at::TensorList shortcut_weights, double negative_slope, double eps) {
+  check_input(kAddForwardOp, z, "z");
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(suggested_memory_format(z)));
+  auto [mean, rstd, r_mean, r_rstd] =
+      add_lrelu_into(kAddForwardOp, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps, out);
   return {out, mean, rstd, r_mean, r_rstd};
+}
+
+// The same op writing its output over z: the fused residual-block tail without a fresh output tensor (z, the
+// block's second conv output, is needed by nothing else). A z that is not dense in its memory format is computed
+// into a temporary and copied back.
+AddStats instance_norm_add_lrelu_inplace_cpu(at::Tensor& z, const std::optional<at::Tensor>& residual,
+                                             at::TensorList shortcut_inputs, at::TensorList shortcut_weights,
+                                             double negative_slope, double eps) {
+  check_input(kInplaceForwardOp, z, "z");
+  if (z.is_contiguous(suggested_memory_format(z))) {
+    return add_lrelu_into(kInplaceForwardOp, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps, z);
+  }
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(suggested_memory_format(z)));
+  AddStats stats =
+      add_lrelu_into(kInplaceForwardOp, z, residual, shortcut_inputs, shortcut_weights, negative_slope, eps, out);
+  z.copy_(out);
+  return stats;
 }
 
 // grad_z (and grad_r for a residual) from grad_out and the saved output.
@@ -430,4 +462,5 @@ TORCH_LIBRARY_IMPL(uxnet, CPU, m) {
   m.impl("instance_norm_lrelu_backward", &uxnet::instance_norm_lrelu_backward_cpu);
   m.impl("instance_norm_add_lrelu", &uxnet::instance_norm_add_lrelu_cpu);
   m.impl("instance_norm_add_lrelu_backward", &uxnet::instance_norm_add_lrelu_backward_cpu);
+  m.impl("instance_norm_add_lrelu_inplace", &uxnet::instance_norm_add_lrelu_inplace_cpu);
 }
