@@ -46,6 +46,7 @@ MATRIX_TESTS = (
     "tests/test_export.py",
     "tests/test_triton_kernels.py",
     "tests/test_model.py",
+    "tests/test_donated_tail.py",
     "tests/test_bad_input.py",
     "tests/test_versions.py",
     "tests/test_gpu_validate_script.py",
