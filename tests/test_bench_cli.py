@@ -81,3 +81,27 @@ def test_grouped_conv_backward_counted_per_group():
     both = flops.count_flops(lambda: torch.nn.functional.conv3d(x, w, padding=3, groups=48).sum().backward())
     assert forward == 2 * 343 * 48 * 8 ** 3
     assert both == 3 * forward
+
+
+@pytest.mark.skipif(not _compiled_cpu_ops(), reason="compiled CPU backend not available")
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_donated_block_tail_case_times_the_same_computation(mode):
+    """The "cpu donated" row runs the block tail with z donated (written over) and gives what the plain row gives."""
+    shape = (1, 6, 5, 4, 3)
+    plain, donated = (C.OpCase("instance_norm_add_lrelu", mode, shape, 0, "float32", "ncdhw", "cpu", variant=v)
+                      for v in ("", "donated"))
+    assert donated in C.op_cases(C.Size("t", (C.OpSpec("instance_norm_add_lrelu", mode, shape),), (), ("float32",),
+                                        0.0, 1, 1), layouts=("ncdhw",))
+    fn_plain, pool = C.build_op_case(plain)
+    fn_donated, _ = C.build_op_case(donated)
+    args = pool.next()
+    copies = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    want = fn_plain(*args)
+    got = fn_donated(*copies)
+    if mode == "fwd":
+        assert got is copies[0], "z was not written over"
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert not torch.equal(copies[0], args[0]), "z was not written over"
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
