@@ -272,6 +272,20 @@ def test_autograd_keeps_the_output_not_the_input():
         assert args[0].untyped_storage().data_ptr() not in ptrs, f"{op}: keeps z"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["shortcut", "split_shortcut"])
+def test_forward_does_not_depend_on_which_inputs_require_grad(op, layout):
+    """Bitwise the same output whether or not the inputs require grad: the shortcut's products must not take another
+    path (at::matmul folds its batch or not by requires_grad), or the donated in-place op, the functional op and a
+    no_grad call would round differently. (A 1-wide W: the shape the differential fuzz caught.)"""
+    args = make_args(op, (1, 8, 3, 2, 1), layout)
+    with uk.use_backend("cpu"), torch.no_grad():
+        want = call(op, args)
+    with uk.use_backend("cpu"):
+        got = call(op, [a.detach().requires_grad_(True) for a in args])
+    assert torch.equal(got.detach(), want)
+
+
 @pytest.mark.parametrize("op", ["lrelu", "residual"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bitwise_identical_for_any_thread_count(op, layout):

@@ -209,8 +209,10 @@ void ncdhw_product(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bo
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& like, int64_t channels,
                    at::MemoryFormat format, const at::Tensor* into = nullptr) {
   const int64_t n = like.size(0), d = like.size(2), h = like.size(3), w = like.size(4);
-  if (format == at::MemoryFormat::ChannelsLast3d) {  // a (N, V, C_in) @ b (C_in, C') -> (N, V, C')
-    at::Tensor result = at::matmul(a, b).view({n, d, h, w, channels}).permute({0, 4, 1, 2, 3});
+  if (format == at::MemoryFormat::ChannelsLast3d) {  // a (N, V, C_in) @ b (C_in, C') -> (N * V, C')
+    // One 2-D product (a view of a for channels_last_3d inputs). at::matmul would pick between that and a batched
+    // product by whether its operands require grad, so the rounding would depend on the caller's autograd state.
+    at::Tensor result = at::mm(a.reshape({-1, a.size(2)}), b).view({n, d, h, w, channels}).permute({0, 4, 1, 2, 3});
     if (into == nullptr) return result.contiguous(format);
     return into->add_(result);
   }
