@@ -16,7 +16,7 @@ try:
     from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
 
     LOADED = True
-except ImportError as exc:  # pragma: no cover - depends on the install
+except ImportError:  # pragma: no cover - depends on the install
     if importlib.util.find_spec(f"{__package__}._C") is None:
         exc = ImportError("no built library next to the package: it was installed without compiling")
     LOAD_ERROR = str(exc)
@@ -34,3 +34,11 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     if not LOADED:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"uxnet::{op_name}", dispatch_key)
+
+
+def registered_ops(dispatch_key: str) -> list:
+    """The ``uxnet::`` operators with a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    if not LOADED:
+        return []
+    return [name for name in torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key)
+            if name.startswith("uxnet::")]

@@ -1,38 +1,82 @@
-"""Backend selection: which implementation serves each op call.
+"""Which implementation serves each op call, and why the others declined.
 
 ``use_backend(name)`` (context manager) and ``set_backend(name)`` choose the backend for every op:
 
 * ``"auto"`` (default): CPU tensors -> "cpu" (the C++ kernels); CUDA tensors -> "triton", then "cuda";
   anything no fast backend supports -> "reference".
-* ``"reference"``: the pure-PyTorch ops of ``uxnet_kernels.reference``.
+* ``"reference"``: the pure-PyTorch references of the op families.
 * ``"cpu"``, ``"cuda"``, ``"triton"``: that backend; if it cannot serve a call (wrong device, dtype,
   not built) the call falls back to "reference" with a warning naming the reason, once per reason.
 
-Every decision is logged at DEBUG level on the ``uxnet_kernels.dispatch`` logger and the last backend used
-per (op, device type) is kept for ``backend_report()``. Nothing here holds tensors or streams, so the ops are
-safe under DDP and multi-threaded data loading.
+An op is an :class:`OpFamily` (built by its module in ``uxnet_kernels/ops``): a name and one
+:class:`Implementation` per backend that has one. The backends themselves (``uxnet_kernels.backends``) and every
+implementation's verdict are decided at import, so :func:`select` only reads attributes and the input's device and
+dtype, which ``torch.compile`` traces without graph breaks. Every decision is logged at DEBUG on the
+``uxnet_kernels.dispatch`` logger and the last backend used per (op, device type) is kept for ``backend_report()``.
+Nothing here holds tensors or streams, so the ops are safe under DDP and multi-threaded data loading.
 """
 
 import contextlib
-import importlib
 import logging
 import warnings
-from typing import Dict, Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .backends.base import OPS, Backend
+from .backends import AUTO_ORDER, BACKENDS, NAMES, YES, Backend, Verdict
 
 logger = logging.getLogger("uxnet_kernels.dispatch")
 
-BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
-_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
-_BACKEND_CLASSES = {
-    "reference": ("uxnet_kernels.backends.reference", "ReferenceBackend", ()),
-    "cpu": ("uxnet_kernels.backends.compiled", "CompiledBackend", ("cpu",)),
-    "cuda": ("uxnet_kernels.backends.compiled", "CompiledBackend", ("cuda",)),
-    "triton": ("uxnet_kernels.backends.triton", "TritonBackend", ()),
-}
+BACKEND_NAMES = ("auto",) + NAMES
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op: ``run`` takes the validated, canonicalised arguments and returns the
+    output with autograd attached. ``verdict`` says whether it can run at all here (decided at import: e.g. a
+    kernel registered for the schema). ``variants`` holds named alternatives of ``run`` (e.g. ``"donated"``)."""
+
+    backend: str
+    run: Callable
+    verdict: Verdict = YES
+    variants: Tuple[Tuple[str, Callable], ...] = ()
+
+    def variant(self, name: str) -> Optional[Callable]:
+        return dict(self.variants).get(name)
+
+
+class OpFamily:
+    """An op and its implementations, one per backend that has one (``reference`` is required)."""
+
+    def __init__(self, name: str, implementations: Sequence[Implementation]):
+        self.name = name
+        self.implementations: Dict[str, Implementation] = {impl.backend: impl for impl in implementations}
+        if "reference" not in self.implementations:
+            raise ValueError(f"op family {name!r} has no reference implementation")
+
+    def verdict(self, backend: str, x: torch.Tensor) -> Verdict:
+        """Whether ``backend`` can serve this op for the main input ``x``, and why not."""
+        impl = self.implementations.get(backend)
+        if impl is None:
+            return False, f"no {backend} implementation of {self.name}"
+        ok, why = BACKENDS[backend].supports(x)
+        if not ok:
+            return ok, why
+        return impl.verdict
+
+
+_FAMILIES: Dict[str, OpFamily] = {}
+
+
+def register(family: OpFamily) -> OpFamily:
+    """Make ``family`` known to ``backend_report`` (each op module registers its family once, at import)."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> Tuple[str, ...]:
+    return tuple(_FAMILIES)
 
 
 class _State:
@@ -40,33 +84,14 @@ class _State:
 
 
 _state = _State()
-_instances: Dict[str, Backend] = {}
 _last_used: Dict[Tuple[str, str], str] = {}
 _recorders: List[Dict[str, str]] = []
 _warned = set()
 
 
 def get_backend_instance(name: str) -> Backend:
-    """The backend object for ``name`` (imported on first use)."""
-    if name not in _instances:
-        module_name, class_name, args = _BACKEND_CLASSES[name]
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-            _instances[name] = cls(*args)
-        except ImportError as exc:
-            _instances[name] = _Unavailable(name, f"cannot import {module_name}: {exc}")
-    return _instances[name]
-
-
-class _Unavailable(Backend):
-    def __init__(self, name: str, why: str):
-        self.name, self.why = name, why
-
-    def available(self):
-        return False, self.why
-
-    def supports(self, op, x):
-        return False, self.why
+    """The backend object for ``name`` (``available()`` says whether it is built or installed here)."""
+    return BACKENDS[name]
 
 
 def _check_name(name: str) -> str:
@@ -116,23 +141,26 @@ def _note(op: str, device_type: str, chosen: str, requested: str, why: str) -> N
                      f"; fallback because {why}" if why else "")
 
 
-def select(op: str, x: torch.Tensor) -> Backend:
-    """The backend that serves ``op`` for main input ``x`` under the current setting."""
+def _candidates(device_type: str) -> Tuple[str, ...]:
+    requested = _state.backend
+    return AUTO_ORDER.get(device_type, ()) if requested == "auto" else (requested,)
+
+
+def select(family: OpFamily, x: torch.Tensor) -> Implementation:
+    """The implementation of ``family`` that serves main input ``x`` under the current setting."""
     requested = _state.backend
     device_type = x.device.type
-    candidates = _AUTO_ORDER.get(device_type, ()) if requested == "auto" else (requested,)
     reasons = []
-    for name in candidates:
+    for name in _candidates(device_type):
         if name == "reference":
             break
-        backend = get_backend_instance(name)
-        ok, why = backend.supports(op, x)
+        ok, why = family.verdict(name, x)
         if ok:
-            _note(op, device_type, name, requested, "")
-            return backend
+            _note(family.name, device_type, name, requested, "")
+            return family.implementations[name]
         reasons.append(f"{name}: {why}")
-    _note(op, device_type, "reference", requested, "; ".join(reasons))
-    return get_backend_instance("reference")
+    _note(family.name, device_type, "reference", requested, "; ".join(reasons))
+    return family.implementations["reference"]
 
 
 @contextlib.contextmanager
@@ -151,42 +179,40 @@ def backend_report(device=None, dtype=torch.float32) -> Dict[str, object]:
     """What is compiled and available, and which backend each op would use for ``device`` and ``dtype``.
 
     Returns a dict with ``"setting"`` (the current backend setting), ``"backends"`` (name -> {"available",
-    "reason"}), ``"would_use"`` (op -> backend name for a (1, 1, 1, 1, 1) tensor on ``device``) and
-    ``"last_used"`` ("op@device" -> backend of the most recent eager call).
+    "reason"}), ``"would_use"`` (op -> backend name for a (1, 1, 1, 1, 1) tensor on ``device``), ``"declined"``
+    (op -> {backend: reason} for each candidate that would not serve it) and ``"last_used"`` ("op@device" ->
+    backend of the most recent eager call).
     """
     device = torch.device(device if device is not None else "cpu")
-    probe = torch.empty((1, 1, 1, 1, 1), dtype=dtype, device="meta")
     backends = {}
-    for name in BACKEND_NAMES[1:]:
-        ok, why = get_backend_instance(name).available()
+    for name in NAMES:
+        ok, why = BACKENDS[name].available()
         backends[name] = {"available": ok, "reason": why}
-    would_use = {}
-    for op in OPS:
-        with _probe_device(probe, device) as x:
-            would_use[op] = _would_use(op, x)
+    probe = _probe(device, dtype)
+    would_use, declined = {}, {}
+    for op, family in _FAMILIES.items():
+        would_use[op], declined[op] = "reference", {}
+        for name in _candidates(probe.device.type):
+            if name == "reference":
+                break
+            ok, why = family.verdict(name, probe)
+            if ok:
+                would_use[op] = name
+                break
+            declined[op][name] = why
     return {
         "setting": _state.backend,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "backends": backends,
         "would_use": would_use,
+        "declined": declined,
         "last_used": {f"{op}@{dev}": name for (op, dev), name in sorted(_last_used.items())},
     }
 
 
-def _would_use(op: str, x: torch.Tensor) -> str:
-    requested = _state.backend
-    candidates = _AUTO_ORDER.get(x.device.type, ()) if requested == "auto" else (requested,)
-    for name in candidates:
-        if name != "reference" and get_backend_instance(name).supports(op, x)[0]:
-            return name
-    return "reference"
-
-
-@contextlib.contextmanager
-def _probe_device(probe: torch.Tensor, device: torch.device):
+def _probe(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # A tiny real tensor on the target device when that device exists, so `supports` sees the real device.
     if device.type == "cuda" and not torch.cuda.is_available():
-        yield torch.empty((1, 1, 1, 1, 1), dtype=probe.dtype, device="meta")
-        return
-    yield torch.empty((1, 1, 1, 1, 1), dtype=probe.dtype, device=device)
+        return torch.empty((1, 1, 1, 1, 1), dtype=dtype, device="meta")
+    return torch.empty((1, 1, 1, 1, 1), dtype=dtype, device=device)

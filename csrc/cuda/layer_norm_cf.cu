@@ -142,6 +142,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
 }  // namespace uxnet
 
 TORCH_LIBRARY_IMPL(uxnet, CUDA, m) {
-  m.impl("layer_norm_cf", &uxnet::gpu::layer_norm_cf_cuda);
-  m.impl("layer_norm_cf_backward", &uxnet::gpu::layer_norm_cf_backward_cuda);
+  m.impl("layer_norm_channels_first", &uxnet::gpu::layer_norm_cf_cuda);
+  m.impl("layer_norm_channels_first_backward", &uxnet::gpu::layer_norm_cf_backward_cuda);
 }

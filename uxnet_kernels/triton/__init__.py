@@ -1,7 +1,9 @@
-"""Triton kernels of the uxnet ops (one kernel family per module) and their ``torch.library.triton_op`` wrappers.
-
-Importing this package does not import triton: ``dwconv3d``, ``layer_norm``, ``ux_mlp`` and ``instance_norm`` hold
-the kernels and ``ops`` registers the ``uxnet::*_triton`` operators; import those only when triton is needed.
+"""Triton kernels of the uxnet ops: one module per op family holding its kernels, the host code that launches them
+and its ``torch.library.triton_op`` operators ``uxnet::<op>_triton`` / ``uxnet::<op>_triton_backward`` (autograd
+is registered by the op's family module, uxnet_kernels/ops/<op>.py); ``launch`` holds the host helpers they share,
+``channels_first`` what the LayerNorm and UX MLP kernels share. This package itself is the runtime check (is triton
+installed, are kernels interpreted) and imports no triton; the family modules import a kernel module only when the
+triton backend is usable.
 
 With ``TRITON_INTERPRET=1`` set *before the kernel modules are imported*, ``triton.jit`` builds interpreted
 kernels that run on CPU tensors (slowly, for tests); the choice is fixed at import time. The kernels call only
@@ -19,12 +21,8 @@ import importlib.util
 import os
 import sys
 
-KERNEL_MODULES = (
-    "uxnet_kernels.triton.dwconv3d",
-    "uxnet_kernels.triton.layer_norm",
-    "uxnet_kernels.triton.ux_mlp",
-    "uxnet_kernels.triton.instance_norm",
-)
+# The module whose import fixes whether kernels are interpreted (every kernel module imports it first).
+LAUNCH_MODULE = "uxnet_kernels.triton.launch"
 
 
 def triton_installed() -> bool:
@@ -68,7 +66,7 @@ def fix_interpreter_scalar_index() -> None:
 
 def kernels_interpreted() -> bool:
     """Whether the kernels run under the interpreter: fixed once a kernel module is imported, else the env var."""
-    module = sys.modules.get(KERNEL_MODULES[0])
+    module = sys.modules.get(LAUNCH_MODULE)
     if module is not None:
         return module.INTERPRETED
     return interpreter_requested()

@@ -4,19 +4,36 @@ Forward: one program per (BLOCK_D x BLOCK_H x BLOCK_W output tile of one sample,
 over the kernel's depth and height taps at run time and takes the width taps KW_CHUNK at a time as one
 [tile, KW_CHUNK, BLOCK_C] load (KW is the only kernel size that is a compile-time constant, so k = 3 ... 21 needs
 one specialisation per KW, not per kernel volume). Grad-input is this forward with the spatially flipped kernel
-(see ops.py). Grad-weight: one program per (chunk of output tiles, channel block, (kd, kh)) writes the partial
-sums of its KW taps; ops.py reduces the chunks in a second, deterministic pass — no atomics.
+(below). Grad-weight: one program per (chunk of output tiles, channel block, (kd, kh)) writes the partial
+sums of its KW taps; the host code reduces the chunks in a second, deterministic pass — no atomics.
 
 Tensors are addressed through their strides: channels_last_3d (channels contiguous, the fast layout) and
 contiguous NCDHW (width contiguous) are both exact; the CHANNELS_LAST flag only tells the compiler which
 stride is 1. Program ids and every stride product are int64.
 """
 
+import os
+from typing import List, Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 from triton.language.standard import _sum_combine
 
-from . import fix_interpreter_scalar_index, is_interpreted
+from .launch import (
+    INTERPRETED,
+    as_float32,
+    autotune_enabled,
+    canonical,
+    empty_grad,
+    empty_like_layout,
+    in_layout,
+    launcher,
+    poisoned,
+    pow2,
+    split_tile,
+)
 
 
 @triton.jit
@@ -194,10 +211,112 @@ def _fwd_configs(channels_last: bool):
 
 _FWD_KEY = ["C", "D", "H", "W", "KD", "KH", "KW"]
 
-INTERPRETED = is_interpreted(dwconv3d_fwd_kernel)
 if INTERPRETED:
-    fix_interpreter_scalar_index()
     dwconv3d_fwd_tuned_cl = dwconv3d_fwd_tuned_cf = None
 else:
     dwconv3d_fwd_tuned_cl = triton.autotune(configs=_fwd_configs(True), key=_FWD_KEY)(dwconv3d_fwd_kernel)
     dwconv3d_fwd_tuned_cf = triton.autotune(configs=_fwd_configs(False), key=_FWD_KEY)(dwconv3d_fwd_kernel)
+
+
+# ---- host code and operators ------------------------------------------------------------------------------------
+
+# Upper bound of the grad-weight partial-sum buffer (bytes) and the number of programs it is sized for.
+_GRAD_WEIGHT_PARTIAL_BYTES = 128 << 20
+_TARGET_PROGRAMS = 4096
+# Outputs per program under the interpreter, which pays per program and per op, not per element.
+_INTERPRETER_FWD_TILE = 4096
+_INTERPRETER_GRAD_WEIGHT_TILE = 16384
+
+
+
+def _dwconv_fwd_blocks(c: int, d: int, h: int, w: int, kw: int, channels_last: bool) -> dict:
+    if INTERPRETED:
+        bc = min(pow2(c), 16)
+        bd, bh, bw = split_tile(max(_INTERPRETER_FWD_TILE // bc, 1), d, h, w)
+        chunk = int(os.environ.get("UXNET_TRITON_KW_CHUNK", "0")) or pow2(kw)
+        return dict(BLOCK_D=bd, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, KW_CHUNK=chunk)
+    config = _fwd_configs(channels_last)[0]
+    return dict(config.kwargs, num_warps=config.num_warps)
+
+
+def _dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Forward into a new tensor in x's (canonical) layout; x already canonical."""
+    x, channels_last = canonical(x)
+    n, c, d, h, w = x.shape
+    kd, kh, kw = weight.shape[2:]
+    w32 = as_float32(weight).reshape(c, kd * kh * kw)
+    b32 = as_float32(bias) if bias is not None else w32
+    out = empty_like_layout(x, channels_last)
+    args = (x, w32, b32, out, c, d, h, w, kd, kh, *x.stride(), *out.stride())
+    flags = dict(KW=kw, HAS_BIAS=bias is not None, CHANNELS_LAST=channels_last)
+
+    def grid(meta):
+        tiles = (n * triton.cdiv(d, meta["BLOCK_D"]) * triton.cdiv(h, meta["BLOCK_H"])
+                 * triton.cdiv(w, meta["BLOCK_W"]))
+        return (tiles, triton.cdiv(c, meta["BLOCK_C"]))
+
+    if autotune_enabled():
+        tuned = dwconv3d_fwd_tuned_cl if channels_last else dwconv3d_fwd_tuned_cf
+        launch = launcher(tuned, x)
+        if launch is not None:
+            launch[grid](*args, **flags)
+    else:
+        blocks = _dwconv_fwd_blocks(c, d, h, w, kw, channels_last)
+        launch = launcher(dwconv3d_fwd_kernel, x)
+        if launch is not None:
+            launch[grid(blocks)](*args, **flags, **blocks)
+    return out
+
+
+def _dwconv_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        channels_last: bool) -> torch.Tensor:
+    n, c, d, h, w = x.shape
+    kd, kh, kw = weight.shape[2:]
+    block_kw = pow2(kw)
+    if INTERPRETED:
+        bc = min(pow2(c), 16)
+        volume = max(_INTERPRETER_GRAD_WEIGHT_TILE // (block_kw * bc), 1)
+    else:
+        bc = min(pow2(c), 16 if channels_last else 2)
+        volume = max(4096 // (block_kw * bc), 16)
+    bd, bh, bw = split_tile(volume, d, h, w)
+    num_tiles = n * triton.cdiv(d, bd) * triton.cdiv(h, bh) * triton.cdiv(w, bw)
+    c_blocks = triton.cdiv(c, bc)
+    by_memory = max(_GRAD_WEIGHT_PARTIAL_BYTES // (4 * c * kd * kh * kw), 1)
+    chunks = max(min(num_tiles, by_memory, _TARGET_PROGRAMS // (c_blocks * kd * kh)), 1)
+    tiles_per_chunk = triton.cdiv(num_tiles, chunks)
+    chunks = triton.cdiv(num_tiles, tiles_per_chunk)
+    partial = poisoned(torch.empty((chunks, c, kd, kh, kw), device=x.device, dtype=torch.float32))
+    launch = launcher(dwconv3d_grad_weight_kernel, x, grad_out)
+    if launch is not None:
+        launch[(chunks, c_blocks, kd * kh)](
+            grad_out, x, partial, c, d, h, w, kd, kh, *grad_out.stride(), *x.stride(), num_tiles, tiles_per_chunk,
+            KW=kw, BLOCK_KW=block_kw, CHANNELS_LAST=channels_last,
+            BLOCK_D=bd, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc,
+        )
+    return partial.sum(0).unsqueeze(1).to(weight.dtype)
+
+
+@triton_op("uxnet::dwconv3d_triton", mutates_args=())
+def dwconv3d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _dwconv_forward(x, weight, bias)
+
+
+@triton_op("uxnet::dwconv3d_triton_backward", mutates_args=())
+def dwconv3d_triton_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: List[bool]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out, channels_last = canonical(grad_out)
+    x = in_layout(x, channels_last)
+    # grad_x[p] = sum_k grad_out[p - k + pad] w[k] = a "same" convolution of grad_out with the flipped kernel.
+    grad_x = _dwconv_forward(grad_out, weight.flip((2, 3, 4)), None) if output_mask[0] else empty_grad(x)
+    grad_weight = _dwconv_grad_weight(grad_out, x, weight, channels_last) if output_mask[1] else empty_grad(x)
+    if output_mask[2]:
+        grad_bias = grad_out.sum(dim=(0, 2, 3, 4), dtype=torch.float32).to(weight.dtype)
+    else:
+        grad_bias = empty_grad(x)
+    return grad_x, grad_weight, grad_bias
+
+
+
+

@@ -4,17 +4,21 @@ Both 1x1x1 convolutions are grouped per channel (C -> 4C -> C, groups=C), so eac
 its own four hidden units: programs hold BLOCK_V voxels x all channels, and the hidden layer as a
 [BLOCK_V, 4, BLOCK_C] tensor. GELU is the exact erf form; statistics are float32. The backward recomputes the
 hidden activations from y and the saved mean/rstd, and writes per-program partial sums of the 16 parameter-grad
-rows, (programs, 16, C), reduced in a second deterministic pass by ops.py:
+rows, (programs, 16, C), reduced in a second deterministic pass by the host code:
 
     row 0: ln_weight   1: ln_bias   2-5: w1[:, j]   6-9: b1[:, j]   10-13: w2[:, j]   14: b2   15: gamma
 """
 
+from typing import Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 from triton.language.standard import _sum_combine
 
-from . import fix_interpreter_scalar_index, is_interpreted
-from .layer_norm import voxel_channel_offsets
+from .channels_first import backward_programs, voxel_blocks, voxel_channel_offsets, voxel_stats
+from .launch import as_float32, canonical, empty_grad, empty_like_layout, in_layout, launcher, poisoned
 
 PARTIAL_ROWS = 16
 
@@ -162,6 +166,76 @@ def ux_mlp_bwd_kernel(
     tl.store(base + 15 * C, acc_gamma, mask=c_mask)
 
 
-INTERPRETED = is_interpreted(ux_mlp_fwd_kernel)
-if INTERPRETED:
-    fix_interpreter_scalar_index()
+# ---- host code and operators ------------------------------------------------------------------------------------
+
+
+@triton_op("uxnet::ux_mlp_triton", mutates_args=())
+def ux_mlp_triton(
+    y: torch.Tensor, residual: Optional[torch.Tensor], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, gamma: Optional[torch.Tensor],
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, channels_last = canonical(y)
+    n, c, d, h, w = y.shape
+    voxels, spatial = n * d * h * w, d * h * w
+    res = in_layout(residual, channels_last) if residual is not None else y
+    params = [as_float32(p) for p in (ln_weight, ln_bias, w1.reshape(c, 4), b1.reshape(c, 4), w2.reshape(c, 4), b2)]
+    gamma32 = as_float32(gamma) if gamma is not None else params[0]
+    out = empty_like_layout(y, channels_last)
+    mean, rstd = voxel_stats(y)
+    block_v, block_c, warps = voxel_blocks(c, 4)
+    launch = launcher(ux_mlp_fwd_kernel, y)
+    if launch is not None:
+        launch[(triton.cdiv(voxels, block_v),)](
+            y, res, *params, gamma32, out, mean, rstd, voxels, c, spatial, eps,
+            HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None, CHANNELS_LAST=channels_last,
+            BLOCK_V=block_v, BLOCK_C=block_c, num_warps=warps,
+        )
+    return out, mean, rstd
+
+
+@triton_op("uxnet::ux_mlp_triton_backward", mutates_args=())
+def ux_mlp_triton_backward(
+    grad_out: torch.Tensor, y: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, gamma: Optional[torch.Tensor],
+    mean: torch.Tensor, rstd: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    grad_out, channels_last = canonical(grad_out)
+    y = in_layout(y, channels_last)
+    n, c, d, h, w = y.shape
+    voxels, spatial = n * d * h * w, d * h * w
+    params = [as_float32(p) for p in (ln_weight, ln_bias, w1.reshape(c, 4), b1.reshape(c, 4), w2.reshape(c, 4), b2)]
+    gamma32 = as_float32(gamma) if gamma is not None else params[0]
+    block_v, block_c, warps = voxel_blocks(c, 8)
+    programs, per_program = backward_programs(voxels, block_v)
+    grad_y = empty_like_layout(grad_out, channels_last)
+    partial = poisoned(y.new_empty((programs, PARTIAL_ROWS, c), dtype=torch.float32))
+    launch = launcher(ux_mlp_bwd_kernel, y, grad_out)
+    if launch is not None:
+        launch[(programs,)](
+            grad_out, y, *params, gamma32, mean.contiguous(), rstd.contiguous(), grad_y, partial,
+            voxels, c, spatial, per_program,
+            HAS_GAMMA=gamma is not None, CHANNELS_LAST=channels_last,
+            BLOCK_V=block_v, BLOCK_C=block_c, num_warps=warps,
+        )
+    sums = partial.sum(0)  # (16, C)
+
+    def as_param(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return rows.to(like.dtype).reshape(like.shape).clone(memory_format=torch.contiguous_format)
+
+    grad_gamma = as_param(sums[15], gamma) if gamma is not None else empty_grad(y)
+    return (
+        grad_y,
+        as_param(sums[0], ln_weight),
+        as_param(sums[1], ln_bias),
+        as_param(sums[2:6].t(), w1),
+        as_param(sums[6:10].t(), b1),
+        as_param(sums[10:14].t(), w2),
+        as_param(sums[14], b2),
+        grad_gamma,
+    )
+
+
+
+

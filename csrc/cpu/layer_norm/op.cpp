@@ -116,6 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
 }  // namespace uxnet
 
 TORCH_LIBRARY_IMPL(uxnet, CPU, m) {
-  m.impl("layer_norm_cf", &uxnet::cpu::layer_norm::layer_norm_cf_cpu);
-  m.impl("layer_norm_cf_backward", &uxnet::cpu::layer_norm::layer_norm_cf_backward_cpu);
+  m.impl("layer_norm_channels_first", &uxnet::cpu::layer_norm::layer_norm_cf_cpu);
+  m.impl("layer_norm_channels_first_backward", &uxnet::cpu::layer_norm::layer_norm_cf_backward_cpu);
 }

@@ -2,32 +2,24 @@
 
 One program covers BLOCK_V voxels with all channels in registers (BLOCK_C = next_power_of_2(C)); statistics are
 float32. The backward writes per-program partial sums of the weight and bias gradients, (programs, 2, C), that
-ops.py reduces in a second, deterministic pass. Inputs are either contiguous NCDHW or channels_last_3d
+the host code reduces in a second, deterministic pass. Inputs are either contiguous NCDHW or channels_last_3d
 (CHANNELS_LAST); voxel indices and offsets are int64.
 """
 
+from typing import List, Tuple
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 from triton.language.standard import _sum_combine
 
-from . import fix_interpreter_scalar_index, is_interpreted
+from .channels_first import backward_programs, voxel_blocks, voxel_channel_offsets, voxel_stats
+from .launch import as_float32, canonical, empty_grad, empty_like_layout, in_layout, launcher, poisoned
 
 
 @triton.jit
-def voxel_channel_offsets(v, c, C, S, CHANNELS_LAST: tl.constexpr):
-    """Element offsets [BLOCK_V, BLOCK_C] of voxels v (int64, flat over N * S, S = D * H * W) and channels c."""
-    n = v // S
-    s = v % S
-    c64 = c.to(tl.int64)
-    if CHANNELS_LAST:
-        offs = (n * S * C + s * C)[:, None] + c64[None, :]
-    else:
-        offs = (n * S * C + s)[:, None] + (c64 * S)[None, :]
-    return offs
-
-
-@triton.jit
-def layer_norm_cf_fwd_kernel(
+def layer_norm_channels_first_fwd_kernel(
     x_ptr,  # (N, C, D, H, W), contiguous or channels_last_3d
     w_ptr,  # (C,) float32
     b_ptr,  # (C,) float32
@@ -58,7 +50,7 @@ def layer_norm_cf_fwd_kernel(
 
 
 @triton.jit
-def layer_norm_cf_bwd_kernel(
+def layer_norm_channels_first_bwd_kernel(
     go_ptr,  # (N, C, D, H, W), same layout as x
     x_ptr,  # (N, C, D, H, W)
     w_ptr,  # (C,) float32
@@ -98,6 +90,55 @@ def layer_norm_cf_bwd_kernel(
     tl.store(partial_ptr + pid * 2 * C + C + c, acc_b, mask=c_mask)
 
 
-INTERPRETED = is_interpreted(layer_norm_cf_fwd_kernel)
-if INTERPRETED:
-    fix_interpreter_scalar_index()
+# ---- host code and operators ------------------------------------------------------------------------------------
+
+
+@triton_op("uxnet::layer_norm_channels_first_triton", mutates_args=())
+def layer_norm_channels_first_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, channels_last = canonical(x)
+    n, c, d, h, w = x.shape
+    voxels, spatial = n * d * h * w, d * h * w
+    out = empty_like_layout(x, channels_last)
+    mean, rstd = voxel_stats(x)
+    block_v, block_c, warps = voxel_blocks(c, 1)
+    launch = launcher(layer_norm_channels_first_fwd_kernel, x)
+    if launch is not None:
+        launch[(triton.cdiv(voxels, block_v),)](
+            x, as_float32(weight), as_float32(bias), out, mean, rstd, voxels, c, spatial, eps,
+            CHANNELS_LAST=channels_last, BLOCK_V=block_v, BLOCK_C=block_c, num_warps=warps,
+        )
+    return out, mean, rstd
+
+
+@triton_op("uxnet::layer_norm_channels_first_triton_backward", mutates_args=())
+def layer_norm_channels_first_triton_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    output_mask: List[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out, channels_last = canonical(grad_out)
+    x = in_layout(x, channels_last)
+    n, c, d, h, w = x.shape
+    voxels, spatial = n * d * h * w, d * h * w
+    block_v, block_c, warps = voxel_blocks(c, 2)
+    programs, per_program = backward_programs(voxels, block_v)
+    grad_x = empty_like_layout(grad_out, channels_last)
+    partial = poisoned(x.new_empty((programs, 2, c), dtype=torch.float32))
+    launch = launcher(layer_norm_channels_first_bwd_kernel, x, grad_out)
+    if launch is not None:
+        launch[(programs,)](
+            grad_out, x, as_float32(weight), mean.contiguous(), rstd.contiguous(), grad_x, partial,
+            voxels, c, spatial, per_program,
+            CHANNELS_LAST=channels_last, BLOCK_V=block_v, BLOCK_C=block_c, num_warps=warps,
+        )
+    sums = partial.sum(0).to(weight.dtype)
+    return (
+        grad_x if output_mask[0] else empty_grad(x),
+        sums[0].clone() if output_mask[1] else empty_grad(x),
+        sums[1].clone() if output_mask[2] else empty_grad(x),
+    )
+
+
+
+
