@@ -123,10 +123,10 @@ TORCH_LIBRARY(uxnet, m) {
   m.def(
       "dwconv3d_backward(Tensor grad_out, Tensor x, Tensor weight, bool[3] output_mask)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
-  m.def("layer_norm_cf(Tensor x, Tensor weight, Tensor bias, float eps)"
+  m.def("layer_norm_channels_first(Tensor x, Tensor weight, Tensor bias, float eps)"
         " -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def(
-      "layer_norm_cf_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd,"
+      "layer_norm_channels_first_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd,"
       " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "ux_mlp(Tensor y, Tensor? residual, Tensor ln_weight, Tensor ln_bias, Tensor w1, Tensor b1,"

@@ -49,7 +49,7 @@ for f in "${torch_units[@]}"; do
 done
 wait
 [ ! -e "$out/FAILED" ] || { echo "check_aarch64_compile: FAILED" >&2; exit 1; }
-neon=$("${CXX%g++}objdump" -d "$out"/csrc_cpu_layer_norm_kernels.cpp.o | grep -c -E '\sfmla\s' || true)
+neon=$("${CXX%g++}objdump" -d "$out"/csrc_cpu_layer_norm_channels_first_kernels.cpp.o | grep -c -E '\sfmla\s' || true)
 echo "check_aarch64_compile: ${#kernel_units[@]} kernel units (no torch) + ${#torch_units[@]} torch-side units compiled" \
      "for aarch64 with $("$CXX" -dumpversion); NEON fmla in the LayerNorm kernels: $neon"
 [ "$neon" -gt 0 ] || { echo "check_aarch64_compile: no NEON fmla in the arm64 kernels" >&2; exit 1; }

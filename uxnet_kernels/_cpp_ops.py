@@ -57,18 +57,18 @@ def _register() -> None:
     backward, setup = dwconv3d_rule(ops.dwconv3d_backward)
     torch.library.register_autograd("uxnet::dwconv3d", backward, setup_context=setup)
 
-    # ---- layer_norm_cf --------------------------------------------------------------------------
-    @torch.library.register_fake("uxnet::layer_norm_cf")
+    # ---- layer_norm_channels_first --------------------------------------------------------------------------
+    @torch.library.register_fake("uxnet::layer_norm_channels_first")
     def _layer_norm_fake(x, weight, bias, eps):
         return (_empty_like(x), *_stats_like(x))
 
-    @torch.library.register_fake("uxnet::layer_norm_cf_backward")
+    @torch.library.register_fake("uxnet::layer_norm_channels_first_backward")
     def _layer_norm_backward_fake(grad_out, x, weight, mean, rstd, output_mask):
         grad_x = _empty_like(grad_out) if output_mask[0] else x.new_empty(EMPTY_GRAD_SHAPE)
         return grad_x, _grad_or_empty(output_mask[1], weight), _grad_or_empty(output_mask[2], weight)
 
-    backward, setup = layer_norm_rule(ops.layer_norm_cf_backward)
-    torch.library.register_autograd("uxnet::layer_norm_cf", backward, setup_context=setup)
+    backward, setup = layer_norm_rule(ops.layer_norm_channels_first_backward)
+    torch.library.register_autograd("uxnet::layer_norm_channels_first", backward, setup_context=setup)
 
     # ---- ux_mlp ---------------------------------------------------------------------------------
     @torch.library.register_fake("uxnet::ux_mlp")

@@ -1,4 +1,4 @@
-// Device code of uxnet::layer_norm_cf and uxnet::ux_mlp (see layer_norm_cf.cu and ux_mlp.cu).
+// Device code of uxnet::layer_norm_channels_first and uxnet::ux_mlp (see layer_norm_cf.cu and ux_mlp.cu).
 //
 // Per-voxel kernels: one thread per voxel of the N*D*H*W voxels, looping over the C channels (in NCDHW
 // neighbouring threads read neighbouring addresses). Statistics and arithmetic in acc_t (float, or
@@ -28,7 +28,7 @@ constexpr int kMlpColB2 = kMlpColW2 + kHidden;
 constexpr int kMlpColGamma = kMlpColB2 + 1;
 constexpr int kMlpCols = kMlpColGamma + 1;  // 16
 
-// Columns of the layer_norm_cf parameter-gradient buffer, per channel.
+// Columns of the layer_norm_channels_first parameter-gradient buffer, per channel.
 constexpr int kLnColWeight = 0;
 constexpr int kLnColBias = 1;
 constexpr int kLnCols = 2;
@@ -57,15 +57,15 @@ __device__ __forceinline__ void channel_stats(const scalar_t* __restrict__ x, in
 }
 
 // ---------------------------------------------------------------------------------------------------
-// layer_norm_cf
+// layer_norm_channels_first
 // ---------------------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kVoxelThreads)
-    layer_norm_cf_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
-                                 acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
-                                 ChannelsFirstLayout layout, int64_t voxels, acc_t eps) {
+    layer_norm_channels_first_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                                             acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
+                                             ChannelsFirstLayout layout, int64_t voxels, acc_t eps) {
   const int64_t v = global_thread_index();
   if (v >= voxels) {
     return;
@@ -85,10 +85,11 @@ __global__ void __launch_bounds__(kVoxelThreads)
 // grad_x = rstd * (gx - mean_c(gx) - xhat * mean_c(gx * xhat)),  gx = grad_out * weight, xhat = (x - mean) * rstd.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kVoxelThreads)
-    layer_norm_cf_grad_input_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
-                                    const scalar_t* __restrict__ weight, const acc_t* __restrict__ mean_in,
-                                    const acc_t* __restrict__ rstd_in, scalar_t* __restrict__ grad_x,
-                                    ChannelsFirstLayout layout, int64_t voxels) {
+    layer_norm_channels_first_grad_input_kernel(const scalar_t* __restrict__ grad_out,
+                                                const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                                const acc_t* __restrict__ mean_in, const acc_t* __restrict__ rstd_in,
+                                                scalar_t* __restrict__ grad_x, ChannelsFirstLayout layout,
+                                                int64_t voxels) {
   const int64_t v = global_thread_index();
   if (v >= voxels) {
     return;
@@ -119,10 +120,11 @@ __global__ void __launch_bounds__(kVoxelThreads)
 // partial[row, c * kLnCols + {weight, bias}] = sum over the row's voxels of {grad_out * xhat, grad_out}.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kVoxelThreads)
-    layer_norm_cf_param_partial_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
-                                       const acc_t* __restrict__ mean_in, const acc_t* __restrict__ rstd_in,
-                                       acc_t* __restrict__ partial, ChannelsFirstLayout layout, int64_t voxels,
-                                       int64_t voxels_per_row, int64_t rows) {
+    layer_norm_channels_first_param_partial_kernel(const scalar_t* __restrict__ grad_out,
+                                                   const scalar_t* __restrict__ x, const acc_t* __restrict__ mean_in,
+                                                   const acc_t* __restrict__ rstd_in, acc_t* __restrict__ partial,
+                                                   ChannelsFirstLayout layout, int64_t voxels,
+                                                   int64_t voxels_per_row, int64_t rows) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kVoxelThreads / kWarpSize) + threadIdx.x / kWarpSize;
   if (row >= rows) {

@@ -1,5 +1,5 @@
-// CUDA kernels of uxnet::layer_norm_cf and uxnet::layer_norm_cf_backward: LayerNorm over the channels of
-// (N, C, D, H, W), NCDHW-contiguous or channels_last_3d natively (one thread per voxel, statistics in
+// CUDA kernels of uxnet::layer_norm_channels_first and uxnet::layer_norm_channels_first_backward: LayerNorm over
+// the channels of (N, C, D, H, W), NCDHW-contiguous or channels_last_3d natively (one thread per voxel, statistics in
 // float, or double for double). Weight and bias gradients are reduced deterministically (per-warp
 // partial sums over a fixed voxel partition, then a fixed-order row reduction). Kernels:
 // channels_first_kernels.cuh.
@@ -24,9 +24,10 @@ namespace uxnet {
 namespace gpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, double eps) {
-  constexpr const char* op = "uxnet::layer_norm_cf";
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cuda(const at::Tensor& x,
+                                                                              const at::Tensor& weight,
+                                                                              const at::Tensor& bias, double eps) {
+  constexpr const char* op = "uxnet::layer_norm_channels_first";
   check_channels_first_inputs(op, x, weight, "weight");
   check_channels_first_inputs(op, x, bias, "bias");
   check_param_shape(op, weight, "weight", x.size(1), 1);
@@ -50,21 +51,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cuda(const at::Tens
   check_grid(op, blocks);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                  "uxnet_layer_norm_cf_cuda", [&] {
+                                  "uxnet_layer_norm_channels_first_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    layer_norm_cf_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
-        x_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(), bias_c.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), layout,
-        voxels, static_cast<acc_t>(eps));
+    layer_norm_channels_first_forward_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
+            x_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(), bias_c.const_data_ptr<scalar_t>(),
+            out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(),
+            layout, voxels, static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return std::make_tuple(out, mean, rstd);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, std::array<bool, 3> output_mask) {
-  constexpr const char* op = "uxnet::layer_norm_cf_backward";
+  constexpr const char* op = "uxnet::layer_norm_channels_first_backward";
   check_channels_first_inputs(op, x, weight, "weight");
   check_param_shape(op, weight, "weight", x.size(1), 1);
   check_like_input(op, grad_out, "grad_out", x);
@@ -90,9 +92,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
       const int64_t blocks = ceil_div(voxels, kVoxelThreads);
       check_grid(op, blocks);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                      "uxnet_layer_norm_cf_grad_input_cuda", [&] {
+                                      "uxnet_layer_norm_channels_first_grad_input_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        layer_norm_cf_grad_input_kernel<scalar_t, acc_t>
+        layer_norm_channels_first_grad_input_kernel<scalar_t, acc_t>
             <<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
                 grad_out_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
                 weight_c.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(), rstd_c.const_data_ptr<acc_t>(),
@@ -115,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
       const int64_t blocks = ceil_div(part.rows, kVoxelThreads / kWarpSize);
       check_grid(op, blocks);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                      "uxnet_layer_norm_cf_param_grad_cuda", [&] {
+                                      "uxnet_layer_norm_channels_first_param_grad_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        layer_norm_cf_param_partial_kernel<scalar_t, acc_t>
+        layer_norm_channels_first_param_partial_kernel<scalar_t, acc_t>
             <<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
                 grad_out_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
                 rstd_c.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), layout, voxels,
@@ -142,6 +144,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
 }  // namespace uxnet
 
 TORCH_LIBRARY_IMPL(uxnet, CUDA, m) {
-  m.impl("layer_norm_cf", &uxnet::gpu::layer_norm_cf_cuda);
-  m.impl("layer_norm_cf_backward", &uxnet::gpu::layer_norm_cf_backward_cuda);
+  m.impl("layer_norm_channels_first", &uxnet::gpu::layer_norm_channels_first_cuda);
+  m.impl("layer_norm_channels_first_backward", &uxnet::gpu::layer_norm_channels_first_backward_cuda);
 }

@@ -12,7 +12,7 @@ _DTYPES = {
 }
 _SCHEMA_NAMES = {
     "dwconv3d": "dwconv3d",
-    "layer_norm_channels_first": "layer_norm_cf",
+    "layer_norm_channels_first": "layer_norm_channels_first",
     "ux_mlp": "ux_mlp",
     "instance_norm_lrelu": "instance_norm_lrelu",
     "instance_norm_add_lrelu": "instance_norm_add_lrelu",
@@ -54,7 +54,7 @@ class CompiledBackend(Backend):
         return torch.ops.uxnet.dwconv3d(x, weight, bias)
 
     def layer_norm_channels_first(self, x, weight, bias, eps):
-        return torch.ops.uxnet.layer_norm_cf(x, weight, bias, eps)[0]
+        return torch.ops.uxnet.layer_norm_channels_first(x, weight, bias, eps)[0]
 
     def ux_mlp(self, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps):
         return torch.ops.uxnet.ux_mlp(y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps)[0]

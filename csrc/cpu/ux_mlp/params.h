@@ -27,7 +27,7 @@ struct ForwardArgs {
   ln_mlp::VoxelTiling tiling;  // kTile tiles
 };
 
-// The backward centres y on the saved mean plus a correction (see layer_norm/params.h).
+// The backward centres y on the saved mean plus a correction (see layer_norm_channels_first/params.h).
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* grad_out;

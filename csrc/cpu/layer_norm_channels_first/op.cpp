@@ -1,5 +1,5 @@
-// CPU ops uxnet::layer_norm_cf and uxnet::layer_norm_cf_backward: LayerNorm over the channel dim of
-// (N, C, D, H, W), NCDHW-contiguous or channels_last_3d, float32 / bfloat16 (float32 math and stats) and
+// CPU ops uxnet::layer_norm_channels_first and uxnet::layer_norm_channels_first_backward: LayerNorm over the
+// channel dim of (N, C, D, H, W), NCDHW-contiguous or channels_last_3d, float32 / bfloat16 (float32 math and stats) and
 // float64. Checks, allocation and threading here; the chunk kernels (kernels.h, compiled per ISA variant in
 // kernels.cpp) run with the variant simd::selected_isa() picks.
 #include <ATen/ATen.h>
@@ -13,16 +13,16 @@
 
 #include "cpu/common/host.h"
 #include "cpu/common/isa_check.h"
-#include "cpu/layer_norm/params.h"
+#include "cpu/layer_norm_channels_first/params.h"
 #include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
-namespace layer_norm {
+namespace layer_norm_channels_first {
 namespace {
 
-constexpr const char* kForwardOp = "uxnet::layer_norm_cf";
-constexpr const char* kBackwardOp = "uxnet::layer_norm_cf_backward";
+constexpr const char* kForwardOp = "uxnet::layer_norm_channels_first";
+constexpr const char* kBackwardOp = "uxnet::layer_norm_channels_first_backward";
 
 // Row blocks in both layouts (channels_last_3d: a block is one contiguous run of voxels).
 ln_mlp::VoxelTiling layer_norm_tiling(const at::Tensor& x, at::MemoryFormat format) {
@@ -34,8 +34,9 @@ void check_param(const char* op, const at::Tensor& x, const at::Tensor& param, c
   ln_mlp::check_param_shape(op, param, name, {x.size(1)});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                                 const at::Tensor& bias, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cpu(const at::Tensor& x,
+                                                                             const at::Tensor& weight,
+                                                                             const at::Tensor& bias, double eps) {
   ln_mlp::check_kernel_dtype(kForwardOp, x);
   const simd::Isa isa = selected_isa_for(kForwardOp);
   check_param(kForwardOp, x, weight, "weight");
@@ -52,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cpu(const at::Tenso
     return {out, mean, rstd};
   }
   const ln_mlp::VoxelTiling tiling = layer_norm_tiling(xc, format);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_cf_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_channels_first_cpu", [&] {
     using acc_t = ln_mlp::acc_type<scalar_t>;
     using kernel_t = ln_mlp::kernel_type<scalar_t>;
     const at::Tensor w = ln_mlp::param_table<acc_t>(weight);
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cpu(const at::Tenso
   return {out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, std::array<bool, 3> output_mask) {
   ln_mlp::check_kernel_dtype(kBackwardOp, x);
@@ -89,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
   at::Tensor partials = want_params ? ln_mlp::empty_partials(x, tiling, ln_mlp::kLayerNormParams) : at::Tensor();
   at::Tensor grad_weight = x.new_empty({0});
   at::Tensor grad_bias = x.new_empty({0});
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_cf_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_channels_first_backward_cpu", [&] {
     using acc_t = ln_mlp::acc_type<scalar_t>;
     using kernel_t = ln_mlp::kernel_type<scalar_t>;
     const at::Tensor w = ln_mlp::param_table<acc_t>(weight);
@@ -111,11 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
 }
 
 }  // namespace
-}  // namespace layer_norm
+}  // namespace layer_norm_channels_first
 }  // namespace cpu
 }  // namespace uxnet
 
 TORCH_LIBRARY_IMPL(uxnet, CPU, m) {
-  m.impl("layer_norm_cf", &uxnet::cpu::layer_norm::layer_norm_cf_cpu);
-  m.impl("layer_norm_cf_backward", &uxnet::cpu::layer_norm::layer_norm_cf_backward_cpu);
+  m.impl("layer_norm_channels_first", &uxnet::cpu::layer_norm_channels_first::layer_norm_channels_first_cpu);
+  m.impl("layer_norm_channels_first_backward",
+         &uxnet::cpu::layer_norm_channels_first::layer_norm_channels_first_backward_cpu);
 }

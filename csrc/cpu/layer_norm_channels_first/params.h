@@ -13,7 +13,7 @@
 
 namespace uxnet {
 namespace cpu {
-namespace layer_norm {
+namespace layer_norm_channels_first {
 
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
@@ -53,6 +53,6 @@ using Kernels = ln_mlp::ChunkKernels<ForwardArgs<scalar_t, acc_t>, BackwardArgs<
 template <typename scalar_t, typename acc_t>
 Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last, int64_t channels);
 
-}  // namespace layer_norm
+}  // namespace layer_norm_channels_first
 }  // namespace cpu
 }  // namespace uxnet
