@@ -27,8 +27,8 @@
 #include <array>
 #include <tuple>
 
-#include "cuda/cuda_common.cuh"
-#include "cuda/dwconv3d_kernels.cuh"
+#include "cuda/common/host.cuh"
+#include "cuda/dwconv3d/kernels.cuh"
 #include "uxnet_ops.h"
 
 namespace uxnet {

@@ -3,7 +3,7 @@
 // thread per voxel, NCDHW-contiguous or channels_last_3d natively. The backward recomputes the 4C hidden
 // activations from y and the saved statistics instead of storing them; the parameter gradients are
 // reduced deterministically (per-warp partial sums over a fixed voxel partition, then a fixed-order row
-// reduction). Kernels: channels_first_kernels.cuh.
+// reduction). Kernels: kernels.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,8 +18,8 @@
 #include <tuple>
 #include <utility>
 
-#include "cuda/channels_first_kernels.cuh"
-#include "cuda/cuda_common.cuh"
+#include "cuda/common/host.cuh"
+#include "cuda/ux_mlp/kernels.cuh"
 #include "uxnet_ops.h"
 
 namespace uxnet {

@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cuda/device_utils.cuh"
+#include "cuda/common/device_utils.cuh"
 
 namespace uxnet {
 namespace gpu {

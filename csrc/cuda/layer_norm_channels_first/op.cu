@@ -1,8 +1,7 @@
 // CUDA kernels of uxnet::layer_norm_channels_first and uxnet::layer_norm_channels_first_backward: LayerNorm over
 // the channels of (N, C, D, H, W), NCDHW-contiguous or channels_last_3d natively (one thread per voxel, statistics in
 // float, or double for double). Weight and bias gradients are reduced deterministically (per-warp
-// partial sums over a fixed voxel partition, then a fixed-order row reduction). Kernels:
-// channels_first_kernels.cuh.
+// partial sums over a fixed voxel partition, then a fixed-order row reduction). Kernels: kernels.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -16,8 +15,8 @@
 #include <array>
 #include <tuple>
 
-#include "cuda/channels_first_kernels.cuh"
-#include "cuda/cuda_common.cuh"
+#include "cuda/common/host.cuh"
+#include "cuda/layer_norm_channels_first/kernels.cuh"
 #include "uxnet_ops.h"
 
 namespace uxnet {

@@ -1,14 +1,15 @@
 // Runs the CUDA kernels of csrc/cuda on the CPU under cuda_emulation.h and checks them, in float and
 // double, against direct double-precision formulas (forward) and central finite differences of those
 // formulas (every gradient). It checks the device code only (indexing, tiling, halos, shared memory,
-// warp reductions, partial-sum layout); the host wrappers in csrc/cuda/*.cu need a GPU.
+// warp reductions, partial-sum layout); the host wrappers in csrc/cuda/<op>/op.cu need a GPU.
 //
-//   g++ -std=c++20 -O2 -pthread -I csrc csrc/cuda/emulation/emulate_kernels.cpp -o /tmp/uxnet_emulate
+//   g++ -std=c++20 -O2 -pthread -I csrc tests/cpp/cuda_emulation/emulate_kernels.cpp -o /tmp/uxnet_emulate
 //   /tmp/uxnet_emulate        # prints one line per check, exits non-zero on any failure
-#include "cuda/emulation/cuda_emulation.h"
+#include "cuda_emulation.h"
 // (the emulation header must come first)
-#include "cuda/channels_first_kernels.cuh"
-#include "cuda/dwconv3d_kernels.cuh"
+#include "cuda/dwconv3d/kernels.cuh"
+#include "cuda/layer_norm_channels_first/kernels.cuh"
+#include "cuda/ux_mlp/kernels.cuh"
 
 #include <cstdio>
 #include <functional>
