@@ -11,6 +11,7 @@
 
 #include "cpu/common/voxel_tiling.h"
 #include "cpu/simd/config.h"
+#include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
@@ -43,44 +44,16 @@ inline VoxelTiling make_tiling(const at::Tensor& x, at::MemoryFormat format, boo
                      format == at::MemoryFormat::ChannelsLast3d, row_blocks);
 }
 
+// The dtypes the CPU kernels implement (the device-independent checks: common/arg_checks.h).
 inline void check_kernel_dtype(const char* op, const at::Tensor& x) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble, op,
               ": the CPU kernel supports float32, bfloat16 and float64 inputs, got ", dtype);
 }
 
-inline void check_param_shape(const char* op, const at::Tensor& param, const char* name,
-                              at::IntArrayRef expected) {
-  TORCH_CHECK(param.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ",
-              param.sizes());
-}
-
-inline void check_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& like,
-                       const char* like_name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected ", name, " of shape ", like.sizes(), " (the shape of ",
-              like_name, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " dtype ", like.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
-}
-
-inline at::ScalarType stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // mean / rstd: (N, D, H, W) in the stats dtype.
 inline at::Tensor empty_stats(const at::Tensor& x) {
-  return at::empty({x.size(0), x.size(2), x.size(3), x.size(4)}, x.options().dtype(stats_dtype(x)));
-}
-
-inline void check_stats(const char* op, const at::Tensor& x, const at::Tensor& stats, const char* name) {
-  const std::vector<int64_t> expected{x.size(0), x.size(2), x.size(3), x.size(4)};
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef(expected), op, ": expected ", name, " of shape ",
-              at::IntArrayRef(expected), " (N, D, H, W), got ", stats.sizes());
-  TORCH_CHECK(stats.scalar_type() == stats_dtype(x), op, ": expected ", name, " dtype ", stats_dtype(x),
-              " for ", x.scalar_type(), " inputs, got ", stats.scalar_type());
-  TORCH_CHECK(stats.device() == x.device(), op, ": expected ", name, " on ", x.device(), ", got ",
-              stats.device());
+  return at::empty({x.size(0), x.size(2), x.size(3), x.size(4)}, x.options().dtype(stats_dtype(x.scalar_type())));
 }
 
 // A parameter as a contiguous table in the math type (rows as in the tensor's own layout).

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/arg_checks.h"
 #include "cpu/common/host.h"
 #include "cpu/common/isa_check.h"
 #include "cpu/layer_norm_channels_first/params.h"
@@ -30,8 +31,8 @@ ln_mlp::VoxelTiling layer_norm_tiling(const at::Tensor& x, at::MemoryFormat form
 }
 
 void check_param(const char* op, const at::Tensor& x, const at::Tensor& param, const char* name) {
-  check_channels_first_inputs(op, x, param, name);
-  ln_mlp::check_param_shape(op, param, name, {x.size(1)});
+  checks::channel_param(op, x, "x", param, name);
+  checks::shape(op, param, name, {x.size(1)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cpu(const at::Tensor& x,
@@ -39,9 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cpu(con
                                                                              const at::Tensor& bias, double eps) {
   ln_mlp::check_kernel_dtype(kForwardOp, x);
   const simd::Isa isa = selected_isa_for(kForwardOp);
+  checks::channels_first_input(kForwardOp, x, "x");
   check_param(kForwardOp, x, weight, "weight");
   check_param(kForwardOp, x, bias, "bias");
-  TORCH_CHECK(eps > 0, kForwardOp, ": expected eps > 0, got ", eps);
+  checks::positive_eps(kForwardOp, eps);
   const at::MemoryFormat format = suggested_memory_format(x);
   const at::Tensor xc = x.contiguous(format);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
@@ -72,10 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_backwar
     const at::Tensor& rstd, std::array<bool, 3> output_mask) {
   ln_mlp::check_kernel_dtype(kBackwardOp, x);
   const simd::Isa isa = selected_isa_for(kBackwardOp);
+  checks::channels_first_input(kBackwardOp, x, "x");
   check_param(kBackwardOp, x, weight, "weight");
-  ln_mlp::check_like(kBackwardOp, grad_out, "grad_out", x, "x");
-  ln_mlp::check_stats(kBackwardOp, x, mean, "mean");
-  ln_mlp::check_stats(kBackwardOp, x, rstd, "rstd");
+  checks::like(kBackwardOp, grad_out, "grad_out", x, "x");
+  checks::voxel_stats(kBackwardOp, x, mean, "mean");
+  checks::voxel_stats(kBackwardOp, x, rstd, "rstd");
   const at::MemoryFormat format = suggested_memory_format(grad_out);
   const bool want_params = output_mask[1] || output_mask[2];
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(format))

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "common/arg_checks.h"
 #include "cpu/common/host.h"
 #include "cpu/common/isa_check.h"
 #include "cpu/ux_mlp/params.h"
@@ -40,21 +41,22 @@ struct MlpParams {
 
 void check_params(const char* op, const at::Tensor& y, const MlpParams& p) {
   ln_mlp::check_kernel_dtype(op, y);
+  checks::channels_first_input(op, y, "y");
   const int64_t C = y.size(1);
   const std::pair<const at::Tensor*, const char*> vectors[] = {
       {&p.ln_weight, "ln_weight"}, {&p.ln_bias, "ln_bias"}, {&p.b2, "b2"}};
   for (const auto& [t, name] : vectors) {
-    check_channels_first_inputs(op, y, *t, name);
-    ln_mlp::check_param_shape(op, *t, name, {C});
+    checks::channel_param(op, y, "y", *t, name);
+    checks::shape(op, *t, name, {C});
   }
   const std::pair<const at::Tensor*, const char*> tables[] = {{&p.w1, "w1"}, {&p.b1, "b1"}, {&p.w2, "w2"}};
   for (const auto& [t, name] : tables) {
-    check_channels_first_inputs(op, y, *t, name);
-    ln_mlp::check_param_shape(op, *t, name, {C, 4});
+    checks::channel_param(op, y, "y", *t, name);
+    checks::shape(op, *t, name, {C, 4});
   }
   if (p.has_gamma()) {
-    check_channels_first_inputs(op, y, *p.gamma, "gamma");
-    ln_mlp::check_param_shape(op, *p.gamma, "gamma", {C});
+    checks::channel_param(op, y, "y", *p.gamma, "gamma");
+    checks::shape(op, *p.gamma, "gamma", {C});
   }
 }
 
@@ -78,9 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cpu(
   const simd::Isa isa = selected_isa_for(kForwardOp);
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) {
-    ln_mlp::check_like(kForwardOp, *residual, "residual", y, "y");
+    checks::like(kForwardOp, *residual, "residual", y, "y");
   }
-  TORCH_CHECK(eps > 0, kForwardOp, ": expected eps > 0, got ", eps);
+  checks::positive_eps(kForwardOp, eps);
   const at::MemoryFormat format = suggested_memory_format(y);
   at::Tensor out = at::empty(y.sizes(), y.options().memory_format(format));
   at::Tensor mean = ln_mlp::empty_stats(y);
@@ -117,9 +119,9 @@ ux_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y, const at::T
   const MlpParams params{ln_weight, ln_bias, w1, b1, w2, b2, gamma};
   check_params(kBackwardOp, y, params);
   const simd::Isa isa = selected_isa_for(kBackwardOp);
-  ln_mlp::check_like(kBackwardOp, grad_out, "grad_out", y, "y");
-  ln_mlp::check_stats(kBackwardOp, y, mean, "mean");
-  ln_mlp::check_stats(kBackwardOp, y, rstd, "rstd");
+  checks::like(kBackwardOp, grad_out, "grad_out", y, "y");
+  checks::voxel_stats(kBackwardOp, y, mean, "mean");
+  checks::voxel_stats(kBackwardOp, y, rstd, "rstd");
   const at::MemoryFormat format = suggested_memory_format(grad_out);
   const int64_t C = y.size(1);
   at::Tensor grad_y = at::empty(y.sizes(), y.options().memory_format(format));

@@ -15,6 +15,7 @@
 #include <array>
 #include <tuple>
 
+#include "common/arg_checks.h"
 #include "cuda/common/host.cuh"
 #include "cuda/layer_norm_channels_first/kernels.cuh"
 #include "uxnet_ops.h"
@@ -27,10 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cuda(co
                                                                               const at::Tensor& weight,
                                                                               const at::Tensor& bias, double eps) {
   constexpr const char* op = "uxnet::layer_norm_channels_first";
-  check_channels_first_inputs(op, x, weight, "weight");
-  check_channels_first_inputs(op, x, bias, "bias");
-  check_param_shape(op, weight, "weight", x.size(1), 1);
-  check_param_shape(op, bias, "bias", x.size(1), 1);
+  checks::channels_first_input(op, x, "x");
+  checks::channel_param(op, x, "x", weight, "weight");
+  checks::channel_param(op, x, "x", bias, "bias");
+  checks::shape(op, weight, "weight", {x.size(1)});
+  checks::shape(op, bias, "bias", {x.size(1)});
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::MemoryFormat format = suggested_memory_format(x);
@@ -66,11 +68,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_backwar
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, std::array<bool, 3> output_mask) {
   constexpr const char* op = "uxnet::layer_norm_channels_first_backward";
-  check_channels_first_inputs(op, x, weight, "weight");
-  check_param_shape(op, weight, "weight", x.size(1), 1);
-  check_like_input(op, grad_out, "grad_out", x);
-  check_stats(op, mean, "mean", x);
-  check_stats(op, rstd, "rstd", x);
+  checks::channels_first_input(op, x, "x");
+  checks::channel_param(op, x, "x", weight, "weight");
+  checks::shape(op, weight, "weight", {x.size(1)});
+  checks::like(op, grad_out, "grad_out", x, "x");
+  checks::voxel_stats(op, x, mean, "mean");
+  checks::voxel_stats(op, x, rstd, "rstd");
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::MemoryFormat format = suggested_memory_format(grad_out);
