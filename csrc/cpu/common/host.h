@@ -1,6 +1,6 @@
-// Tensor-level helpers of the CPU LayerNorm / UX MLP ops: argument checks, stats and parameter tables, the
-// kernels' view of a tensor's data, the chunk runner, and the fixed-order reduction of per-chunk
-// parameter-gradient partials.
+// Torch-side helpers of the CPU ops (no kernel code): the kernels' view of a tensor's dtype and data and the
+// dtypes the CPU kernels implement (every op); for the voxel-tiled ops (LayerNorm, UX MLP) the stats and
+// parameter tables, the chunk runner, and the fixed-order reduction of per-chunk parameter-gradient partials.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,7 +15,7 @@
 
 namespace uxnet {
 namespace cpu {
-namespace ln_mlp {
+namespace host {
 
 // Math and statistics type: float for float32 and bfloat16, double for float64.
 template <typename scalar_t>
@@ -39,8 +39,8 @@ kernel_type<scalar_t>* kernel_data_mut(at::Tensor& t) {
 }
 
 // The op's tiling of x (canonical layout `format`); row_blocks: LayerNorm's row blocks.
-inline VoxelTiling make_tiling(const at::Tensor& x, at::MemoryFormat format, bool row_blocks) {
-  return make_tiling(x.size(0), x.size(1), x.size(2) * x.size(3) * x.size(4),
+inline voxel_tiling::VoxelTiling make_tiling(const at::Tensor& x, at::MemoryFormat format, bool row_blocks) {
+  return voxel_tiling::make_tiling(x.size(0), x.size(1), x.size(2) * x.size(3) * x.size(4),
                      format == at::MemoryFormat::ChannelsLast3d, row_blocks);
 }
 
@@ -64,12 +64,12 @@ at::Tensor param_table(const at::Tensor& param) {
 
 // Runs a chunk kernel over every chunk of args.tiling, split across torch's intra-op threads.
 template <typename Args>
-void run_chunks(const Args& args, ChunkKernel<Args> kernel) {
+void run_chunks(const Args& args, voxel_tiling::ChunkKernel<Args> kernel) {
   at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
 
 // Per-chunk partial sums of `rows` parameter-gradient rows: [num_chunks][rows][C] float64, written by the kernels.
-inline at::Tensor empty_partials(const at::Tensor& x, const VoxelTiling& tiling, int64_t rows) {
+inline at::Tensor empty_partials(const at::Tensor& x, const voxel_tiling::VoxelTiling& tiling, int64_t rows) {
   return at::empty({tiling.num_chunks, rows, tiling.channels}, x.options().dtype(at::kDouble));
 }
 
@@ -108,6 +108,6 @@ at::Tensor partial_row_sum(const at::Tensor& partials, int64_t row, const at::Te
   return out;
 }
 
-}  // namespace ln_mlp
+}  // namespace host
 }  // namespace cpu
 }  // namespace uxnet

@@ -26,7 +26,7 @@
 namespace uxnet {
 namespace {
 
-namespace ln_mlp = cpu::ln_mlp;
+namespace host = cpu::host;
 namespace simd = cpu::simd;
 using cpu::instance_norm::Args;
 using cpu::instance_norm::finalize_stats;
@@ -48,7 +48,7 @@ constexpr int64_t kMinChunkVoxels = 256;
 
 void check_input(const char* op, const at::Tensor& x, const char* name) {
   checks::five_dim(op, x, name);
-  ln_mlp::check_kernel_dtype(op, x);
+  host::check_kernel_dtype(op, x);
 }
 
 void check_slope_eps(const char* op, double slope, double eps) {
@@ -261,17 +261,17 @@ void forward(const char* op, const at::Tensor& z, const at::Tensor& r, ResidualM
   const Layout l = layout_of(zc, format);
   const bool norm = mode == ResidualMode::normalized;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "uxnet_instance_norm_forward_cpu", [&] {
-    using acc_t = ln_mlp::acc_type<scalar_t>;
-    using kernel_t = ln_mlp::kernel_type<scalar_t>;
-    const Args<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(zc),
+    using acc_t = host::acc_type<scalar_t>;
+    using kernel_t = host::kernel_type<scalar_t>;
+    const Args<kernel_t, acc_t> args{host::kernel_data<scalar_t>(zc),
                                      nullptr,
                                      nullptr,
-                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data<scalar_t>(r),
+                                     mode == ResidualMode::none ? nullptr : host::kernel_data<scalar_t>(r),
                                      mean.data_ptr<acc_t>(),
                                      rstd.data_ptr<acc_t>(),
                                      norm ? r_mean.data_ptr<acc_t>() : nullptr,
                                      norm ? r_rstd.data_ptr<acc_t>() : nullptr,
-                                     ln_mlp::kernel_data_mut<scalar_t>(out),
+                                     host::kernel_data_mut<scalar_t>(out),
                                      nullptr,
                                      mode,
                                      static_cast<acc_t>(slope),
@@ -372,21 +372,21 @@ void backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
   const Layout l = layout_of(gc, format);
   const bool norm = mode == ResidualMode::normalized;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "uxnet_instance_norm_backward_cpu", [&] {
-    using acc_t = ln_mlp::acc_type<scalar_t>;
-    using kernel_t = ln_mlp::kernel_type<scalar_t>;
+    using acc_t = host::acc_type<scalar_t>;
+    using kernel_t = host::kernel_type<scalar_t>;
     at::Tensor rstd_c = rstd.contiguous();
     at::Tensor r_mean_c = norm ? r_mean.contiguous() : r_mean;
     at::Tensor r_rstd_c = norm ? r_rstd.contiguous() : r_rstd;
     const Args<kernel_t, acc_t> args{nullptr,
-                                     ln_mlp::kernel_data<scalar_t>(oc),
-                                     ln_mlp::kernel_data<scalar_t>(gc),
-                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data<scalar_t>(rc),
+                                     host::kernel_data<scalar_t>(oc),
+                                     host::kernel_data<scalar_t>(gc),
+                                     mode == ResidualMode::none ? nullptr : host::kernel_data<scalar_t>(rc),
                                      nullptr,
                                      rstd_c.data_ptr<acc_t>(),
                                      norm ? r_mean_c.data_ptr<acc_t>() : nullptr,
                                      norm ? r_rstd_c.data_ptr<acc_t>() : nullptr,
-                                     ln_mlp::kernel_data_mut<scalar_t>(grad_z),
-                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data_mut<scalar_t>(grad_r),
+                                     host::kernel_data_mut<scalar_t>(grad_z),
+                                     mode == ResidualMode::none ? nullptr : host::kernel_data_mut<scalar_t>(grad_r),
                                      mode,
                                      static_cast<acc_t>(slope),
                                      0.0,

@@ -16,8 +16,8 @@ namespace layer_norm_channels_first {
 
 template <typename scalar_t, typename acc_t>
 Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last, int64_t channels) {
-  using Forward = ln_mlp::ChunkKernel<ForwardArgs<scalar_t, acc_t>>;
-  using Backward = ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>>;
+  using Forward = voxel_tiling::ChunkKernel<ForwardArgs<scalar_t, acc_t>>;
+  using Backward = voxel_tiling::ChunkKernel<BackwardArgs<scalar_t, acc_t>>;
   static const auto forward_voxels =
       UXNET_SIMD_PER_ISA(Forward, layer_norm_channels_first_kernels::forward_voxels<scalar_t, acc_t>);
   static const auto forward_rows =

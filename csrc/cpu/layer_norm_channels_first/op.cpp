@@ -26,8 +26,8 @@ constexpr const char* kForwardOp = "uxnet::layer_norm_channels_first";
 constexpr const char* kBackwardOp = "uxnet::layer_norm_channels_first_backward";
 
 // Row blocks in both layouts (channels_last_3d: a block is one contiguous run of voxels).
-ln_mlp::VoxelTiling layer_norm_tiling(const at::Tensor& x, at::MemoryFormat format) {
-  return ln_mlp::make_tiling(x, format, /*row_blocks=*/true);
+voxel_tiling::VoxelTiling layer_norm_tiling(const at::Tensor& x, at::MemoryFormat format) {
+  return host::make_tiling(x, format, /*row_blocks=*/true);
 }
 
 void check_param(const char* op, const at::Tensor& x, const at::Tensor& param, const char* name) {
@@ -38,7 +38,7 @@ void check_param(const char* op, const at::Tensor& x, const at::Tensor& param, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cpu(const at::Tensor& x,
                                                                              const at::Tensor& weight,
                                                                              const at::Tensor& bias, double eps) {
-  ln_mlp::check_kernel_dtype(kForwardOp, x);
+  host::check_kernel_dtype(kForwardOp, x);
   const simd::Isa isa = selected_isa_for(kForwardOp);
   checks::channels_first_input(kForwardOp, x, "x");
   check_param(kForwardOp, x, weight, "weight");
@@ -47,24 +47,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cpu(con
   const at::MemoryFormat format = suggested_memory_format(x);
   const at::Tensor xc = x.contiguous(format);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
-  at::Tensor mean = ln_mlp::empty_stats(x);
-  at::Tensor rstd = ln_mlp::empty_stats(x);
+  at::Tensor mean = host::empty_stats(x);
+  at::Tensor rstd = host::empty_stats(x);
   if (x.numel() == 0) {
     mean.fill_(NAN);  // statistics over zero channels are undefined, as for the reference mean
     rstd.fill_(NAN);
     return {out, mean, rstd};
   }
-  const ln_mlp::VoxelTiling tiling = layer_norm_tiling(xc, format);
+  const voxel_tiling::VoxelTiling tiling = layer_norm_tiling(xc, format);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_channels_first_cpu", [&] {
-    using acc_t = ln_mlp::acc_type<scalar_t>;
-    using kernel_t = ln_mlp::kernel_type<scalar_t>;
-    const at::Tensor w = ln_mlp::param_table<acc_t>(weight);
-    const at::Tensor b = ln_mlp::param_table<acc_t>(bias);
-    const ForwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(xc), w.data_ptr<acc_t>(),
-                                            b.data_ptr<acc_t>(),                ln_mlp::kernel_data_mut<scalar_t>(out),
+    using acc_t = host::acc_type<scalar_t>;
+    using kernel_t = host::kernel_type<scalar_t>;
+    const at::Tensor w = host::param_table<acc_t>(weight);
+    const at::Tensor b = host::param_table<acc_t>(bias);
+    const ForwardArgs<kernel_t, acc_t> args{host::kernel_data<scalar_t>(xc), w.data_ptr<acc_t>(),
+                                            b.data_ptr<acc_t>(),                host::kernel_data_mut<scalar_t>(out),
                                             mean.data_ptr<acc_t>(),             rstd.data_ptr<acc_t>(),
                                             static_cast<acc_t>(eps),            tiling};
-    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).forward);
+    host::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).forward);
   });
   return {out, mean, rstd};
 }
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cpu(con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, std::array<bool, 3> output_mask) {
-  ln_mlp::check_kernel_dtype(kBackwardOp, x);
+  host::check_kernel_dtype(kBackwardOp, x);
   const simd::Isa isa = selected_isa_for(kBackwardOp);
   checks::channels_first_input(kBackwardOp, x, "x");
   check_param(kBackwardOp, x, weight, "weight");
@@ -89,27 +89,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_backwar
   }
   const at::Tensor gc = grad_out.contiguous(format);
   const at::Tensor xc = x.contiguous(format);
-  const ln_mlp::VoxelTiling tiling = layer_norm_tiling(xc, format);
-  at::Tensor partials = want_params ? ln_mlp::empty_partials(x, tiling, ln_mlp::kLayerNormParams) : at::Tensor();
+  const voxel_tiling::VoxelTiling tiling = layer_norm_tiling(xc, format);
+  at::Tensor partials = want_params ? host::empty_partials(x, tiling, kLayerNormParams) : at::Tensor();
   at::Tensor grad_weight = x.new_empty({0});
   at::Tensor grad_bias = x.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "uxnet_layer_norm_channels_first_backward_cpu", [&] {
-    using acc_t = ln_mlp::acc_type<scalar_t>;
-    using kernel_t = ln_mlp::kernel_type<scalar_t>;
-    const at::Tensor w = ln_mlp::param_table<acc_t>(weight);
+    using acc_t = host::acc_type<scalar_t>;
+    using kernel_t = host::kernel_type<scalar_t>;
+    const at::Tensor w = host::param_table<acc_t>(weight);
     const at::Tensor mean_c = mean.contiguous();
     const at::Tensor rstd_c = rstd.contiguous();
-    const BackwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(gc),
-                                             ln_mlp::kernel_data<scalar_t>(xc),
+    const BackwardArgs<kernel_t, acc_t> args{host::kernel_data<scalar_t>(gc),
+                                             host::kernel_data<scalar_t>(xc),
                                              w.data_ptr<acc_t>(),
                                              mean_c.data_ptr<acc_t>(),
                                              rstd_c.data_ptr<acc_t>(),
-                                             output_mask[0] ? ln_mlp::kernel_data_mut<scalar_t>(grad_x) : nullptr,
+                                             output_mask[0] ? host::kernel_data_mut<scalar_t>(grad_x) : nullptr,
                                              want_params ? partials.data_ptr<double>() : nullptr,
                                              tiling};
-    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).backward);
-    if (output_mask[1]) grad_weight = ln_mlp::partial_row_sum<scalar_t>(partials, 0, x.options());
-    if (output_mask[2]) grad_bias = ln_mlp::partial_row_sum<scalar_t>(partials, 1, x.options());
+    host::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).backward);
+    if (output_mask[1]) grad_weight = host::partial_row_sum<scalar_t>(partials, 0, x.options());
+    if (output_mask[2]) grad_bias = host::partial_row_sum<scalar_t>(partials, 1, x.options());
   });
   return {grad_x, grad_weight, grad_bias};
 }

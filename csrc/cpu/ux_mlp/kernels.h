@@ -9,7 +9,8 @@
 
 namespace ux_mlp_kernels {
 
-using namespace ::uxnet::cpu::ln_mlp;  // tiling and the parameter rows (kLnWeight, ...)
+using namespace ::uxnet::cpu::voxel_tiling;
+using namespace ::uxnet::cpu::ux_mlp::param_rows;  // kLnWeight, ...
 template <typename scalar_t, typename acc_t>
 using ForwardArgs = ::uxnet::cpu::ux_mlp::ForwardArgs<scalar_t, acc_t>;
 template <typename scalar_t, typename acc_t>
