@@ -116,7 +116,7 @@ def _extensions() -> list:
     # -Wno-psabi: GCC notes an ABI change for 64-byte vectors passed to inlined functions (csrc/cpu/simd).
     cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-psabi"] + (["-fopenmp"] if sys.platform != "darwin" else [])
     macros = [("UXNET_PYTHON_EXTENSION", None)]
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/**/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/**/*.cpp")
     link_args = ["-fopenmp"] if sys.platform != "darwin" else []
     sanitize = os.environ.get("UXNET_SANITIZE", "")
     if sanitize:

@@ -1,6 +1,6 @@
 // The operator schemas of the `uxnet` namespace: one TORCH_LIBRARY block for every op.
 // Device implementations live in cpu/ and cuda/ (TORCH_LIBRARY_IMPL per device); fake (meta)
-// implementations and autograd are registered from Python (uxnet_kernels/_cpp_ops.py).
+// implementations and autograd are registered from Python (uxnet_kernels/ops/<op>.py).
 #include <torch/library.h>
 
 #include "uxnet_ops.h"
@@ -68,52 +68,6 @@ at::MemoryFormat suggested_memory_format(const at::Tensor& like) {
 
 int64_t voxels_per_batch(const at::Tensor& x) {
   return x.size(0) * x.size(2) * x.size(3) * x.size(4);
-}
-
-static void check_floating(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
-              " to have a floating dtype (float32, bfloat16, float16 or float64), got ",
-              t.scalar_type());
-}
-
-void check_dwconv3d_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                           const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 5, op, ": expected x of shape (N, C, D, H, W), got ", x.dim(),
-              "-d tensor of shape ", x.sizes());
-  check_floating(op, x, "x");
-  TORCH_CHECK(weight.dim() == 5 && weight.size(1) == 1, op,
-              ": expected weight of shape (C, 1, KD, KH, KW), got ", weight.sizes());
-  TORCH_CHECK(weight.size(0) == x.size(1), op, ": expected weight with ", x.size(1),
-              " output channels (one per input channel), got ", weight.size(0));
-  for (int d = 2; d < 5; ++d) {
-    TORCH_CHECK(weight.size(d) % 2 == 1, op, ": expected odd kernel sizes, got ",
-                weight.sizes().slice(2));
-  }
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": expected weight dtype ",
-              x.scalar_type(), " (the dtype of x), got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == x.device(), op, ": expected weight on ", x.device(), ", got ",
-              weight.device());
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1), op, ": expected bias of shape (",
-                x.size(1), "), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": expected bias dtype ",
-                x.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), op, ": expected bias on ", x.device(), ", got ",
-                bias->device());
-  }
-}
-
-void check_channels_first_inputs(const char* op, const at::Tensor& x, const at::Tensor& param,
-                                 const char* param_name) {
-  TORCH_CHECK(x.dim() == 5, op, ": expected a tensor of shape (N, C, D, H, W), got ", x.dim(),
-              "-d tensor of shape ", x.sizes());
-  check_floating(op, x, "input");
-  TORCH_CHECK(param.size(0) == x.size(1), op, ": expected ", param_name, " with ", x.size(1),
-              " channels along dim 0, got shape ", param.sizes());
-  TORCH_CHECK(param.scalar_type() == x.scalar_type(), op, ": expected ", param_name, " dtype ",
-              x.scalar_type(), ", got ", param.scalar_type());
-  TORCH_CHECK(param.device() == x.device(), op, ": expected ", param_name, " on ", x.device(),
-              ", got ", param.device());
 }
 
 }  // namespace uxnet

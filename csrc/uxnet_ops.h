@@ -1,7 +1,8 @@
 // Declarations shared by the schema registration and the per-device kernels.
 //
 // Every op is declared once in registration.cpp (TORCH_LIBRARY(uxnet, m)); each device registers
-// its implementations in its own TORCH_LIBRARY_IMPL block (cpu/*.cpp, cuda/*.cu). Shapes and layouts:
+// its implementations in its own TORCH_LIBRARY_IMPL block (cpu/<op>/, cuda/<op>/), which check their
+// arguments with common/arg_checks.h. Shapes and layouts:
 //   x, y, residual, grad_out : (N, C, D, H, W), NCDHW-contiguous or channels_last_3d; outputs keep
 //                              the memory format of the first tensor argument.
 //   dwconv weight            : (C, 1, KD, KH, KW), odd KD/KH/KW;  bias: (C,)
@@ -14,24 +15,18 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
-
-#include <array>
-#include <tuple>
 
 namespace uxnet {
-
-// Shape and dtype checks shared by every device implementation; each throws a c10::Error whose
-// message names the op and states expected versus got.
-void check_dwconv3d_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                           const c10::optional<at::Tensor>& bias);
-void check_channels_first_inputs(const char* op, const at::Tensor& x, const at::Tensor& param,
-                                 const char* param_name);
 
 // Memory format an output should take so that it matches `like`.
 at::MemoryFormat suggested_memory_format(const at::Tensor& like);
 
 // Number of elements of a stats tensor (N*D*H*W) as int64.
 int64_t voxels_per_batch(const at::Tensor& x);
+
+// dtype of the saved statistics (mean, rstd) for inputs of dtype `input`.
+inline at::ScalarType stats_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 }  // namespace uxnet

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Compile-only check of the CPU kernels for arm64 (aarch64), so x86-only code cannot creep into csrc/cpu.
 #   bash scripts/check_aarch64_compile.sh
-# Compiles every translation unit of csrc/cpu and csrc/registration.cpp with aarch64-linux-gnu-g++ into objects
-# (no link: there is no arm64 libtorch here). The kernel units (csrc/cpu/simd, */kernels.cpp, and the SIMD layer's
-# self-test tests/cpp/simd_selftest.cpp) need no torch and are built with -O2 -Werror, so the generic (NEON) and
-# avx512-emulated variants really vectorise for arm64; the
-# torch-side units (op.cpp, forward.cpp, backward.cpp, registration.cpp) are compiled against the torch headers
-# of .venv (they are target-independent) without the Python module. Then, where qemu-aarch64 is there, the
+# Compiles every translation unit of csrc/cpu, csrc/common and csrc/registration.cpp with aarch64-linux-gnu-g++ into
+# objects (no link: there is no arm64 libtorch here). The kernel units (csrc/cpu/simd, */kernels.cpp, and the SIMD
+# layer's self-test tests/cpp/simd_selftest.cpp) need no torch and are built with -O2 -Werror, so the generic (NEON)
+# and avx512-emulated variants really vectorise for arm64; the torch-side units (op.cpp, forward.cpp, backward.cpp,
+# registration.cpp, csrc/common/*.cpp) are compiled against the torch headers of .venv (they are target-independent)
+# without the Python module. Then, where qemu-aarch64 is there, the
 # self-test is linked and run on the emulated arm64 CPU (every vec.h operation, generic = NEON and avx512-emulated).
 # Installs g++-aarch64-linux-gnu and qemu-user with apt-get when missing and apt-get is there (CI); without apt-get
 # a missing cross compiler fails with the command to run, a missing qemu skips the run (said so).
@@ -30,7 +30,7 @@ trap 'rm -rf "$out"' EXIT
 flags=(-ffp-contract=off -Wno-psabi -fPIC -Icsrc -Itests/cpp)
 kernel_units=(csrc/cpu/simd/*.cpp csrc/cpu/*/kernels.cpp tests/cpp/simd_selftest.cpp)
 torch_units=()
-for f in csrc/registration.cpp csrc/cpu/*/*.cpp; do
+for f in csrc/registration.cpp csrc/common/*.cpp csrc/cpu/*/*.cpp; do
   case " ${kernel_units[*]} " in *" $f "*) ;; *) torch_units+=("$f") ;; esac
 done
 compile() {  # unit, flags...: a failure leaves $out/FAILED
@@ -49,7 +49,7 @@ for f in "${torch_units[@]}"; do
 done
 wait
 [ ! -e "$out/FAILED" ] || { echo "check_aarch64_compile: FAILED" >&2; exit 1; }
-neon=$("${CXX%g++}objdump" -d "$out"/csrc_cpu_layer_norm_kernels.cpp.o | grep -c -E '\sfmla\s' || true)
+neon=$("${CXX%g++}objdump" -d "$out"/csrc_cpu_layer_norm_channels_first_kernels.cpp.o | grep -c -E '\sfmla\s' || true)
 echo "check_aarch64_compile: ${#kernel_units[@]} kernel units (no torch) + ${#torch_units[@]} torch-side units compiled" \
      "for aarch64 with $("$CXX" -dumpversion); NEON fmla in the LayerNorm kernels: $neon"
 [ "$neon" -gt 0 ] || { echo "check_aarch64_compile: no NEON fmla in the arm64 kernels" >&2; exit 1; }

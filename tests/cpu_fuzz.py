@@ -224,7 +224,7 @@ def run(op: str, inputs, dtype, kernel: bool, slope: float = 0.01) -> List[Tuple
     elif op == "layer_norm":
         args = [leaves["x"], leaves["weight"], leaves["bias"]]
         names = ["x", "weight", "bias"]
-        out = (torch.ops.uxnet.layer_norm_cf(*args, EPS)[0] if kernel
+        out = (torch.ops.uxnet.layer_norm_channels_first(*args, EPS)[0] if kernel
                else reference.layer_norm_channels_first(*args, EPS))
     elif op == "ux_mlp":
         names = ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"]

@@ -107,5 +107,5 @@ def test_compiled_ops_reject_bad_input_directly():
     with pytest.raises(RuntimeError, match=r"expected x of shape \(N, C, D, H, W\)"):
         torch.ops.uxnet.dwconv3d(x[0], w, b)
     x, lw, lb = layer_norm_args()
-    with pytest.raises(RuntimeError, match=r"layer_norm_cf: expected weight with 5 channels"):
-        torch.ops.uxnet.layer_norm_cf(x, lw[:3], lb, 1e-6)
+    with pytest.raises(RuntimeError, match=r"layer_norm_channels_first: expected weight with 5 channels"):
+        torch.ops.uxnet.layer_norm_channels_first(x, lw[:3], lb, 1e-6)

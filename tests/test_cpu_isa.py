@@ -74,8 +74,8 @@ def _run(op, args, g):
         return [ops.dwconv3d(x, w, b), *ops.dwconv3d_backward(g, x, w, [True, True, True])]
     if op == "layer_norm":
         x, w, b = args
-        out, mean, rstd = ops.layer_norm_cf(x, w, b, EPS)
-        return [out, mean, rstd, *ops.layer_norm_cf_backward(g, x, w, mean, rstd, [True, True, True])]
+        out, mean, rstd = ops.layer_norm_channels_first(x, w, b, EPS)
+        return [out, mean, rstd, *ops.layer_norm_channels_first_backward(g, x, w, mean, rstd, [True, True, True])]
     if op == "instance_norm_lrelu":
         out, mean, rstd = ops.instance_norm_lrelu(args[0], SLOPE, EPS)
         return [out, mean, rstd, ops.instance_norm_lrelu_backward(g, out, rstd, SLOPE)]
@@ -139,7 +139,7 @@ def test_every_variant_matches_the_reference(name, layout):
     grad = torch.randn(shape)
     with use_cpu_isa(name):
         fast = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-        out = torch.ops.uxnet.layer_norm_cf(*fast, EPS)[0]
+        out = torch.ops.uxnet.layer_norm_channels_first(*fast, EPS)[0]
         got = [out, *torch.autograd.grad(out, fast, grad)]
         fast_mlp = [t.detach().clone().requires_grad_() for t in args]
         out_mlp = torch.ops.uxnet.ux_mlp(*fast_mlp, EPS)[0]

@@ -1,4 +1,4 @@
-"""The CPU kernels of uxnet::layer_norm_cf and uxnet::ux_mlp (csrc/cpu) against the reference ops.
+"""The CPU kernels of uxnet::layer_norm_channels_first and uxnet::ux_mlp (csrc/cpu) against the reference ops.
 
 Called through ``torch.ops.uxnet.*`` with the autograd registered in uxnet_kernels/_cpp_ops.py, so the forward
 kernels, the backward kernels and their wiring are all checked. Every kernel output is allocated with
@@ -36,7 +36,7 @@ EPS = 1e-6
 
 @pytest.fixture(autouse=True)
 def _require_kernels():
-    require_cpu_kernels("layer_norm_cf", "ux_mlp")
+    require_cpu_kernels("layer_norm_channels_first", "ux_mlp")
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +77,7 @@ def ux_mlp_inputs(shape, dtype, layout, residual=True, gamma=True):
 
 
 def _layer_norm_kernel(x, w, b):
-    return torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)[0]
+    return torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS)[0]
 
 
 def _layer_norm_reference(x, w, b):
@@ -216,7 +216,8 @@ def test_saved_statistics():
         want_rstd = (x64.var(1, unbiased=False) + EPS).rsqrt()
         stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         tol = 1e-12 if dtype == torch.float64 else 1e-6
-        for _, mean, rstd in (torch.ops.uxnet.layer_norm_cf(x, w, b, EPS), torch.ops.uxnet.ux_mlp(*mlp_args, EPS)):
+        for _, mean, rstd in (torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS),
+                              torch.ops.uxnet.ux_mlp(*mlp_args, EPS)):
             assert mean.dtype == stats_dtype and rstd.dtype == stats_dtype
             assert mean.shape == (2, 3, 4, 5) and rstd.shape == (2, 3, 4, 5)
             assert (mean.double() - want_mean).abs().max().item() <= tol * (1 + want_mean.abs().max().item())
@@ -239,23 +240,24 @@ def test_mixed_layouts_and_views():
     assert_close_rel(out, _ux_mlp_reference(*args), torch.float32, "strided view")
 
     x, w, b = layer_norm_inputs((2, 5, 3, 4, 5), torch.float32, "channels_last_3d")
-    out, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)
+    out, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS)
     grad_out = torch.randn_like(out).contiguous()  # NCDHW grad for a channels_last_3d forward
-    grad_x, grad_w, grad_b = torch.ops.uxnet.layer_norm_cf_backward(grad_out, x, w, mean, rstd, [True, True, True])
+    grad_x, grad_w, grad_b = torch.ops.uxnet.layer_norm_channels_first_backward(grad_out, x, w, mean, rstd,
+                                                                                [True, True, True])
     assert grad_x.is_contiguous()
     xr, wr, br = upcast([x, w, b], torch.float64)
     ref_grads = torch.autograd.grad(_layer_norm_reference(xr, wr, br), [xr, wr, br], grad_out.double())
     for got, want in zip((grad_x, grad_w, grad_b), ref_grads):
-        assert_close_rel(got, want, torch.float32, "layer_norm_cf_backward with NCDHW grad_out")
+        assert_close_rel(got, want, torch.float32, "layer_norm_channels_first_backward with NCDHW grad_out")
 
 
 def test_layer_norm_backward_output_mask():
     x, w, b = layer_norm_inputs((1, 4, 3, 3, 3), torch.float32, "contiguous")
-    _, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)
+    _, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS)
     g = torch.randn_like(x)
-    full = torch.ops.uxnet.layer_norm_cf_backward(g, x, w, mean, rstd, [True, True, True])
+    full = torch.ops.uxnet.layer_norm_channels_first_backward(g, x, w, mean, rstd, [True, True, True])
     for mask in ([True, False, False], [False, True, False], [False, False, True], [False, True, True]):
-        got = torch.ops.uxnet.layer_norm_cf_backward(g, x, w, mean, rstd, mask)
+        got = torch.ops.uxnet.layer_norm_channels_first_backward(g, x, w, mean, rstd, mask)
         for wanted, t, f in zip(mask, got, full):
             if wanted:
                 torch.testing.assert_close(t, f, rtol=0, atol=0)
@@ -274,8 +276,8 @@ def test_one_channel_gradients_are_exact_zeros(isa, dtype, layout):
     shape = (2, 1, 5, 6, 7)
     g = torch.randn(shape, dtype=torch.float64).to(dtype)
     x, w, b = layer_norm_inputs(shape, dtype, layout)
-    _, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)
-    grad_x = torch.ops.uxnet.layer_norm_cf_backward(g, x, w, mean, rstd, [True, True, True])[0]
+    _, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS)
+    grad_x = torch.ops.uxnet.layer_norm_channels_first_backward(g, x, w, mean, rstd, [True, True, True])[0]
     assert torch.equal(grad_x, torch.zeros_like(grad_x)), f"LayerNorm grad_x up to {grad_x.abs().max().item():.2e}"
     args = ux_mlp_inputs(shape, dtype, layout)
     _, mean, rstd = torch.ops.uxnet.ux_mlp(*args, EPS)
@@ -322,9 +324,9 @@ def test_two_channel_layer_norm_gradient_within_2x_pytorch_float32(isa, layout, 
 def test_zero_size_inputs(shape):
     c = shape[1]
     x, w, b = layer_norm_inputs(shape, torch.float32, "contiguous")
-    out, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)
+    out, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS)
     assert out.shape == shape and mean.shape == (shape[0],) + shape[2:]
-    gx, gw, gb = torch.ops.uxnet.layer_norm_cf_backward(out, x, w, mean, rstd, [True, True, True])
+    gx, gw, gb = torch.ops.uxnet.layer_norm_channels_first_backward(out, x, w, mean, rstd, [True, True, True])
     assert gx.shape == shape and torch.equal(gw, torch.zeros(c)) and torch.equal(gb, torch.zeros(c))
 
     args = ux_mlp_inputs(shape, torch.float32, "channels_last_3d")
@@ -368,10 +370,10 @@ def test_parameter_grads_bit_identical_across_thread_counts(op, layout):
             return torch.ops.uxnet.ux_mlp_backward(g, args[0], *args[2:], mean, rstd)
     else:
         x, w, b = layer_norm_inputs(shape, torch.float32, layout)
-        _, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)
+        _, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS)
 
         def backward():
-            return torch.ops.uxnet.layer_norm_cf_backward(g, x, w, mean, rstd, [True, True, True])
+            return torch.ops.uxnet.layer_norm_channels_first_backward(g, x, w, mean, rstd, [True, True, True])
 
     threads = torch.get_num_threads()
     results = []
@@ -401,12 +403,12 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match=r"uxnet::ux_mlp: expected b2 dtype Float"):
         torch.ops.uxnet.ux_mlp(y, res, lnw, lnb, w1, b1, w2, b2.double(), gamma, EPS)
     with pytest.raises(RuntimeError, match=r"float32, bfloat16 and float64 inputs, got Half"):
-        torch.ops.uxnet.layer_norm_cf(y.half(), lnw.half(), lnb.half(), EPS)
-    with pytest.raises(RuntimeError, match=r"uxnet::layer_norm_cf: expected eps > 0"):
-        torch.ops.uxnet.layer_norm_cf(y, lnw, lnb, 0.0)
-    _, mean, rstd = torch.ops.uxnet.layer_norm_cf(y, lnw, lnb, EPS)
-    with pytest.raises(RuntimeError, match=r"uxnet::layer_norm_cf_backward: expected rstd dtype Float"):
-        torch.ops.uxnet.layer_norm_cf_backward(y, y, lnw, mean, rstd.double(), [True, True, True])
+        torch.ops.uxnet.layer_norm_channels_first(y.half(), lnw.half(), lnb.half(), EPS)
+    with pytest.raises(RuntimeError, match=r"uxnet::layer_norm_channels_first: expected eps > 0"):
+        torch.ops.uxnet.layer_norm_channels_first(y, lnw, lnb, 0.0)
+    _, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(y, lnw, lnb, EPS)
+    with pytest.raises(RuntimeError, match=r"uxnet::layer_norm_channels_first_backward: expected rstd dtype Float"):
+        torch.ops.uxnet.layer_norm_channels_first_backward(y, y, lnw, mean, rstd.double(), [True, True, True])
     with pytest.raises(RuntimeError, match=r"uxnet::ux_mlp_backward: expected mean of shape"):
         torch.ops.uxnet.ux_mlp_backward(y, y, lnw, lnb, w1, b1, w2, b2, gamma, mean[:, :1], rstd)
 

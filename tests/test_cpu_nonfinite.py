@@ -50,7 +50,8 @@ def _mlp_inputs(dtype, layout):
 OPS = {
     "dwconv3d": (_dwconv_inputs, lambda a: torch.ops.uxnet.dwconv3d(a["x"], a["weight"], a["bias"]),
                  lambda a: reference.dwconv3d(a["x"], a["weight"], a["bias"])),
-    "layer_norm": (_ln_inputs, lambda a: torch.ops.uxnet.layer_norm_cf(a["x"], a["weight"], a["bias"], EPS)[0],
+    "layer_norm": (_ln_inputs,
+                   lambda a: torch.ops.uxnet.layer_norm_channels_first(a["x"], a["weight"], a["bias"], EPS)[0],
                    lambda a: reference.layer_norm_channels_first(a["x"], a["weight"], a["bias"], EPS)),
     "ux_mlp": (_mlp_inputs, lambda a: torch.ops.uxnet.ux_mlp(*a.values(), EPS)[0],
                lambda a: reference.ux_mlp(*a.values(), EPS)),

@@ -1,10 +1,10 @@
-"""The device code of the CUDA backend (csrc/cuda/*_kernels.cuh), run on the CPU.
+"""The device code of the CUDA backend (csrc/cuda/<op>/kernels.cuh), run on the CPU.
 
 No GPU exists on the development machines or in CI, so the CUDA kernels run here under a small emulation of the
-CUDA execution model (csrc/cuda/emulation/cuda_emulation.h: one real thread per CUDA thread, real barriers, warp
+CUDA execution model (tests/cpp/cuda_emulation/cuda_emulation.h: one real thread per CUDA thread, real barriers, warp
 shuffles, NaN-filled shared memory and outputs) and are checked in float32 and float64 against direct formulas and
-finite differences (csrc/cuda/emulation/emulate_kernels.cpp). The host wrappers (csrc/cuda/*.cu) are exercised by
-tests/test_ops.py on a machine with a GPU.
+finite differences (tests/cpp/cuda_emulation/emulate_kernels.cpp). The host wrappers (csrc/cuda/<op>/op.cu) are
+exercised by tests/test_ops.py on a machine with a GPU.
 """
 
 import os
@@ -21,7 +21,7 @@ def _repo_root() -> str:
 
 
 CSRC = os.path.join(_repo_root(), "csrc")
-HARNESS = os.path.join(CSRC, "cuda", "emulation", "emulate_kernels.cpp")
+HARNESS = os.path.join(_repo_root(), "tests", "cpp", "cuda_emulation", "emulate_kernels.cpp")
 
 
 def test_cuda_kernels_under_cpu_emulation(tmp_path):

@@ -72,13 +72,13 @@ def test_layer_norm_forward_and_grad_input_past_2_31(layout):
     c = SHAPE[1]
     weight = (1 + 0.1 * torch.randn(c)).to(torch.bfloat16)
     bias = (0.1 * torch.randn(c)).to(torch.bfloat16)
-    out, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, weight, bias, EPS)
+    out, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(x, weight, bias, EPS)
     x_tail = tail(x).requires_grad_()
     want = reference.layer_norm_channels_first(x_tail, weight.float(), bias.float(), EPS)
     assert_close_rel(tail(out), want, torch.bfloat16, "layer_norm forward, item 1's last planes")
     del out
     # LayerNorm is per voxel: grad_x of the slice is exact; x serves as grad_out.
-    grad_x = torch.ops.uxnet.layer_norm_cf_backward(x, x, weight, mean, rstd, [True, False, False])[0]
+    grad_x = torch.ops.uxnet.layer_norm_channels_first_backward(x, x, weight, mean, rstd, [True, False, False])[0]
     (want_grad,) = torch.autograd.grad(want, x_tail, tail(x))
     assert_close_rel(tail(grad_x), want_grad, torch.bfloat16, "layer_norm grad_x, item 1's last planes")
 

@@ -23,7 +23,7 @@ def _samples(layout):
     small = (2, 3, 4, 5, 6)
     yield "dwconv3d", dwconv3d_args(small, (3, 5, 3), layout=layout, grad=True)
     yield "dwconv3d", dwconv3d_args(small, (3, 3, 3), layout=layout, bias=False, grad=True)
-    yield "layer_norm_cf", (*layer_norm_args(small, layout=layout, grad=True), 1e-6)
+    yield "layer_norm_channels_first", (*layer_norm_args(small, layout=layout, grad=True), 1e-6)
     yield "ux_mlp", _canonical_mlp(ux_mlp_args(small, layout=layout, grad=True))
     yield "ux_mlp", _canonical_mlp(ux_mlp_args(small, layout=layout, residual=False, gamma=False, grad=True))
     for args in _instance_norm_samples(layout, grad=True):
@@ -54,8 +54,8 @@ def _backward_samples(layout):
     yield "dwconv3d_backward", (torch.randn_like(x), x, w, [True, True, True])
     yield "dwconv3d_backward", (torch.randn_like(x), x, w, [False, True, False])
     x, w, b = layer_norm_args((2, 3, 4, 5, 6), layout=layout)
-    _, mean, rstd = torch.ops.uxnet.layer_norm_cf(x, w, b, 1e-6)
-    yield "layer_norm_cf_backward", (torch.randn_like(x), x, w, mean, rstd, [True, True, True])
+    _, mean, rstd = torch.ops.uxnet.layer_norm_channels_first(x, w, b, 1e-6)
+    yield "layer_norm_channels_first_backward", (torch.randn_like(x), x, w, mean, rstd, [True, True, True])
     args = _canonical_mlp(ux_mlp_args((2, 3, 4, 5, 6), layout=layout))
     _, mean, rstd = torch.ops.uxnet.ux_mlp(*args)
     y, _res, ln_w, ln_b, w1, b1, w2, b2, g, _eps = args

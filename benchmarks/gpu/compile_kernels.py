@@ -58,8 +58,8 @@ def cases(dtypes, layouts):
                                                            BLOCK_D=1, BLOCK_H=4, BLOCK_W=8, BLOCK_C=16), 4
             yield dw.dwconv3d_grad_weight_kernel, dtype, dict(KW=7, BLOCK_KW=8, CHANNELS_LAST=cl, BLOCK_D=1,
                                                                BLOCK_H=2, BLOCK_W=16, BLOCK_C=16), 4
-            yield ln.layer_norm_cf_fwd_kernel, dtype, dict(CHANNELS_LAST=cl, BLOCK_V=32, BLOCK_C=64), 4
-            yield ln.layer_norm_cf_bwd_kernel, dtype, dict(CHANNELS_LAST=cl, BLOCK_V=16, BLOCK_C=64), 4
+            yield ln.layer_norm_channels_first_fwd_kernel, dtype, dict(CHANNELS_LAST=cl, BLOCK_V=32, BLOCK_C=64), 4
+            yield ln.layer_norm_channels_first_bwd_kernel, dtype, dict(CHANNELS_LAST=cl, BLOCK_V=16, BLOCK_C=64), 4
             yield mlp.ux_mlp_fwd_kernel, dtype, dict(HAS_RESIDUAL=True, HAS_GAMMA=True, CHANNELS_LAST=cl,
                                                       BLOCK_V=8, BLOCK_C=64), 4
             yield mlp.ux_mlp_bwd_kernel, dtype, dict(HAS_GAMMA=cl, CHANNELS_LAST=cl, BLOCK_V=4, BLOCK_C=64), 4

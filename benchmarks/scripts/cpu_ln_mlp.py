@@ -13,7 +13,7 @@ import platform
 import torch
 import torch.utils.benchmark as benchmark
 
-import uxnet_kernels._cpp_ops  # noqa: F401  (loads the compiled ops and their autograd)
+import uxnet_kernels  # noqa: F401  (registers the compiled ops and their autograd)
 from uxnet_kernels import _extension, reference
 
 COPY_BANDWIDTH = 42e9  # bytes/s, measured copy bandwidth of the dev machine (docs/PERFORMANCE.md)
@@ -45,7 +45,7 @@ def ux_mlp_reference(y, res, lnw, lnb, w1, b1, w2, b2, gamma):
 
 
 def layer_norm_compiled(x, w, b):
-    return torch.ops.uxnet.layer_norm_cf(x, w, b, EPS)[0]
+    return torch.ops.uxnet.layer_norm_channels_first(x, w, b, EPS)[0]
 
 
 def layer_norm_reference(x, w, b):
@@ -101,8 +101,9 @@ def main(argv=None):
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    if not (_extension.has_kernel("ux_mlp", "CPU") and _extension.has_kernel("layer_norm_cf", "CPU")):
-        raise SystemExit("the compiled CPU kernels of ux_mlp / layer_norm_cf are not available; build the extension")
+    if not (_extension.has_kernel("ux_mlp", "CPU") and _extension.has_kernel("layer_norm_channels_first", "CPU")):
+        raise SystemExit("the compiled CPU kernels of ux_mlp / layer_norm_channels_first are not available; "
+                         "build the extension")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     rows = []

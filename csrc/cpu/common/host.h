@@ -1,6 +1,6 @@
-// Tensor-level helpers of the CPU LayerNorm / UX MLP ops: argument checks, stats and parameter tables, the
-// kernels' view of a tensor's data, the chunk runner, and the fixed-order reduction of per-chunk
-// parameter-gradient partials.
+// Torch-side helpers of the CPU ops (no kernel code): the kernels' view of a tensor's dtype and data and the
+// dtypes the CPU kernels implement (every op); for the voxel-tiled ops (LayerNorm, UX MLP) the stats and
+// parameter tables, the chunk runner, and the fixed-order reduction of per-chunk parameter-gradient partials.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,10 +11,11 @@
 
 #include "cpu/common/voxel_tiling.h"
 #include "cpu/simd/config.h"
+#include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
-namespace ln_mlp {
+namespace host {
 
 // Math and statistics type: float for float32 and bfloat16, double for float64.
 template <typename scalar_t>
@@ -38,49 +39,21 @@ kernel_type<scalar_t>* kernel_data_mut(at::Tensor& t) {
 }
 
 // The op's tiling of x (canonical layout `format`); row_blocks: LayerNorm's row blocks.
-inline VoxelTiling make_tiling(const at::Tensor& x, at::MemoryFormat format, bool row_blocks) {
-  return make_tiling(x.size(0), x.size(1), x.size(2) * x.size(3) * x.size(4),
+inline voxel_tiling::VoxelTiling make_tiling(const at::Tensor& x, at::MemoryFormat format, bool row_blocks) {
+  return voxel_tiling::make_tiling(x.size(0), x.size(1), x.size(2) * x.size(3) * x.size(4),
                      format == at::MemoryFormat::ChannelsLast3d, row_blocks);
 }
 
+// The dtypes the CPU kernels implement (the device-independent checks: common/arg_checks.h).
 inline void check_kernel_dtype(const char* op, const at::Tensor& x) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble, op,
               ": the CPU kernel supports float32, bfloat16 and float64 inputs, got ", dtype);
 }
 
-inline void check_param_shape(const char* op, const at::Tensor& param, const char* name,
-                              at::IntArrayRef expected) {
-  TORCH_CHECK(param.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ",
-              param.sizes());
-}
-
-inline void check_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& like,
-                       const char* like_name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected ", name, " of shape ", like.sizes(), " (the shape of ",
-              like_name, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " dtype ", like.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
-}
-
-inline at::ScalarType stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // mean / rstd: (N, D, H, W) in the stats dtype.
 inline at::Tensor empty_stats(const at::Tensor& x) {
-  return at::empty({x.size(0), x.size(2), x.size(3), x.size(4)}, x.options().dtype(stats_dtype(x)));
-}
-
-inline void check_stats(const char* op, const at::Tensor& x, const at::Tensor& stats, const char* name) {
-  const std::vector<int64_t> expected{x.size(0), x.size(2), x.size(3), x.size(4)};
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef(expected), op, ": expected ", name, " of shape ",
-              at::IntArrayRef(expected), " (N, D, H, W), got ", stats.sizes());
-  TORCH_CHECK(stats.scalar_type() == stats_dtype(x), op, ": expected ", name, " dtype ", stats_dtype(x),
-              " for ", x.scalar_type(), " inputs, got ", stats.scalar_type());
-  TORCH_CHECK(stats.device() == x.device(), op, ": expected ", name, " on ", x.device(), ", got ",
-              stats.device());
+  return at::empty({x.size(0), x.size(2), x.size(3), x.size(4)}, x.options().dtype(stats_dtype(x.scalar_type())));
 }
 
 // A parameter as a contiguous table in the math type (rows as in the tensor's own layout).
@@ -91,12 +64,12 @@ at::Tensor param_table(const at::Tensor& param) {
 
 // Runs a chunk kernel over every chunk of args.tiling, split across torch's intra-op threads.
 template <typename Args>
-void run_chunks(const Args& args, ChunkKernel<Args> kernel) {
+void run_chunks(const Args& args, voxel_tiling::ChunkKernel<Args> kernel) {
   at::parallel_for(0, args.tiling.num_chunks, 1, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
 
 // Per-chunk partial sums of `rows` parameter-gradient rows: [num_chunks][rows][C] float64, written by the kernels.
-inline at::Tensor empty_partials(const at::Tensor& x, const VoxelTiling& tiling, int64_t rows) {
+inline at::Tensor empty_partials(const at::Tensor& x, const voxel_tiling::VoxelTiling& tiling, int64_t rows) {
   return at::empty({tiling.num_chunks, rows, tiling.channels}, x.options().dtype(at::kDouble));
 }
 
@@ -135,6 +108,6 @@ at::Tensor partial_row_sum(const at::Tensor& partials, int64_t row, const at::Te
   return out;
 }
 
-}  // namespace ln_mlp
+}  // namespace host
 }  // namespace cpu
 }  // namespace uxnet

@@ -5,9 +5,9 @@
 // simd/compile_per_isa.inc, inside the variant's namespace and target region. Every loop over the lanes of a
 // vector is branch-free so that it vectorises for the variant.
 
-using ::uxnet::cpu::ln_mlp::kTile;
-using ::uxnet::cpu::ln_mlp::TileRef;
-using ::uxnet::cpu::ln_mlp::VoxelTiling;
+using ::uxnet::cpu::voxel_tiling::kTile;
+using ::uxnet::cpu::voxel_tiling::TileRef;
+using ::uxnet::cpu::voxel_tiling::VoxelTiling;
 
 // ---- lane vectors -------------------------------------------------------------------------------------------
 // kWidth consecutive voxels (or, in the channels_last LayerNorm, channels) as one vector of the variant's float

@@ -19,25 +19,12 @@
 
 namespace uxnet {
 namespace cpu {
-namespace ln_mlp {
+namespace voxel_tiling {
 
 constexpr int64_t kTile = 16;                 // voxels per tile (one AVX-512 float vector)
 constexpr int64_t kTilesPerFlush = 16;        // tiles whose lane sums are flushed into the chunk's double sums
 constexpr int64_t kMaxChunks = 512;           // bounds the memory of the per-chunk partial sums
 constexpr int64_t kMaxRowBlockVoxels = 1024;  // LayerNorm (NCDHW): per-voxel state of a block stays in L1
-
-// Parameter rows of the packed ux_mlp parameter table [kMlpParams][C] (also the order of its gradients).
-enum MlpParam : int64_t {
-  kLnWeight = 0,
-  kLnBias = 1,
-  kW1 = 2,   // 4 rows: w1[:, j]
-  kB1 = 6,   // 4 rows: b1[:, j]
-  kW2 = 10,  // 4 rows: w2[:, j]
-  kB2 = 14,
-  kGamma = 15,
-  kMlpParams = 16,
-};
-constexpr int64_t kLayerNormParams = 2;  // weight, bias
 
 struct VoxelTiling {
   int64_t batch = 0;
@@ -120,6 +107,6 @@ struct ChunkKernels {
 // Up to this many channels the LayerNorm and UX MLP backwards run in float64 (backward_few_channels).
 constexpr int64_t kFewChannels = 4;
 
-}  // namespace ln_mlp
+}  // namespace voxel_tiling
 }  // namespace cpu
 }  // namespace uxnet

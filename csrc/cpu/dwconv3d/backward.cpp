@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/arg_checks.h"
 #include "cpu/common/isa_check.h"
 #include "cpu/dwconv3d/drivers.h"
 #include "cpu/dwconv3d/nonfinite.h"
@@ -91,13 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3d_backward_cpu(const at::T
                                                                      const at::Tensor& x,
                                                                      const at::Tensor& weight,
                                                                      std::array<bool, 3> mask) {
-  check_dwconv3d_inputs(kOp, x, weight, c10::nullopt);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), kOp, ": expected grad_out of shape ", x.sizes(),
-              " (the shape of x), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), kOp, ": expected grad_out dtype ", x.scalar_type(),
-              " (the dtype of x), got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device(), kOp, ": expected grad_out on ", x.device(), ", got ",
-              grad_out.device());
+  checks::dwconv3d_inputs(kOp, x, weight, c10::nullopt);
+  checks::like(kOp, grad_out, "grad_out", x, "x");
 
   const auto empty_grad = [&] { return at::empty({0}, x.options()); };
   at::Tensor grad_x = mask[0] ? at::empty(grad_out.sizes(),

@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "common/arg_checks.h"
 #include "cpu/common/isa_check.h"
 #include "cpu/dwconv3d/drivers.h"
 #include "cpu/dwconv3d/nonfinite.h"
@@ -34,7 +35,7 @@ void forward_typed(const at::Tensor& x, const at::Tensor& weight, const c10::opt
 }
 
 at::Tensor dwconv3d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_dwconv3d_inputs("uxnet::dwconv3d", x, weight, bias);
+  checks::dwconv3d_inputs("uxnet::dwconv3d", x, weight, bias);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(suggested_memory_format(x)));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "uxnet::dwconv3d",

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/arg_checks.h"
 #include "cpu/common/host.h"
 #include "cpu/common/isa_check.h"
 #include "cpu/instance_norm/params.h"
@@ -25,7 +26,7 @@
 namespace uxnet {
 namespace {
 
-namespace ln_mlp = cpu::ln_mlp;
+namespace host = cpu::host;
 namespace simd = cpu::simd;
 using cpu::instance_norm::Args;
 using cpu::instance_norm::finalize_stats;
@@ -45,25 +46,24 @@ constexpr const char* kInplaceForwardOp = "uxnet::instance_norm_add_lrelu_inplac
 constexpr int64_t kMaxChunksPerItem = 64;
 constexpr int64_t kMinChunkVoxels = 256;
 
-at::ScalarType stats_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_input(const char* op, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 5, op, ": expected ", name, " of shape (N, C, D, H, W), got ", x.dim(),
-              "-d tensor of shape ", x.sizes());
-  ln_mlp::check_kernel_dtype(op, x);
+  checks::five_dim(op, x, name);
+  host::check_kernel_dtype(op, x);
 }
 
 void check_slope_eps(const char* op, double slope, double eps) {
   TORCH_CHECK(slope > 0 && std::isfinite(slope), op,
               ": expected a finite negative_slope > 0 (the backward inverts the LeakyReLU), got ", slope);
-  TORCH_CHECK(eps > 0, op, ": expected eps > 0, got ", eps);
+  checks::positive_eps(op, eps);
 }
 
+// The saved statistics of the instance-norm ops: per (n, c).
 void check_stats(const char* op, const at::Tensor& x, const at::Tensor& stats, const char* name) {
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == x.size(0) && stats.size(1) == x.size(1), op, ": expected ",
               name, " of shape (", x.size(0), ", ", x.size(1), ") (N, C), got ", stats.sizes());
-  TORCH_CHECK(stats.scalar_type() == stats_dtype(x), op, ": expected ", name, " dtype ", stats_dtype(x), " for ",
-              x.scalar_type(), " inputs, got ", stats.scalar_type());
+  const at::ScalarType dtype = stats_dtype(x.scalar_type());
+  TORCH_CHECK(stats.scalar_type() == dtype, op, ": expected ", name, " dtype ", dtype, " for ", x.scalar_type(),
+              " inputs, got ", stats.scalar_type());
 }
 
 void check_shortcut(const char* op, const at::Tensor& z, at::TensorList inputs, at::TensorList weights) {
@@ -181,7 +181,7 @@ void run_backward(simd::Isa isa, const Args<kernel_t, acc_t>& a) {
 }
 
 at::Tensor empty_stats(const at::Tensor& x) {
-  return at::empty({x.size(0), x.size(1)}, x.options().dtype(stats_dtype(x)));
+  return at::empty({x.size(0), x.size(1)}, x.options().dtype(stats_dtype(x.scalar_type())));
 }
 
 // The 1x1x1 convolutions of the projection shortcut as matrix products on (N, C, V) views of the 5-D tensors
@@ -261,17 +261,17 @@ void forward(const char* op, const at::Tensor& z, const at::Tensor& r, ResidualM
   const Layout l = layout_of(zc, format);
   const bool norm = mode == ResidualMode::normalized;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "uxnet_instance_norm_forward_cpu", [&] {
-    using acc_t = ln_mlp::acc_type<scalar_t>;
-    using kernel_t = ln_mlp::kernel_type<scalar_t>;
-    const Args<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(zc),
+    using acc_t = host::acc_type<scalar_t>;
+    using kernel_t = host::kernel_type<scalar_t>;
+    const Args<kernel_t, acc_t> args{host::kernel_data<scalar_t>(zc),
                                      nullptr,
                                      nullptr,
-                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data<scalar_t>(r),
+                                     mode == ResidualMode::none ? nullptr : host::kernel_data<scalar_t>(r),
                                      mean.data_ptr<acc_t>(),
                                      rstd.data_ptr<acc_t>(),
                                      norm ? r_mean.data_ptr<acc_t>() : nullptr,
                                      norm ? r_rstd.data_ptr<acc_t>() : nullptr,
-                                     ln_mlp::kernel_data_mut<scalar_t>(out),
+                                     host::kernel_data_mut<scalar_t>(out),
                                      nullptr,
                                      mode,
                                      static_cast<acc_t>(slope),
@@ -314,11 +314,11 @@ AddStats add_lrelu_into(const char* op, const at::Tensor& z, const std::optional
   const at::MemoryFormat format = suggested_memory_format(z);
   at::Tensor mean = empty_stats(z);
   at::Tensor rstd = empty_stats(z);
-  at::Tensor r_mean = has_residual ? z.new_empty({0}, z.options().dtype(stats_dtype(z))) : empty_stats(z);
-  at::Tensor r_rstd = has_residual ? z.new_empty({0}, z.options().dtype(stats_dtype(z))) : empty_stats(z);
+  at::Tensor r_mean = has_residual ? z.new_empty({0}, z.options().dtype(stats_dtype(z.scalar_type()))) : empty_stats(z);
+  at::Tensor r_rstd = has_residual ? z.new_empty({0}, z.options().dtype(stats_dtype(z.scalar_type()))) : empty_stats(z);
   at::Tensor r;
   if (has_residual) {
-    ln_mlp::check_like(op, *residual, "residual", z, "z");
+    checks::like(op, *residual, "residual", z, "z");
     r = residual->contiguous(format);
   } else {
     check_shortcut(op, z, shortcut_inputs, shortcut_weights);
@@ -372,21 +372,21 @@ void backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
   const Layout l = layout_of(gc, format);
   const bool norm = mode == ResidualMode::normalized;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "uxnet_instance_norm_backward_cpu", [&] {
-    using acc_t = ln_mlp::acc_type<scalar_t>;
-    using kernel_t = ln_mlp::kernel_type<scalar_t>;
+    using acc_t = host::acc_type<scalar_t>;
+    using kernel_t = host::kernel_type<scalar_t>;
     at::Tensor rstd_c = rstd.contiguous();
     at::Tensor r_mean_c = norm ? r_mean.contiguous() : r_mean;
     at::Tensor r_rstd_c = norm ? r_rstd.contiguous() : r_rstd;
     const Args<kernel_t, acc_t> args{nullptr,
-                                     ln_mlp::kernel_data<scalar_t>(oc),
-                                     ln_mlp::kernel_data<scalar_t>(gc),
-                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data<scalar_t>(rc),
+                                     host::kernel_data<scalar_t>(oc),
+                                     host::kernel_data<scalar_t>(gc),
+                                     mode == ResidualMode::none ? nullptr : host::kernel_data<scalar_t>(rc),
                                      nullptr,
                                      rstd_c.data_ptr<acc_t>(),
                                      norm ? r_mean_c.data_ptr<acc_t>() : nullptr,
                                      norm ? r_rstd_c.data_ptr<acc_t>() : nullptr,
-                                     ln_mlp::kernel_data_mut<scalar_t>(grad_z),
-                                     mode == ResidualMode::none ? nullptr : ln_mlp::kernel_data_mut<scalar_t>(grad_r),
+                                     host::kernel_data_mut<scalar_t>(grad_z),
+                                     mode == ResidualMode::none ? nullptr : host::kernel_data_mut<scalar_t>(grad_r),
                                      mode,
                                      static_cast<acc_t>(slope),
                                      0.0,
@@ -398,7 +398,7 @@ void backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
 at::Tensor instance_norm_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& rstd,
                                             double negative_slope) {
   check_input(kBackwardOp, out, "out");
-  ln_mlp::check_like(kBackwardOp, grad_out, "grad_out", out, "out");
+  checks::like(kBackwardOp, grad_out, "grad_out", out, "out");
   check_stats(kBackwardOp, out, rstd, "rstd");
   check_slope_eps(kBackwardOp, negative_slope, 1.0);
   at::Tensor grad_x = at::empty(out.sizes(), out.options().memory_format(suggested_memory_format(grad_out)));
@@ -415,7 +415,7 @@ instance_norm_add_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& shortcut_mean, const at::Tensor& shortcut_rstd,
                                      double negative_slope) {
   check_input(kAddBackwardOp, out, "out");
-  ln_mlp::check_like(kAddBackwardOp, grad_out, "grad_out", out, "out");
+  checks::like(kAddBackwardOp, grad_out, "grad_out", out, "out");
   check_stats(kAddBackwardOp, out, rstd, "rstd");
   check_slope_eps(kAddBackwardOp, negative_slope, 1.0);
   const bool has_residual = residual.has_value() && residual->defined();
@@ -427,7 +427,7 @@ instance_norm_add_lrelu_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   std::vector<at::Tensor> grad_inputs, grad_weights;
   at::Tensor r;
   if (has_residual) {
-    ln_mlp::check_like(kAddBackwardOp, *residual, "residual", out, "out");
+    checks::like(kAddBackwardOp, *residual, "residual", out, "out");
     r = *residual;
   } else {
     check_shortcut(kAddBackwardOp, out, shortcut_inputs, shortcut_weights);

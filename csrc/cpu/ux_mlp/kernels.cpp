@@ -16,8 +16,8 @@ namespace ux_mlp {
 
 template <typename scalar_t, typename acc_t>
 Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last, int64_t channels) {
-  using Forward = ln_mlp::ChunkKernel<ForwardArgs<scalar_t, acc_t>>;
-  using Backward = ln_mlp::ChunkKernel<BackwardArgs<scalar_t, acc_t>>;
+  using Forward = voxel_tiling::ChunkKernel<ForwardArgs<scalar_t, acc_t>>;
+  using Backward = voxel_tiling::ChunkKernel<BackwardArgs<scalar_t, acc_t>>;
   static const auto forward_cl = UXNET_SIMD_PER_ISA(Forward, ux_mlp_kernels::forward_chunks<scalar_t, acc_t, true>);
   static const auto forward_cf = UXNET_SIMD_PER_ISA(Forward, ux_mlp_kernels::forward_chunks<scalar_t, acc_t, false>);
   static const auto backward_cl =

@@ -9,7 +9,8 @@
 
 namespace ux_mlp_kernels {
 
-using namespace ::uxnet::cpu::ln_mlp;  // tiling and the parameter rows (kLnWeight, ...)
+using namespace ::uxnet::cpu::voxel_tiling;
+using namespace ::uxnet::cpu::ux_mlp::param_rows;  // kLnWeight, ...
 template <typename scalar_t, typename acc_t>
 using ForwardArgs = ::uxnet::cpu::ux_mlp::ForwardArgs<scalar_t, acc_t>;
 template <typename scalar_t, typename acc_t>
@@ -153,9 +154,9 @@ void backward_chunks(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin
 }
 
 // ---- few channels (C <= kFewChannels): the backward in float64, voxel by voxel -------------------------------
-// As for the LayerNorm (layer_norm/kernels.h): with few channels grad_y is ill-conditioned, and with C = 1 every
-// voxel shares its pre-activations, so the parameter gradients are one GELU'-weighted sum that can cancel. float64
-// arithmetic (and libm's erfc / exp) leaves only the rounding of the saved float32 rstd.
+// As for the LayerNorm (layer_norm_channels_first/kernels.h): with few channels grad_y is ill-conditioned, and
+// with C = 1 every voxel shares its pre-activations, so the parameter gradients are one GELU'-weighted sum that can
+// cancel. float64 arithmetic (and libm's erfc / exp) leaves only the rounding of the saved float32 rstd.
 
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
 void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "common/arg_checks.h"
 #include "cpu/common/host.h"
 #include "cpu/common/isa_check.h"
 #include "cpu/ux_mlp/params.h"
@@ -39,22 +40,23 @@ struct MlpParams {
 };
 
 void check_params(const char* op, const at::Tensor& y, const MlpParams& p) {
-  ln_mlp::check_kernel_dtype(op, y);
+  host::check_kernel_dtype(op, y);
+  checks::channels_first_input(op, y, "y");
   const int64_t C = y.size(1);
   const std::pair<const at::Tensor*, const char*> vectors[] = {
       {&p.ln_weight, "ln_weight"}, {&p.ln_bias, "ln_bias"}, {&p.b2, "b2"}};
   for (const auto& [t, name] : vectors) {
-    check_channels_first_inputs(op, y, *t, name);
-    ln_mlp::check_param_shape(op, *t, name, {C});
+    checks::channel_param(op, y, "y", *t, name);
+    checks::shape(op, *t, name, {C});
   }
   const std::pair<const at::Tensor*, const char*> tables[] = {{&p.w1, "w1"}, {&p.b1, "b1"}, {&p.w2, "w2"}};
   for (const auto& [t, name] : tables) {
-    check_channels_first_inputs(op, y, *t, name);
-    ln_mlp::check_param_shape(op, *t, name, {C, 4});
+    checks::channel_param(op, y, "y", *t, name);
+    checks::shape(op, *t, name, {C, 4});
   }
   if (p.has_gamma()) {
-    check_channels_first_inputs(op, y, *p.gamma, "gamma");
-    ln_mlp::check_param_shape(op, *p.gamma, "gamma", {C});
+    checks::channel_param(op, y, "y", *p.gamma, "gamma");
+    checks::shape(op, *p.gamma, "gamma", {C});
   }
 }
 
@@ -66,7 +68,7 @@ at::Tensor pack_params(const MlpParams& p) {
   const at::Tensor table = at::cat({p.ln_weight.view({1, C}), p.ln_bias.view({1, C}), p.w1.t(), p.b1.t(),
                                     p.w2.t(), p.b2.view({1, C}), gamma.view({1, C})},
                                    0);
-  return ln_mlp::param_table<acc_t>(table);
+  return host::param_table<acc_t>(table);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cpu(
@@ -78,13 +80,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cpu(
   const simd::Isa isa = selected_isa_for(kForwardOp);
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) {
-    ln_mlp::check_like(kForwardOp, *residual, "residual", y, "y");
+    checks::like(kForwardOp, *residual, "residual", y, "y");
   }
-  TORCH_CHECK(eps > 0, kForwardOp, ": expected eps > 0, got ", eps);
+  checks::positive_eps(kForwardOp, eps);
   const at::MemoryFormat format = suggested_memory_format(y);
   at::Tensor out = at::empty(y.sizes(), y.options().memory_format(format));
-  at::Tensor mean = ln_mlp::empty_stats(y);
-  at::Tensor rstd = ln_mlp::empty_stats(y);
+  at::Tensor mean = host::empty_stats(y);
+  at::Tensor rstd = host::empty_stats(y);
   if (y.numel() == 0) {
     mean.fill_(NAN);  // statistics over zero channels are undefined, as for the reference mean
     rstd.fill_(NAN);
@@ -93,18 +95,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cpu(
   const at::Tensor yc = y.contiguous(format);
   const at::Tensor rc = has_residual ? residual->contiguous(format) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "uxnet_ux_mlp_cpu", [&] {
-    using acc_t = ln_mlp::acc_type<scalar_t>;
-    using kernel_t = ln_mlp::kernel_type<scalar_t>;
+    using acc_t = host::acc_type<scalar_t>;
+    using kernel_t = host::kernel_type<scalar_t>;
     const at::Tensor table = pack_params<acc_t>(params);
-    const ForwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(yc),
-                                            has_residual ? ln_mlp::kernel_data<scalar_t>(rc) : nullptr,
+    const ForwardArgs<kernel_t, acc_t> args{host::kernel_data<scalar_t>(yc),
+                                            has_residual ? host::kernel_data<scalar_t>(rc) : nullptr,
                                             table.data_ptr<acc_t>(),
-                                            ln_mlp::kernel_data_mut<scalar_t>(out),
+                                            host::kernel_data_mut<scalar_t>(out),
                                             mean.data_ptr<acc_t>(),
                                             rstd.data_ptr<acc_t>(),
                                             static_cast<acc_t>(eps),
-                                            ln_mlp::make_tiling(yc, format, /*row_blocks=*/false)};
-    ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, args.tiling.channels_last, args.tiling.channels).forward);
+                                            host::make_tiling(yc, format, /*row_blocks=*/false)};
+    host::run_chunks(args, kernels<kernel_t, acc_t>(isa, args.tiling.channels_last, args.tiling.channels).forward);
   });
   return {out, mean, rstd};
 }
@@ -117,43 +119,43 @@ ux_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y, const at::T
   const MlpParams params{ln_weight, ln_bias, w1, b1, w2, b2, gamma};
   check_params(kBackwardOp, y, params);
   const simd::Isa isa = selected_isa_for(kBackwardOp);
-  ln_mlp::check_like(kBackwardOp, grad_out, "grad_out", y, "y");
-  ln_mlp::check_stats(kBackwardOp, y, mean, "mean");
-  ln_mlp::check_stats(kBackwardOp, y, rstd, "rstd");
+  checks::like(kBackwardOp, grad_out, "grad_out", y, "y");
+  checks::voxel_stats(kBackwardOp, y, mean, "mean");
+  checks::voxel_stats(kBackwardOp, y, rstd, "rstd");
   const at::MemoryFormat format = suggested_memory_format(grad_out);
   const int64_t C = y.size(1);
   at::Tensor grad_y = at::empty(y.sizes(), y.options().memory_format(format));
-  at::Tensor sums = at::zeros({ln_mlp::kMlpParams, C}, y.options().dtype(at::kDouble));
+  at::Tensor sums = at::zeros({kMlpParams, C}, y.options().dtype(at::kDouble));
   if (y.numel() != 0) {
     const at::Tensor gc = grad_out.contiguous(format);
     const at::Tensor yc = y.contiguous(format);
-    const ln_mlp::VoxelTiling tiling = ln_mlp::make_tiling(yc, format, /*row_blocks=*/false);
-    at::Tensor partials = ln_mlp::empty_partials(y, tiling, ln_mlp::kMlpParams);
+    const voxel_tiling::VoxelTiling tiling = host::make_tiling(yc, format, /*row_blocks=*/false);
+    at::Tensor partials = host::empty_partials(y, tiling, kMlpParams);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "uxnet_ux_mlp_backward_cpu", [&] {
-      using acc_t = ln_mlp::acc_type<scalar_t>;
-      using kernel_t = ln_mlp::kernel_type<scalar_t>;
+      using acc_t = host::acc_type<scalar_t>;
+      using kernel_t = host::kernel_type<scalar_t>;
       const at::Tensor table = pack_params<acc_t>(params);
       const at::Tensor mean_c = mean.contiguous();
       const at::Tensor rstd_c = rstd.contiguous();
-      const BackwardArgs<kernel_t, acc_t> args{ln_mlp::kernel_data<scalar_t>(gc),
-                                               ln_mlp::kernel_data<scalar_t>(yc),
+      const BackwardArgs<kernel_t, acc_t> args{host::kernel_data<scalar_t>(gc),
+                                               host::kernel_data<scalar_t>(yc),
                                                table.data_ptr<acc_t>(),
                                                mean_c.data_ptr<acc_t>(),
                                                rstd_c.data_ptr<acc_t>(),
-                                               ln_mlp::kernel_data_mut<scalar_t>(grad_y),
+                                               host::kernel_data_mut<scalar_t>(grad_y),
                                                partials.data_ptr<double>(),
                                                tiling};
-      ln_mlp::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).backward);
+      host::run_chunks(args, kernels<kernel_t, acc_t>(isa, tiling.channels_last, tiling.channels).backward);
     });
-    sums = ln_mlp::sum_partials_in_order(partials);
+    sums = host::sum_partials_in_order(partials);
   }
   const at::Tensor grads = sums.to(y.scalar_type());
   auto rows = [&](int64_t first, int64_t count) {
     return count == 1 ? grads[first].clone() : grads.narrow(0, first, count).t().contiguous();
   };
-  at::Tensor grad_gamma = params.has_gamma() ? rows(ln_mlp::kGamma, 1) : y.new_empty({0});
-  return {grad_y,           rows(ln_mlp::kLnWeight, 1), rows(ln_mlp::kLnBias, 1), rows(ln_mlp::kW1, 4),
-          rows(ln_mlp::kB1, 4), rows(ln_mlp::kW2, 4),   rows(ln_mlp::kB2, 1),     grad_gamma};
+  at::Tensor grad_gamma = params.has_gamma() ? rows(kGamma, 1) : y.new_empty({0});
+  return {grad_y,       rows(kLnWeight, 1), rows(kLnBias, 1), rows(kW1, 4),
+          rows(kB1, 4), rows(kW2, 4),       rows(kB2, 1),     grad_gamma};
 }
 
 }  // namespace

@@ -15,6 +15,21 @@ namespace uxnet {
 namespace cpu {
 namespace ux_mlp {
 
+// Parameter rows of the packed parameter table [kMlpParams][C] (also the order of its gradients).
+namespace param_rows {
+enum MlpParam : int64_t {
+  kLnWeight = 0,
+  kLnBias = 1,
+  kW1 = 2,   // 4 rows: w1[:, j]
+  kB1 = 6,   // 4 rows: b1[:, j]
+  kW2 = 10,  // 4 rows: w2[:, j]
+  kB2 = 14,
+  kGamma = 15,
+  kMlpParams = 16,
+};
+}  // namespace param_rows
+using namespace param_rows;
+
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
   const scalar_t* y;
@@ -24,10 +39,10 @@ struct ForwardArgs {
   acc_t* mean;
   acc_t* rstd;
   acc_t eps;
-  ln_mlp::VoxelTiling tiling;  // kTile tiles
+  voxel_tiling::VoxelTiling tiling;  // kTile tiles
 };
 
-// The backward centres y on the saved mean plus a correction (see layer_norm/params.h).
+// The backward centres y on the saved mean plus a correction (see layer_norm_channels_first/params.h).
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* grad_out;
@@ -37,13 +52,13 @@ struct BackwardArgs {
   const acc_t* rstd;
   scalar_t* grad_y;
   double* partials;  // [num_chunks][kMlpParams][C]
-  ln_mlp::VoxelTiling tiling;
+  voxel_tiling::VoxelTiling tiling;
 };
 
-using ln_mlp::kFewChannels;
+using voxel_tiling::kFewChannels;
 
 template <typename scalar_t, typename acc_t>
-using Kernels = ln_mlp::ChunkKernels<ForwardArgs<scalar_t, acc_t>, BackwardArgs<scalar_t, acc_t>>;
+using Kernels = voxel_tiling::ChunkKernels<ForwardArgs<scalar_t, acc_t>, BackwardArgs<scalar_t, acc_t>>;
 
 // The kernels of an ISA variant for a layout and channel count (kernels.cpp); instantiated for (float, float),
 // (bf16, float) and (double, double).

@@ -1,6 +1,6 @@
 // Device-side helpers of csrc/cuda (no ATen: the kernel headers that include this also compile in the
-// CPU emulation test harness, tests/cuda_emulation/): math overloads for float/double accumulation, the
-// exact (erf) GELU, warp sums, the deterministic row reduction of partial sums, and tensor offsets.
+// CPU emulation test harness, tests/cpp/cuda_emulation/): math overloads for float/double accumulation,
+// warp sums, the deterministic row reduction of partial sums, and tensor offsets.
 #pragma once
 
 #include <cstdint>
@@ -21,21 +21,6 @@ __device__ __forceinline__ float erf_(float v) { return erff(v); }
 __device__ __forceinline__ double erf_(double v) { return erf(v); }
 __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
-
-// GELU(a) = a * Phi(a) with the exact normal CDF Phi(a) = (1 + erf(a / sqrt(2))) / 2.
-template <typename T>
-__device__ __forceinline__ T gelu_erf(T a) {
-  const T kInvSqrt2 = T(0.70710678118654752440);
-  return T(0.5) * a * (T(1) + erf_(a * kInvSqrt2));
-}
-
-// d GELU / d a = Phi(a) + a * phi(a), phi the standard normal density.
-template <typename T>
-__device__ __forceinline__ T gelu_erf_grad(T a) {
-  const T kInvSqrt2 = T(0.70710678118654752440);
-  const T kInvSqrt2Pi = T(0.39894228040143267794);
-  return T(0.5) * (T(1) + erf_(a * kInvSqrt2)) + a * kInvSqrt2Pi * exp_(T(-0.5) * a * a);
-}
 
 // Sum over the 32 lanes of a warp, in a fixed tree order (deterministic); the result is valid in lane 0.
 template <typename T>

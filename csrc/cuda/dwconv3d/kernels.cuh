@@ -1,9 +1,9 @@
-// Device code of uxnet::dwconv3d (see dwconv3d.cu for the design). NCDHW-contiguous tensors only.
+// Device code of uxnet::dwconv3d (see op.cu for the design). NCDHW-contiguous tensors only.
 #pragma once
 
 #include <cstdint>
 
-#include "cuda/device_utils.cuh"
+#include "cuda/common/device_utils.cuh"
 
 namespace uxnet {
 namespace gpu {

@@ -3,7 +3,7 @@
 // thread per voxel, NCDHW-contiguous or channels_last_3d natively. The backward recomputes the 4C hidden
 // activations from y and the saved statistics instead of storing them; the parameter gradients are
 // reduced deterministically (per-warp partial sums over a fixed voxel partition, then a fixed-order row
-// reduction). Kernels: channels_first_kernels.cuh.
+// reduction). Kernels: kernels.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,8 +18,9 @@
 #include <tuple>
 #include <utility>
 
-#include "cuda/channels_first_kernels.cuh"
-#include "cuda/cuda_common.cuh"
+#include "common/arg_checks.h"
+#include "cuda/common/host.cuh"
+#include "cuda/ux_mlp/kernels.cuh"
 #include "uxnet_ops.h"
 
 namespace uxnet {
@@ -47,17 +48,17 @@ MlpParams checked_params(const char* op, const at::Tensor& y, const at::Tensor& 
   const std::array<std::pair<const at::Tensor*, const char*>, 6> params{
       {{&ln_weight, "ln_weight"}, {&ln_bias, "ln_bias"}, {&w1, "w1"}, {&b1, "b1"}, {&w2, "w2"}, {&b2, "b2"}}};
   for (const auto& [tensor, name] : params) {
-    check_channels_first_inputs(op, y, *tensor, name);
+    checks::channel_param(op, y, "y", *tensor, name);
   }
-  check_param_shape(op, ln_weight, "ln_weight", channels, 1);
-  check_param_shape(op, ln_bias, "ln_bias", channels, 1);
-  check_param_shape(op, w1, "w1", channels, kHidden);
-  check_param_shape(op, b1, "b1", channels, kHidden);
-  check_param_shape(op, w2, "w2", channels, kHidden);
-  check_param_shape(op, b2, "b2", channels, 1);
+  checks::shape(op, ln_weight, "ln_weight", {channels});
+  checks::shape(op, ln_bias, "ln_bias", {channels});
+  checks::shape(op, w1, "w1", {channels, kHidden});
+  checks::shape(op, b1, "b1", {channels, kHidden});
+  checks::shape(op, w2, "w2", {channels, kHidden});
+  checks::shape(op, b2, "b2", {channels});
   if (gamma != nullptr) {
-    check_channels_first_inputs(op, y, *gamma, "gamma");
-    check_param_shape(op, *gamma, "gamma", channels, 1);
+    checks::channel_param(op, y, "y", *gamma, "gamma");
+    checks::shape(op, *gamma, "gamma", {channels});
   }
   return MlpParams{ln_weight.contiguous(), ln_bias.contiguous(), w1.contiguous(), b1.contiguous(),
                    w2.contiguous(),        b2.contiguous(),      gamma != nullptr ? gamma->contiguous() : at::Tensor()};
@@ -68,12 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ux_mlp_cuda(
     const at::Tensor& ln_bias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
     const c10::optional<at::Tensor>& gamma, double eps) {
   constexpr const char* op = "uxnet::ux_mlp";
-  TORCH_CHECK(y.dim() == 5, op, ": expected y of shape (N, C, D, H, W), got ", y.dim(), "-d tensor of shape ",
-              y.sizes());
+  checks::channels_first_input(op, y, "y");
   const MlpParams p = checked_params(op, y, ln_weight, ln_bias, w1, b1, w2, b2, optional_tensor(gamma));
   const at::Tensor* residual_in = optional_tensor(residual);
   if (residual_in != nullptr) {
-    check_like_input(op, *residual_in, "residual", y);
+    checks::like(op, *residual_in, "residual", y, "y");
   }
   const c10::cuda::CUDAGuard guard(y.device());
 
@@ -112,12 +112,11 @@ ux_mlp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& y, const at::
                      const at::Tensor& b2, const c10::optional<at::Tensor>& gamma, const at::Tensor& mean,
                      const at::Tensor& rstd) {
   constexpr const char* op = "uxnet::ux_mlp_backward";
-  TORCH_CHECK(y.dim() == 5, op, ": expected y of shape (N, C, D, H, W), got ", y.dim(), "-d tensor of shape ",
-              y.sizes());
+  checks::channels_first_input(op, y, "y");
   const MlpParams p = checked_params(op, y, ln_weight, ln_bias, w1, b1, w2, b2, optional_tensor(gamma));
-  check_like_input(op, grad_out, "grad_out", y);
-  check_stats(op, mean, "mean", y);
-  check_stats(op, rstd, "rstd", y);
+  checks::like(op, grad_out, "grad_out", y, "y");
+  checks::voxel_stats(op, y, mean, "mean");
+  checks::voxel_stats(op, y, rstd, "rstd");
   const c10::cuda::CUDAGuard guard(y.device());
 
   const at::MemoryFormat format = suggested_memory_format(grad_out);

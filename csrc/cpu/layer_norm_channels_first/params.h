@@ -13,7 +13,9 @@
 
 namespace uxnet {
 namespace cpu {
-namespace layer_norm {
+namespace layer_norm_channels_first {
+
+constexpr int64_t kLayerNormParams = 2;  // parameter-gradient rows: weight, bias
 
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
@@ -24,7 +26,7 @@ struct ForwardArgs {
   acc_t* mean;
   acc_t* rstd;
   acc_t eps;
-  ln_mlp::VoxelTiling tiling;  // row blocks
+  voxel_tiling::VoxelTiling tiling;  // row blocks
 };
 
 // grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)) with g = grad_out * weight; the backward centres x on
@@ -40,19 +42,19 @@ struct BackwardArgs {
   const acc_t* rstd;
   scalar_t* grad_x;  // nullptr: not wanted
   double* partials;  // nullptr: parameter grads not wanted
-  ln_mlp::VoxelTiling tiling;
+  voxel_tiling::VoxelTiling tiling;
 };
 
-using ln_mlp::kFewChannels;
+using voxel_tiling::kFewChannels;
 
 template <typename scalar_t, typename acc_t>
-using Kernels = ln_mlp::ChunkKernels<ForwardArgs<scalar_t, acc_t>, BackwardArgs<scalar_t, acc_t>>;
+using Kernels = voxel_tiling::ChunkKernels<ForwardArgs<scalar_t, acc_t>, BackwardArgs<scalar_t, acc_t>>;
 
 // The kernels of an ISA variant for a layout and channel count (kernels.cpp); instantiated for (float, float),
 // (bf16, float) and (double, double).
 template <typename scalar_t, typename acc_t>
 Kernels<scalar_t, acc_t> kernels(simd::Isa isa, bool channels_last, int64_t channels);
 
-}  // namespace layer_norm
+}  // namespace layer_norm_channels_first
 }  // namespace cpu
 }  // namespace uxnet

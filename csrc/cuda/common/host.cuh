@@ -1,6 +1,7 @@
 // Host-side helpers shared by the CUDA ops of csrc/cuda: launch-size checks, the voxel partition and the
 // deterministic reduction used for every parameter gradient (per-warp or per-block partial sums, then a
-// second kernel that adds the rows in a fixed order), and tensor layouts.
+// second kernel that adds the rows in a fixed order), and tensor layouts. The argument checks that do not
+// depend on the device: common/arg_checks.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,9 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
-#include "cuda/device_utils.cuh"
+#include "cuda/common/device_utils.cuh"
 
 namespace uxnet {
 namespace gpu {
@@ -72,43 +72,6 @@ inline WarpPartition partition_voxels(int64_t voxels, int64_t cols, int64_t acc_
   const int64_t max_rows = std::max<int64_t>(1, std::min<int64_t>(kMaxRows, by_bytes));
   const int64_t per_row = ceil_div(ceil_div(voxels, max_rows), kWarpSize) * kWarpSize;
   return WarpPartition{ceil_div(voxels, per_row), per_row};
-}
-
-// Accumulation dtype of the saved LayerNorm statistics (and of partial sums) for an input dtype.
-inline at::ScalarType stats_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// `t` (grad_out, residual) must match x in shape, dtype and device.
-inline void check_like_input(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": expected ", name, " of shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": expected ", name, " dtype ", x.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": expected ", name, " on ", x.device(), ", got ", t.device());
-}
-
-// A per-channel parameter of shape (C,) or (C, width).
-inline void check_param_shape(const char* op, const at::Tensor& t, const char* name, int64_t channels,
-                              int64_t width) {
-  const bool ok = width == 1 ? t.dim() == 1 && t.size(0) == channels
-                             : t.dim() == 2 && t.size(0) == channels && t.size(1) == width;
-  if (width == 1) {
-    TORCH_CHECK(ok, op, ": expected ", name, " of shape (", channels, "), got ", t.sizes());
-  } else {
-    TORCH_CHECK(ok, op, ": expected ", name, " of shape (", channels, ", ", width, "), got ", t.sizes());
-  }
-}
-
-// Saved LayerNorm statistics: (N, D, H, W), float64 for float64 inputs and float32 otherwise, on x's device.
-inline void check_stats(const char* op, const at::Tensor& stats, const char* name, const at::Tensor& x) {
-  const std::vector<int64_t> expected{x.size(0), x.size(2), x.size(3), x.size(4)};
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef(expected), op, ": expected ", name, " of shape ",
-              at::IntArrayRef(expected), ", got ", stats.sizes());
-  const at::ScalarType dtype = stats_dtype(x.scalar_type());
-  TORCH_CHECK(stats.scalar_type() == dtype, op, ": expected ", name, " dtype ", dtype, ", got ",
-              stats.scalar_type());
-  TORCH_CHECK(stats.device() == x.device(), op, ": expected ", name, " on ", x.device(), ", got ",
-              stats.device());
 }
 
 // A fresh contiguous tensor shaped and typed like `like` holding `values` (any dtype, same number of

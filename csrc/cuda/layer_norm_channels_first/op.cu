@@ -1,8 +1,7 @@
-// CUDA kernels of uxnet::layer_norm_cf and uxnet::layer_norm_cf_backward: LayerNorm over the channels of
-// (N, C, D, H, W), NCDHW-contiguous or channels_last_3d natively (one thread per voxel, statistics in
+// CUDA kernels of uxnet::layer_norm_channels_first and uxnet::layer_norm_channels_first_backward: LayerNorm over
+// the channels of (N, C, D, H, W), NCDHW-contiguous or channels_last_3d natively (one thread per voxel, statistics in
 // float, or double for double). Weight and bias gradients are reduced deterministically (per-warp
-// partial sums over a fixed voxel partition, then a fixed-order row reduction). Kernels:
-// channels_first_kernels.cuh.
+// partial sums over a fixed voxel partition, then a fixed-order row reduction). Kernels: kernels.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -16,21 +15,24 @@
 #include <array>
 #include <tuple>
 
-#include "cuda/channels_first_kernels.cuh"
-#include "cuda/cuda_common.cuh"
+#include "common/arg_checks.h"
+#include "cuda/common/host.cuh"
+#include "cuda/layer_norm_channels_first/kernels.cuh"
 #include "uxnet_ops.h"
 
 namespace uxnet {
 namespace gpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, double eps) {
-  constexpr const char* op = "uxnet::layer_norm_cf";
-  check_channels_first_inputs(op, x, weight, "weight");
-  check_channels_first_inputs(op, x, bias, "bias");
-  check_param_shape(op, weight, "weight", x.size(1), 1);
-  check_param_shape(op, bias, "bias", x.size(1), 1);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_cuda(const at::Tensor& x,
+                                                                              const at::Tensor& weight,
+                                                                              const at::Tensor& bias, double eps) {
+  constexpr const char* op = "uxnet::layer_norm_channels_first";
+  checks::channels_first_input(op, x, "x");
+  checks::channel_param(op, x, "x", weight, "weight");
+  checks::channel_param(op, x, "x", bias, "bias");
+  checks::shape(op, weight, "weight", {x.size(1)});
+  checks::shape(op, bias, "bias", {x.size(1)});
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::MemoryFormat format = suggested_memory_format(x);
@@ -50,26 +52,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cuda(const at::Tens
   check_grid(op, blocks);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                  "uxnet_layer_norm_cf_cuda", [&] {
+                                  "uxnet_layer_norm_channels_first_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    layer_norm_cf_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
-        x_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(), bias_c.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), layout,
-        voxels, static_cast<acc_t>(eps));
+    layer_norm_channels_first_forward_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
+            x_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(), bias_c.const_data_ptr<scalar_t>(),
+            out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(),
+            layout, voxels, static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return std::make_tuple(out, mean, rstd);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_channels_first_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, std::array<bool, 3> output_mask) {
-  constexpr const char* op = "uxnet::layer_norm_cf_backward";
-  check_channels_first_inputs(op, x, weight, "weight");
-  check_param_shape(op, weight, "weight", x.size(1), 1);
-  check_like_input(op, grad_out, "grad_out", x);
-  check_stats(op, mean, "mean", x);
-  check_stats(op, rstd, "rstd", x);
+  constexpr const char* op = "uxnet::layer_norm_channels_first_backward";
+  checks::channels_first_input(op, x, "x");
+  checks::channel_param(op, x, "x", weight, "weight");
+  checks::shape(op, weight, "weight", {x.size(1)});
+  checks::like(op, grad_out, "grad_out", x, "x");
+  checks::voxel_stats(op, x, mean, "mean");
+  checks::voxel_stats(op, x, rstd, "rstd");
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::MemoryFormat format = suggested_memory_format(grad_out);
@@ -90,9 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
       const int64_t blocks = ceil_div(voxels, kVoxelThreads);
       check_grid(op, blocks);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                      "uxnet_layer_norm_cf_grad_input_cuda", [&] {
+                                      "uxnet_layer_norm_channels_first_grad_input_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        layer_norm_cf_grad_input_kernel<scalar_t, acc_t>
+        layer_norm_channels_first_grad_input_kernel<scalar_t, acc_t>
             <<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
                 grad_out_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
                 weight_c.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(), rstd_c.const_data_ptr<acc_t>(),
@@ -115,9 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
       const int64_t blocks = ceil_div(part.rows, kVoxelThreads / kWarpSize);
       check_grid(op, blocks);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
-                                      "uxnet_layer_norm_cf_param_grad_cuda", [&] {
+                                      "uxnet_layer_norm_channels_first_param_grad_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        layer_norm_cf_param_partial_kernel<scalar_t, acc_t>
+        layer_norm_channels_first_param_partial_kernel<scalar_t, acc_t>
             <<<static_cast<unsigned int>(blocks), kVoxelThreads, 0, stream>>>(
                 grad_out_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
                 rstd_c.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), layout, voxels,
@@ -142,6 +146,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
 }  // namespace uxnet
 
 TORCH_LIBRARY_IMPL(uxnet, CUDA, m) {
-  m.impl("layer_norm_channels_first", &uxnet::gpu::layer_norm_cf_cuda);
-  m.impl("layer_norm_channels_first_backward", &uxnet::gpu::layer_norm_cf_backward_cuda);
+  m.impl("layer_norm_channels_first", &uxnet::gpu::layer_norm_channels_first_cuda);
+  m.impl("layer_norm_channels_first_backward", &uxnet::gpu::layer_norm_channels_first_backward_cuda);
 }

@@ -1,21 +1,16 @@
-// Device code of uxnet::layer_norm_cf and uxnet::ux_mlp (see layer_norm_cf.cu and ux_mlp.cu).
-//
-// Per-voxel kernels: one thread per voxel of the N*D*H*W voxels, looping over the C channels (in NCDHW
-// neighbouring threads read neighbouring addresses). Statistics and arithmetic in acc_t (float, or
-// double for double tensors).
-// Parameter-gradient kernels: warp r sums the voxel range [r * voxels_per_row, (r + 1) * voxels_per_row)
-// of every column into row r of a partial-sum buffer (lane sums, then a fixed-order warp tree); the rows
-// are added by reduce_rows_kernel in a fixed order.
+// Device code of uxnet::ux_mlp (see op.cu): per-voxel kernels (common/voxel_stats.cuh). Per voxel and channel c,
+//   n = xhat * ln_weight + ln_bias,  a_j = w1_j * n + b1_j,  h_j = GELU(a_j),  z = sum_j w2_j h_j + b2,
+//   out = residual + gamma * z.
 #pragma once
 
 #include <cstdint>
 
-#include "cuda/device_utils.cuh"
+#include "cuda/common/device_utils.cuh"
+#include "cuda/common/voxel_stats.cuh"
 
 namespace uxnet {
 namespace gpu {
 
-constexpr int kVoxelThreads = 256;
 constexpr int kHidden = 4;  // hidden channels per channel in the UX MLP (pwconv1: C -> 4C, groups = C)
 
 // Columns of the ux_mlp parameter-gradient buffer, per channel.
@@ -28,132 +23,20 @@ constexpr int kMlpColB2 = kMlpColW2 + kHidden;
 constexpr int kMlpColGamma = kMlpColB2 + 1;
 constexpr int kMlpCols = kMlpColGamma + 1;  // 16
 
-// Columns of the layer_norm_cf parameter-gradient buffer, per channel.
-constexpr int kLnColWeight = 0;
-constexpr int kLnColBias = 1;
-constexpr int kLnCols = 2;
-
-__device__ __forceinline__ int64_t global_thread_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+// GELU(a) = a * Phi(a) with the exact normal CDF Phi(a) = (1 + erf(a / sqrt(2))) / 2.
+template <typename T>
+__device__ __forceinline__ T gelu_erf(T a) {
+  const T kInvSqrt2 = T(0.70710678118654752440);
+  return T(0.5) * a * (T(1) + erf_(a * kInvSqrt2));
 }
 
-// Mean and 1 / sqrt(biased variance + eps) over the channels of one voxel (two passes).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void channel_stats(const scalar_t* __restrict__ x, int64_t base,
-                                              const ChannelsFirstLayout& layout, acc_t eps, acc_t& mean,
-                                              acc_t& rstd) {
-  const int64_t C = layout.channels;
-  acc_t sum = acc_t(0);
-  for (int64_t c = 0; c < C; ++c) {
-    sum += static_cast<acc_t>(x[base + c * layout.channel_stride]);
-  }
-  mean = sum / static_cast<acc_t>(C);
-  acc_t squares = acc_t(0);
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t centred = static_cast<acc_t>(x[base + c * layout.channel_stride]) - mean;
-    squares += centred * centred;
-  }
-  rstd = acc_t(1) / sqrt_(squares / static_cast<acc_t>(C) + eps);
+// d GELU / d a = Phi(a) + a * phi(a), phi the standard normal density.
+template <typename T>
+__device__ __forceinline__ T gelu_erf_grad(T a) {
+  const T kInvSqrt2 = T(0.70710678118654752440);
+  const T kInvSqrt2Pi = T(0.39894228040143267794);
+  return T(0.5) * (T(1) + erf_(a * kInvSqrt2)) + a * kInvSqrt2Pi * exp_(T(-0.5) * a * a);
 }
-
-// ---------------------------------------------------------------------------------------------------
-// layer_norm_cf
-// ---------------------------------------------------------------------------------------------------
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kVoxelThreads)
-    layer_norm_cf_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
-                                 acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
-                                 ChannelsFirstLayout layout, int64_t voxels, acc_t eps) {
-  const int64_t v = global_thread_index();
-  if (v >= voxels) {
-    return;
-  }
-  const int64_t base = layout.base(v);
-  acc_t mean, rstd;
-  channel_stats(x, base, layout, eps, mean, rstd);
-  for (int64_t c = 0; c < layout.channels; ++c) {
-    const int64_t i = base + c * layout.channel_stride;
-    const acc_t normed = (static_cast<acc_t>(x[i]) - mean) * rstd;
-    out[i] = static_cast<scalar_t>(normed * static_cast<acc_t>(weight[c]) + static_cast<acc_t>(bias[c]));
-  }
-  mean_out[v] = mean;
-  rstd_out[v] = rstd;
-}
-
-// grad_x = rstd * (gx - mean_c(gx) - xhat * mean_c(gx * xhat)),  gx = grad_out * weight, xhat = (x - mean) * rstd.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kVoxelThreads)
-    layer_norm_cf_grad_input_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
-                                    const scalar_t* __restrict__ weight, const acc_t* __restrict__ mean_in,
-                                    const acc_t* __restrict__ rstd_in, scalar_t* __restrict__ grad_x,
-                                    ChannelsFirstLayout layout, int64_t voxels) {
-  const int64_t v = global_thread_index();
-  if (v >= voxels) {
-    return;
-  }
-  const int64_t base = layout.base(v);
-  const acc_t mean = mean_in[v];
-  const acc_t rstd = rstd_in[v];
-  acc_t sum_gx = acc_t(0);
-  acc_t sum_gx_xhat = acc_t(0);
-  for (int64_t c = 0; c < layout.channels; ++c) {
-    const int64_t i = base + c * layout.channel_stride;
-    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * rstd;
-    const acc_t gx = static_cast<acc_t>(grad_out[i]) * static_cast<acc_t>(weight[c]);
-    sum_gx += gx;
-    sum_gx_xhat += gx * xhat;
-  }
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(layout.channels);
-  const acc_t mean_gx = sum_gx * inv_c;
-  const acc_t mean_gx_xhat = sum_gx_xhat * inv_c;
-  for (int64_t c = 0; c < layout.channels; ++c) {
-    const int64_t i = base + c * layout.channel_stride;
-    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * rstd;
-    const acc_t gx = static_cast<acc_t>(grad_out[i]) * static_cast<acc_t>(weight[c]);
-    grad_x[i] = static_cast<scalar_t>(rstd * (gx - mean_gx - xhat * mean_gx_xhat));
-  }
-}
-
-// partial[row, c * kLnCols + {weight, bias}] = sum over the row's voxels of {grad_out * xhat, grad_out}.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kVoxelThreads)
-    layer_norm_cf_param_partial_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
-                                       const acc_t* __restrict__ mean_in, const acc_t* __restrict__ rstd_in,
-                                       acc_t* __restrict__ partial, ChannelsFirstLayout layout, int64_t voxels,
-                                       int64_t voxels_per_row, int64_t rows) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kVoxelThreads / kWarpSize) + threadIdx.x / kWarpSize;
-  if (row >= rows) {
-    return;  // the whole warp
-  }
-  const int64_t first = row * voxels_per_row;
-  const int64_t last = first + voxels_per_row < voxels ? first + voxels_per_row : voxels;
-  acc_t* partial_row = partial + row * layout.channels * kLnCols;
-  for (int64_t c = 0; c < layout.channels; ++c) {
-    acc_t sum_g_xhat = acc_t(0);
-    acc_t sum_g = acc_t(0);
-    for (int64_t v = first + lane; v < last; v += kWarpSize) {
-      const int64_t i = layout.base(v) + c * layout.channel_stride;
-      const acc_t g = static_cast<acc_t>(grad_out[i]);
-      sum_g_xhat += g * (static_cast<acc_t>(x[i]) - mean_in[v]) * rstd_in[v];
-      sum_g += g;
-    }
-    sum_g_xhat = warp_sum(sum_g_xhat);
-    sum_g = warp_sum(sum_g);
-    if (lane == 0) {
-      partial_row[c * kLnCols + kLnColWeight] = sum_g_xhat;
-      partial_row[c * kLnCols + kLnColBias] = sum_g;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// ux_mlp: per voxel and channel c,
-//   n = xhat * ln_weight + ln_bias,  a_j = w1_j * n + b1_j,  h_j = GELU(a_j),  z = sum_j w2_j h_j + b2,
-//   out = residual + gamma * z.
-// ---------------------------------------------------------------------------------------------------
 
 template <typename acc_t>
 struct MlpChannel {

@@ -1,4 +1,4 @@
-// A small CPU emulation of the CUDA execution model, enough to run the kernels of csrc/cuda/*_kernels.cuh
+// A small CPU emulation of the CUDA execution model, enough to run the kernels of csrc/cuda/<op>/kernels.cuh
 // on the host (no GPU on the development machines): each block runs as blockDim real threads, so
 // __syncthreads is a real barrier, warp shuffles exchange values between the 32 threads of a warp, and
 // dynamic shared memory starts NaN-filled so reads of unwritten shared memory show up in the results.

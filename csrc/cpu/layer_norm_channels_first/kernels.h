@@ -7,14 +7,14 @@
 // grad_out * xhat, grad_bias = sum of grad_out (as per-chunk partials).
 #include "cpu/common/tile_math.h"
 
-namespace layer_norm_kernels {
+namespace layer_norm_channels_first_kernels {
 
 template <typename scalar_t, typename acc_t>
-using ForwardArgs = ::uxnet::cpu::layer_norm::ForwardArgs<scalar_t, acc_t>;
+using ForwardArgs = ::uxnet::cpu::layer_norm_channels_first::ForwardArgs<scalar_t, acc_t>;
 template <typename scalar_t, typename acc_t>
-using BackwardArgs = ::uxnet::cpu::layer_norm::BackwardArgs<scalar_t, acc_t>;
-using ::uxnet::cpu::ln_mlp::for_each_chunk_voxel;
-using ::uxnet::cpu::ln_mlp::tile_ref;
+using BackwardArgs = ::uxnet::cpu::layer_norm_channels_first::BackwardArgs<scalar_t, acc_t>;
+using ::uxnet::cpu::voxel_tiling::for_each_chunk_voxel;
+using ::uxnet::cpu::voxel_tiling::tile_ref;
 
 // ---- channels_last_3d: voxel by voxel; a voxel's C channels are contiguous, lane = channel --------------------
 
@@ -92,7 +92,7 @@ void forward_voxels(const ForwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
 template <typename scalar_t, typename acc_t>
 void backward_voxels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
   using V = Lanes<acc_t>;
-  constexpr int64_t kRows = ::uxnet::cpu::ln_mlp::kLayerNormParams;
+  constexpr int64_t kRows = ::uxnet::cpu::layer_norm_channels_first::kLayerNormParams;
   constexpr int64_t kVoxelsPerFlush = 16;  // float lane sums are moved into the double sums this often
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
@@ -237,7 +237,7 @@ void forward_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, in
 template <typename scalar_t, typename acc_t>
 void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
   using V = Lanes<acc_t>;
-  constexpr int64_t kRows = ::uxnet::cpu::ln_mlp::kLayerNormParams;
+  constexpr int64_t kRows = ::uxnet::cpu::layer_norm_channels_first::kLayerNormParams;
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
   const int64_t width = t.tile_voxels / kWidth;
@@ -345,8 +345,8 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, 
 template <typename scalar_t, typename acc_t>
 void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk_begin, int64_t chunk_end) {
   using ::uxnet::cpu::simd::convert;
-  constexpr int64_t kMax = ::uxnet::cpu::layer_norm::kFewChannels;
-  constexpr int64_t kRows = ::uxnet::cpu::ln_mlp::kLayerNormParams;
+  constexpr int64_t kMax = ::uxnet::cpu::layer_norm_channels_first::kFewChannels;
+  constexpr int64_t kRows = ::uxnet::cpu::layer_norm_channels_first::kLayerNormParams;
   const VoxelTiling& t = a.tiling;
   const int64_t C = t.channels;
   const int64_t channel_stride = t.channels_last ? 1 : t.voxels;
@@ -388,4 +388,4 @@ void backward_few_channels(const BackwardArgs<scalar_t, acc_t>& a, int64_t chunk
   }
 }
 
-}  // namespace layer_norm_kernels
+}  // namespace layer_norm_channels_first_kernels

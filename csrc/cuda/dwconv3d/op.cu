@@ -27,8 +27,9 @@
 #include <array>
 #include <tuple>
 
-#include "cuda/cuda_common.cuh"
-#include "cuda/dwconv3d_kernels.cuh"
+#include "common/arg_checks.h"
+#include "cuda/common/host.cuh"
+#include "cuda/dwconv3d/kernels.cuh"
 #include "uxnet_ops.h"
 
 namespace uxnet {
@@ -160,7 +161,7 @@ at::Tensor grad_weight(const char* op, const at::Tensor& grad_out, const at::Ten
 
 at::Tensor dwconv3d_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "uxnet::dwconv3d";
-  check_dwconv3d_inputs(op, x, weight, bias);
+  checks::dwconv3d_inputs(op, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_bias = bias.has_value() && bias->defined();
   return forward_any_layout(op, x, weight, has_bias ? &*bias : nullptr);
@@ -171,13 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv3d_backward_cuda(const at::
                                                                       const at::Tensor& weight,
                                                                       std::array<bool, 3> output_mask) {
   constexpr const char* op = "uxnet::dwconv3d_backward";
-  check_dwconv3d_inputs(op, x, weight, c10::nullopt);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": expected grad_out of shape ", x.sizes(), ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": expected grad_out dtype ", x.scalar_type(),
-              ", got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": expected grad_out on ", x.device(), ", got ",
-              grad_out.device());
+  checks::dwconv3d_inputs(op, x, weight, c10::nullopt);
+  checks::like(op, grad_out, "grad_out", x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor empty = at::empty({0}, x.options());
   at::Tensor grad_x = empty;

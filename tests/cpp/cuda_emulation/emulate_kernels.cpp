@@ -1,14 +1,15 @@
 // Runs the CUDA kernels of csrc/cuda on the CPU under cuda_emulation.h and checks them, in float and
 // double, against direct double-precision formulas (forward) and central finite differences of those
 // formulas (every gradient). It checks the device code only (indexing, tiling, halos, shared memory,
-// warp reductions, partial-sum layout); the host wrappers in csrc/cuda/*.cu need a GPU.
+// warp reductions, partial-sum layout); the host wrappers in csrc/cuda/<op>/op.cu need a GPU.
 //
-//   g++ -std=c++20 -O2 -pthread -I csrc csrc/cuda/emulation/emulate_kernels.cpp -o /tmp/uxnet_emulate
+//   g++ -std=c++20 -O2 -pthread -I csrc tests/cpp/cuda_emulation/emulate_kernels.cpp -o /tmp/uxnet_emulate
 //   /tmp/uxnet_emulate        # prints one line per check, exits non-zero on any failure
-#include "cuda/emulation/cuda_emulation.h"
+#include "cuda_emulation.h"
 // (the emulation header must come first)
-#include "cuda/channels_first_kernels.cuh"
-#include "cuda/dwconv3d_kernels.cuh"
+#include "cuda/dwconv3d/kernels.cuh"
+#include "cuda/layer_norm_channels_first/kernels.cuh"
+#include "cuda/ux_mlp/kernels.cuh"
 
 #include <cstdio>
 #include <functional>
@@ -184,7 +185,7 @@ void check_conv(const Conv& s, const char* type_name, int64_t h_tiles_per_block)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// layer_norm_cf and ux_mlp
+// layer_norm_channels_first and ux_mlp
 // ---------------------------------------------------------------------------------------------------
 
 struct Volume {
@@ -257,7 +258,7 @@ const int64_t kVoxelsPerRow[] = {32, 64};
 
 template <typename T>
 void check_layer_norm(const Volume& s, const char* type_name) {
-  const std::string tag = std::string("layer_norm_cf ") + type_name + " " + s.name();
+  const std::string tag = std::string("layer_norm_channels_first ") + type_name + " " + s.name();
   const ChannelsFirstLayout layout = s.layout();
   Vec x = rounded<T>(random_vec(s.numel()));
   Vec weight = rounded<T>(random_vec(s.C));
@@ -267,8 +268,8 @@ void check_layer_norm(const Volume& s, const char* type_name) {
   const unsigned blocks = static_cast<unsigned>((s.voxels() + kVoxelThreads - 1) / kVoxelThreads);
 
   std::vector<T> out(s.numel(), NAN), mean(s.voxels(), NAN), rstd(s.voxels(), NAN);
-  emu::launch(layer_norm_cf_forward_kernel<T, T>, dim3(blocks), dim3(kVoxelThreads), 0, xt.data(), wt.data(),
-              bt.data(), out.data(), mean.data(), rstd.data(), layout, s.voxels(), static_cast<T>(kEps));
+  emu::launch(layer_norm_channels_first_forward_kernel<T, T>, dim3(blocks), dim3(kVoxelThreads), 0, xt.data(),
+              wt.data(), bt.data(), out.data(), mean.data(), rstd.data(), layout, s.voxels(), static_cast<T>(kEps));
   report(tag + " forward", rel_error(widen(out), layer_norm_reference(s, x, weight, bias)), tolerance<T>(false));
   Vec mean_ref(s.voxels()), rstd_ref(s.voxels());
   for (int64_t v = 0; v < s.voxels(); ++v) stats_reference(s, x, v, mean_ref[v], rstd_ref[v]);
@@ -276,8 +277,8 @@ void check_layer_norm(const Volume& s, const char* type_name) {
   report(tag + " rstd", rel_error(widen(rstd), rstd_ref), tolerance<T>(false));
 
   std::vector<T> grad_x(s.numel(), NAN);
-  emu::launch(layer_norm_cf_grad_input_kernel<T, T>, dim3(blocks), dim3(kVoxelThreads), 0, gt.data(), xt.data(),
-              wt.data(), mean.data(), rstd.data(), grad_x.data(), layout, s.voxels());
+  emu::launch(layer_norm_channels_first_grad_input_kernel<T, T>, dim3(blocks), dim3(kVoxelThreads), 0, gt.data(),
+              xt.data(), wt.data(), mean.data(), rstd.data(), grad_x.data(), layout, s.voxels());
   const auto forward = [&] { return layer_norm_reference(s, x, weight, bias); };
   report(tag + " grad x", rel_error(widen(grad_x), numeric_grad(x, forward, g)), tolerance<T>(true));
 
@@ -286,7 +287,7 @@ void check_layer_norm(const Volume& s, const char* type_name) {
   for (int64_t per_row : kVoxelsPerRow) {
     const int64_t rows = (s.voxels() + per_row - 1) / per_row;
     std::vector<T> partial(rows * s.C * kLnCols, NAN);
-    emu::launch(layer_norm_cf_param_partial_kernel<T, T>,
+    emu::launch(layer_norm_channels_first_param_partial_kernel<T, T>,
                 dim3(static_cast<unsigned>((rows + kVoxelThreads / kWarpSize - 1) / (kVoxelThreads / kWarpSize))),
                 dim3(kVoxelThreads), 0, gt.data(), xt.data(), mean.data(), rstd.data(), partial.data(), layout,
                 s.voxels(), per_row, rows);
