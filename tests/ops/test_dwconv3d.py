@@ -32,7 +32,6 @@ from .samples import (
     KERNELS,
     LAYOUTS,
     ON_GPU,
-    SHAPE,
     TRITON_SHAPE,
     cpp_op,
     dwconv3d_args,
@@ -137,9 +136,12 @@ BAD_INPUT = [
         r"dwconv3d: expected odd kernel sizes.*\(3, 4, 3\)"),
     Bad("channels", _public(lambda x, w, b: (x, w[:4], b)), ValueError,
         r"dwconv3d: expected weight of shape \(5, 1, KD, KH, KW\).*got \(4, 1"),
-    Bad("bias", _public(lambda x, w, b: (x, w, b[:3])), ValueError, r"dwconv3d: expected bias of shape \(5,\), got \(3,\)"),
-    Bad("dtype", _public(lambda x, w, b: (x, w.double(), b)), ValueError, r"dwconv3d: expected weight dtype torch.float32"),
-    Bad("device", _public(lambda x, w, b: (x, w.to("meta"), b)), ValueError, r"dwconv3d: expected weight on device cpu"),
+    Bad("bias", _public(lambda x, w, b: (x, w, b[:3])), ValueError,
+        r"dwconv3d: expected bias of shape \(5,\), got \(3,\)"),
+    Bad("dtype", _public(lambda x, w, b: (x, w.double(), b)), ValueError,
+        r"dwconv3d: expected weight dtype torch.float32"),
+    Bad("device", _public(lambda x, w, b: (x, w.to("meta"), b)), ValueError,
+        r"dwconv3d: expected weight on device cpu"),
     Bad("integer", _public(lambda x, w, b: (x.to(torch.int32), w, b)), ValueError,
         r"dwconv3d: expected x to have a floating dtype"),
     Bad("not a tensor", _public(lambda x, w, b: (x.tolist(), w, b)), ValueError,
@@ -358,7 +360,8 @@ def test_kernel_output_mask(isa, mask):
     w, b = torch.randn(5, 1, 3, 5, 3), torch.randn(5)
     _, want_gx, want_gw, want_gb = _reference_all(x, w, b, g)
     got = cpp_op("dwconv3d_backward")(g, x, w, list(mask))
-    for wanted, t, want, name in zip(mask, got, (want_gx, want_gw, want_gb), ("grad_x", "grad_weight", "grad_bias")):
+    names = ("grad_x", "grad_weight", "grad_bias")
+    for wanted, t, want, name in zip(mask, got, (want_gx, want_gw, want_gb), names):
         if wanted:
             _check(t, want, torch.float32, name)
         else:

@@ -306,7 +306,8 @@ def test_triton_tiles_cross_chunks(triton_module, small_instance_tiles):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_triton(layout, dtype, small_instance_tiles):
     args = [tensor(TRITON_IN_SHAPE, layout=layout, scale=3.0, offset=5.0, grad=True)]  # channel means far from 0
-    out = triton_check_flash(_triton, instance_norm_lrelu_reference, args, dtype, f"instance_norm_lrelu {layout} {dtype}")
+    out = triton_check_flash(_triton, instance_norm_lrelu_reference, args, dtype,
+                             f"instance_norm_lrelu {layout} {dtype}")
     assert is_channels_last(out) == (layout == "channels_last_3d"), "output must keep the input's layout"
     if dtype == torch.float32:
         x = args[0].detach().to(TRITON_DEVICE)

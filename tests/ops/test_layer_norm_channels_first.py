@@ -35,7 +35,6 @@ from .checks import (
 from .samples import (
     LAYOUTS,
     LN_EPS,
-    SHAPE,
     TRITON_SHAPE,
     cpp_op,
     layer_norm_args,

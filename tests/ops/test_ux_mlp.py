@@ -158,7 +158,8 @@ def _backward_with_short_mean():
 
 BAD_INPUT = [
     Bad("rank", _public(0, lambda t: t[0]), ValueError, r"ux_mlp: expected y of shape \(N, C, D, H, W\)"),
-    Bad("residual shape", _public(1, lambda t: t[:1]), ValueError, r"ux_mlp: expected residual of shape \(2, 5, 6, 7, 8\)"),
+    Bad("residual shape", _public(1, lambda t: t[:1]), ValueError,
+        r"ux_mlp: expected residual of shape \(2, 5, 6, 7, 8\)"),
     Bad("w1 size", _public(4, lambda t: t[:8]), ValueError, r"ux_mlp: expected w1 with 20 elements"),
     Bad("w2 size", _public(6, lambda t: t[:, :3]), ValueError, r"ux_mlp: expected w2 with 20 elements"),
     Bad("gamma size", _public(8, lambda t: t[:4]), ValueError, r"ux_mlp: expected gamma with 5 elements"),
