@@ -1,11 +1,20 @@
 """Shared test helpers: tolerances, poisoning, error metrics and random inputs."""
 
 import contextlib
+import importlib.util
 import os
 import zlib
 
 import pytest
 import torch
+
+# The Triton kernels run under the interpreter on a machine without CUDA (the op tests marked `triton`, in
+# tests/ops/). Triton reads TRITON_INTERPRET when the kernels are defined, so it must be set before anything imports
+# uxnet_kernels' Triton ops, hence here, before any test module is imported; it stays set for the session (triton
+# also reads it lazily at launch). Nothing else runs Triton on CPU: backend "auto" never picks "triton" for CPU
+# tensors, and TorchInductor's CPU code generation does not use Triton.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Relative error bounds (||got - want|| / ||want||) per dtype, against a float32/float64 reference computed from
 # the same (rounded) inputs. float64 bounds are for comparisons with a float64 reference.
