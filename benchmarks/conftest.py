@@ -17,11 +17,13 @@ import os
 import pytest
 import torch
 
-from uxnet.bench import cases as C
 from uxnet.bench import runner
-from uxnet.bench.memory import peak_memory
+from uxnet.bench.model_cases import model_cases
+from uxnet.bench.op_cases import op_cases
+from uxnet.bench.presets import SIZES, Size
 from uxnet.bench.report import add_speedups, format_table
-from uxnet.bench.timing import plan_rounds, timed_call, warm_up
+from uxnet.memory.tracker import peak_memory
+from uxnet.timing import plan_rounds, timed_call, warm_up
 
 _ROWS = pytest.StashKey()
 _TEXT = pytest.StashKey()
@@ -40,8 +42,8 @@ def pytest_addoption(parser):
                     help="write the summary rows (medians, speedups, FLOPs, peak memory) to this JSON file")
 
 
-def bench_size(config) -> C.Size:
-    return C.SIZES[config.getoption("--uxnet-size")]
+def bench_size(config) -> Size:
+    return SIZES[config.getoption("--uxnet-size")]
 
 
 def bench_device(config) -> str:
@@ -60,10 +62,10 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     size, device = bench_size(config), bench_device(config)
     if "op_case" in metafunc.fixturenames:
-        found = C.op_cases(size, device)
+        found = op_cases(size, device)
         metafunc.parametrize("op_case", found, ids=[c.id for c in found])
     if "model_case" in metafunc.fixturenames:
-        found = C.model_cases(size, device)
+        found = model_cases(size, device)
         metafunc.parametrize("model_case", found, ids=[c.id for c in found])
 
 

@@ -13,8 +13,6 @@ the per-forward kernel merge is not counted). Latency: median of --repeats forwa
 import argparse
 import copy
 import json
-import statistics
-import time
 import types
 
 import torch
@@ -22,9 +20,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import uxnet_kernels as uk
-from uxnet import UXNet
-from uxnet.model import count_parameters
-from uxnet.reparam import reparameterize
+from uxnet import UXBlock, UXNet, count_parameters, reparameterize
+from uxnet.timing import interleaved
 
 
 def separate_branch_conv(block, x):
@@ -57,22 +54,13 @@ def flops(model, shape):
 
 
 def median_latency(models, x, repeats):
-    times = {name: [] for name in models}
     with torch.no_grad():
-        for name, m in models.items():  # warm-up
-            m(x)
-        for _ in range(repeats):
-            for name, m in models.items():
-                start = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        timings = interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds=repeats)
+    return {name: t.median_s for name, t in timings.items()}
 
 
 def block_variants(config, channels):
     """One UX block of the stage-1 width in the three variants (same function)."""
-    from uxnet.model import UXBlock
-
     block = UXBlock(channels, kernel_size=7, rep_branches=config["rep_branches"],
                     kernel_prior=config["kernel_prior"]).eval()
     with torch.no_grad():

@@ -1,10 +1,10 @@
 """Peak memory and time of one UXNet training step, official vs uxnet, with and without activation checkpointing,
 measured and predicted (the numbers of docs/PERFORMANCE.md, "Training integration" and "Predicted vs measured").
 
-Each case is measured in a fresh process (``uxnet.bench.step_memory``): on the CPU the growth of the resident-set
+Each case is measured in a fresh process (``uxnet.memory.measure``): on the CPU the growth of the resident-set
 high-water mark over a step with ``MALLOC_MMAP_THRESHOLD_=65536``, for the process's first step and for the second
 (steady state); on CUDA ``torch.cuda.max_memory_allocated``. Next to it, what ``uxnet memory`` predicts without
-allocating anything (``uxnet.bench.memory_predict``). Time: median of ``--repeats`` further steps.
+allocating anything (``uxnet.memory.planner``). Time: median of ``--repeats`` further steps.
 
     python examples/training_memory.py --size 64 --batch 1 --optimizer sgd
 """
@@ -13,9 +13,9 @@ import argparse
 import json
 import sys
 
-from uxnet.bench.memory_predict import predict_step
-from uxnet.bench.step_memory import measure_in_subprocess
-from uxnet.bench.train_step import make_spec
+from uxnet.memory.measure import measure_in_subprocess
+from uxnet.memory.planner import predict_step
+from uxnet.memory.step import make_spec
 
 
 def parse_args(argv=None):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from uxnet import cli
-from uxnet.bench import cases as C
 from uxnet.bench import flops
+from uxnet.bench.op_cases import OpCase, build_op_case, op_cases
+from uxnet.bench.presets import OpSpec, Size
 
 DEFAULT_FLOPS = 1.1556e12  # FlopCounterMode for UXNet(in_chans=1, out_chans=14) at 96^3, batch 1
 DEFAULT_PARAMS = 53_006_510
@@ -67,8 +68,8 @@ def test_flop_count_same_on_every_backend(op, mode):
     """FlopCounterMode must count our compiled ops (registered formulas) exactly like the reference's convs."""
     counts = {}
     for impl in ("torch", "cpu"):
-        case = C.OpCase(op, mode, (2, 6, 5, 4, 3), 5, "float32", "ncdhw", impl)
-        fn, pool = C.build_op_case(case)
+        case = OpCase(op, mode, (2, 6, 5, 4, 3), 5, "float32", "ncdhw", impl)
+        fn, pool = build_op_case(case)
         counts[impl] = flops.count_flops(fn, *pool.next())
     assert counts["torch"] > 0 and counts["cpu"] == counts["torch"], counts
 
@@ -88,12 +89,12 @@ def test_grouped_conv_backward_counted_per_group():
 def test_donated_block_tail_case_times_the_same_computation(mode):
     """The "cpu donated" row runs the block tail with z donated (written over) and gives what the plain row gives."""
     shape = (1, 6, 5, 4, 3)
-    plain, donated = (C.OpCase("instance_norm_add_lrelu", mode, shape, 0, "float32", "ncdhw", "cpu", variant=v)
+    plain, donated = (OpCase("instance_norm_add_lrelu", mode, shape, 0, "float32", "ncdhw", "cpu", variant=v)
                       for v in ("", "donated"))
-    assert donated in C.op_cases(C.Size("t", (C.OpSpec("instance_norm_add_lrelu", mode, shape),), (), ("float32",),
-                                        0.0, 1, 1), layouts=("ncdhw",))
-    fn_plain, pool = C.build_op_case(plain)
-    fn_donated, _ = C.build_op_case(donated)
+    assert donated in op_cases(Size("t", (OpSpec("instance_norm_add_lrelu", mode, shape),), (), ("float32",),
+                                    0.0, 1, 1), layouts=("ncdhw",))
+    fn_plain, pool = build_op_case(plain)
+    fn_donated, _ = build_op_case(donated)
     args = pool.next()
     copies = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
     want = fn_plain(*args)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import uxnet_kernels as uk
 from uxnet import UXNet
-from uxnet.decoder_blocks import UnetOutBlock, UnetrUpBlock, compose_upsample_conv
+from uxnet.networks.blocks.unetr import UnetOutBlock, UnetrUpBlock, compose_upsample_conv
 from conftest import rel_error
 
 

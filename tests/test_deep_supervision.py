@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from uxnet import DeepSupervisionLoss, UXNet, reparameterize
-from uxnet.deep_supervision import deep_supervision_weights, downsample_labels
-from uxnet.export import export, infer_config, load_checkpoint, read_checkpoint, save_checkpoint
+from uxnet.io.checkpoint import infer_config, load_checkpoint, read_checkpoint, save_checkpoint
+from uxnet.io.export import export
+from uxnet.losses import deep_supervision_weights, downsample_labels
 from conftest import rel_error
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

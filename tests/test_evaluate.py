@@ -13,7 +13,7 @@ pytest.importorskip("monai")
 pytest.importorskip("scipy")
 
 from uxnet import cli  # noqa: E402
-from uxnet.evaluation import evaluate_case  # noqa: E402
+from uxnet.inference.evaluation import evaluate_case  # noqa: E402
 
 # permuted, flipped axes with spacing (0.8, 1.2, 2.5) mm along array axes 0, 1, 2
 AFFINE = np.array([[0.0, -1.2, 0.0, 10.0], [0.0, 0.0, 2.5, -4.0], [0.8, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 1.0]])

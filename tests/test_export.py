@@ -23,9 +23,9 @@ import torch
 from conftest import TOLERANCES, rel_error
 from uxnet import UXNet
 from uxnet.cli import main as cli_main
-from uxnet.reparam import reparameterize
-from uxnet.export import (CHECKPOINT_FORMAT, CheckpointError, export, load_checkpoint, read_checkpoint,
-                          save_checkpoint)
+from uxnet.io.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from uxnet.io.export import export
+from uxnet.networks.reparam import reparameterize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(in_chans=1, out_chans=3, depths=(1, 1, 1, 1), feat_size=(8, 16, 16, 32), hidden_size=32,

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from uxnet import UXNet, cli, grow_kernel, reparameterize
-from uxnet.export import load_checkpoint, read_checkpoint, save_checkpoint
-from uxnet.kernel_growth import UX_BLOCK_DWCONV_WEIGHT, grow_depthwise_kernel
+from uxnet.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from uxnet.networks.kernel_growth import UX_BLOCK_DWCONV_WEIGHT, grow_depthwise_kernel
 from uxnet.preprocessing import Preprocessing
 
 CONFIG = dict(in_chans=1, out_chans=3, depths=(1, 2, 1, 1), feat_size=(8, 16, 16, 32), hidden_size=32)

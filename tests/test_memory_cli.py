@@ -5,7 +5,7 @@ import json
 import pytest
 
 from uxnet import cli
-from uxnet.bench.memory_report import parse_size
+from uxnet.memory.report import parse_size
 
 TINY_ARGS = ["--feat-size", "4", "8", "16", "32", "--hidden-size", "16", "--depths", "1", "1", "1", "1",
              "--out-chans", "2", "--device", "cpu"]

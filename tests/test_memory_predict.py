@@ -4,7 +4,7 @@
   reach the same tracked peak (same ops, same backends: the dispatcher decides on device and dtype only).
 * The predicted peak is within 10 % of the peak measured in a fresh process (resident-set high-water mark with
   MALLOC_MMAP_THRESHOLD_=65536, steady-state step).
-* PyTorch's CPU convolution buffers modelled in uxnet.bench.conv_workspace match a measured single call.
+* PyTorch's CPU convolution buffers modelled in uxnet.memory.conv_workspace match a measured single call.
 """
 
 import functools
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from uxnet_kernels import _extension
-from uxnet.bench.memory import PeakMemoryTracker, rss_peak_supported
-from uxnet.bench.memory_predict import LOSS_BLOCK, block_labels, predict_step, track_step
-from uxnet.bench.step_memory import MALLOC_ENV, measure_in_subprocess
-from uxnet.bench.train_step import make_batch, make_optimizer, make_spec, model_for, training_step
+from uxnet.memory.measure import MALLOC_ENV, measure_in_subprocess
+from uxnet.memory.planner import LOSS_BLOCK, block_labels, predict_step, track_step
+from uxnet.memory.step import make_batch, make_optimizer, make_spec, model_for, training_step
+from uxnet.memory.tracker import PeakMemoryTracker, rss_peak_supported
 from conftest import require_cpu_kernels
 
 TINY = dict(feat_size=[4, 8, 16, 32], hidden_size=16, depths=[1, 1, 1, 1], out_chans=2)
@@ -147,8 +147,8 @@ _CONV_CHILD = textwrap.dedent("""
     import json
     import torch, torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from uxnet.bench.memory import PeakMemoryTracker
-    from uxnet.bench.conv_workspace import conv_workspace_bytes
+    from uxnet.memory.conv_workspace import conv_workspace_bytes
+    from uxnet.memory.tracker import PeakMemoryTracker
     aten = torch.ops.aten
     torch.manual_seed(0)
     rows = []
@@ -200,8 +200,8 @@ _TAIL_CHILD = textwrap.dedent("""
     import torch
     import uxnet_kernels as uk
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from uxnet.bench.memory import PeakMemoryTracker
-    from uxnet.bench.memory_predict import cpu_op_scratch_bytes
+    from uxnet.memory.planner import cpu_op_scratch_bytes
+    from uxnet.memory.tracker import PeakMemoryTracker
     ops = torch.ops.uxnet
     torch.manual_seed(0)
     z = torch.randn(1, 32, 48, 48, 48)

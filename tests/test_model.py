@@ -7,7 +7,7 @@ import torch
 
 import uxnet_kernels as uk
 from uxnet import UXNet, count_parameters
-from uxnet.model import UXBlock
+from uxnet.networks.blocks.ux_block import UXBlock
 from conftest import rel_error, require_compiled
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

@@ -51,7 +51,7 @@ def test_deep_supervision_run_then_segment_and_evaluate(tmp_path, capsys):
     import nibabel as nib
 
     from uxnet import cli
-    from uxnet.export import read_checkpoint
+    from uxnet.io.checkpoint import read_checkpoint
 
     example = _load_example()
     data, ckpt = tmp_path / "data", tmp_path / "model.pt"

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from conftest import TOLERANCES, randn, rel_error, to_layout
 from uxnet import UXNet
-from uxnet.model import UXBlock
-from uxnet.reparam import kernel_prior_mask, plain_config, reparameterize
+from uxnet.networks.blocks.rep_branches import kernel_prior_mask
+from uxnet.networks.blocks.ux_block import UXBlock
+from uxnet.networks.reparam import plain_config, reparameterize
 
 TINY = dict(in_chans=2, out_chans=3, depths=(1, 2, 1, 1), feat_size=(8, 16, 16, 32), hidden_size=32)
 TINY_INPUT = (1, 2, 16, 16, 32)

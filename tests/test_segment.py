@@ -9,8 +9,9 @@ pytest.importorskip("monai")
 
 from uxnet import UXNet  # noqa: E402
 from uxnet import cli  # noqa: E402
-from uxnet.export import save_checkpoint  # noqa: E402
-from uxnet.segment import Preprocessing, segment_volume, window_count  # noqa: E402
+from uxnet.inference.segment import segment_volume, window_count  # noqa: E402
+from uxnet.io.checkpoint import save_checkpoint  # noqa: E402
+from uxnet.preprocessing import Preprocessing  # noqa: E402
 
 CONFIG = dict(in_chans=1, out_chans=3, depths=(1, 1, 1, 1), feat_size=(8, 16, 16, 32), hidden_size=32)
 AFFINE = np.array([[0.0, -0.8, 0.0, 12.5], [0.0, 0.0, 1.5, -30.0], [0.7, 0.0, 0.0, 4.0], [0.0, 0.0, 0.0, 1.0]])

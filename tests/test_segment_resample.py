@@ -16,9 +16,9 @@ nib = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
 from uxnet import UXNet, cli  # noqa: E402
-from uxnet.export import CheckpointError, load_preprocessing, read_checkpoint, save_checkpoint  # noqa: E402
+from uxnet.inference.segment import segment_image  # noqa: E402
+from uxnet.io.checkpoint import CheckpointError, load_preprocessing, read_checkpoint, save_checkpoint  # noqa: E402
 from uxnet.preprocessing import Preprocessing  # noqa: E402
-from uxnet.segment import segment_image  # noqa: E402
 
 FEAT = (8, 16, 16, 32)
 # voxel axis 0 -> +z (0.8 mm), axis 1 -> -x (0.8 mm), axis 2 -> +y (2.5 mm): orientation "SLA", anisotropic

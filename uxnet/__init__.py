@@ -1,12 +1,13 @@
 """uxnet: a drop-in, fast 3D UX-Net (``from uxnet import UXNet``) built on the ``uxnet_kernels`` ops."""
 
-from .deep_supervision import DeepSupervisionLoss
-from .export import export, load_checkpoint, save_checkpoint
-from .kernel_growth import grow_kernel
-from .model import UXBlock, UXNet, count_parameters
-from .reparam import reparameterize
-
-__version__ = "0.1.0"
+from .io.checkpoint import load_checkpoint, save_checkpoint
+from .io.export import export
+from .losses import DeepSupervisionLoss
+from .networks.blocks.ux_block import UXBlock
+from .networks.kernel_growth import grow_kernel
+from .networks.nets.uxnet import UXNet, count_parameters
+from .networks.reparam import reparameterize
+from .version import __version__
 
 __all__ = [
     "UXNet",

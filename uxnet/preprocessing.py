@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-AXIS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))
+AXIS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel affines map to RAS+ world coordinates
 
 
 def _floats(value, n: int, what: str) -> Optional[Tuple[float, ...]]:

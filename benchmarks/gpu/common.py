@@ -1,14 +1,17 @@
-"""Shared pieces of the GPU validation scripts: timing, machine description, JSON output, time budget.
+"""Shared pieces of the GPU validation scripts: device, machine description, JSON output, time budget, and the
+dry-run policy of the timing (``uxnet.timing.median_s``).
 
 On CUDA, times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed between runs).
 In ``--dry-run`` mode (CPU, tiny sizes, Triton interpreter) they are medians of a few ``time.perf_counter`` runs:
 those numbers only prove that the code paths run, they are not measurements.
+
+``uxnet`` is imported inside the functions: it imports ``uxnet_kernels`` and with it triton, which must come after
+:func:`prepare_dry_run`.
 """
 
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,28 +34,18 @@ def device() -> torch.device:
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    from uxnet.timing import synchronize
+
+    synchronize(device())
 
 
 def median_ms(fn, dry_run: bool, grad_to_none=None, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median milliseconds of fn(); gradients of `grad_to_none` are reset between runs (so backward is timed
-    without accumulation)."""
-    if not dry_run and torch.cuda.is_available():
-        import triton.testing
+    without accumulation). CUDA events unless ``dry_run``; a dry run times 3 calls."""
+    from uxnet.timing import median_s
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
-                                             return_mode="median"))
-    times = []
-    for _ in range(3 if dry_run else 10):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return 1e3 * median_s(fn, device(), runs=3 if dry_run else 10, grad_to_none=grad_to_none,
+                          cuda_events=not dry_run, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
 def copy_bandwidth_gbs(dry_run: bool) -> float:

@@ -3,9 +3,9 @@
 
     python benchmarks/gpu/memory_step.py --out gpu-results/memory.json [--size 96] [--batch 2] [--dry-run]
 
-Each case (``uxnet.bench.train_step``: AdamW, cross entropy, 14 classes, default UXNet; "official" is the plain
+Each case (``uxnet.memory.step``: AdamW, cross entropy, 14 classes, default UXNet; "official" is the plain
 PyTorch model) is first predicted with fake tensors (nothing allocated), then measured
-(``uxnet.bench.step_memory.measure_step``): the process's first step (compilation, autotuning, optimizer state),
+(``uxnet.memory.measure.measure_step``): the process's first step (compilation, autotuning, optimizer state),
 ``torch.cuda.max_memory_allocated`` over the second (absolute, i.e. with parameters, gradients, optimizer state and
 batch, as the prediction's peak; and above the allocation at step start), and the median of ``--repeats`` timed
 steps. ``torch.cuda.empty_cache()`` between cases. An out-of-memory case is recorded as such.
@@ -27,14 +27,14 @@ PRECISIONS = (None, "bfloat16")
 
 
 def _spec(kind, amp, size, batch, dry_run, device):
-    from uxnet.bench.train_step import make_spec
+    from uxnet.memory.step import make_spec
 
     config = dict(TINY) if dry_run else {}
     return make_spec(kind=kind, roi=size, batch=batch, amp=amp, device=device, out_chans=14, **config)
 
 
 def _predict(spec):
-    from uxnet.bench.memory_predict import predict_step
+    from uxnet.memory.planner import predict_step
 
     start = time.perf_counter()
     try:
@@ -44,7 +44,7 @@ def _predict(spec):
 
 
 def _measure(spec, repeats, dry_run):
-    from uxnet.bench.step_memory import measure_in_subprocess, measure_step
+    from uxnet.memory.measure import measure_in_subprocess, measure_step
 
     try:
         if dry_run:

@@ -9,7 +9,6 @@ run). --dry-run: CPU, a tiny model at 32^3, to test this script itself.
 
 import argparse
 import sys
-import time
 
 import common
 
@@ -19,6 +18,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import uxnet_kernels as uk  # noqa: E402
+from uxnet.timing import interleaved  # noqa: E402
 
 
 def _model_and_batch(size, batch, dry_run, dev):
@@ -59,12 +59,7 @@ def profile_backend(backend, size, batch, dry_run, steps):
             common.sync()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            _step(model, opt, x, target)
-            common.sync()
-            times.append((time.perf_counter() - start) * 1e3)
+        timing = interleaved({"step": lambda: _step(model, opt, x, target)}, rounds=steps, warmup=0, device=dev)["step"]
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
@@ -76,8 +71,8 @@ def profile_backend(backend, size, batch, dry_run, steps):
                     reverse=True)
     top = [dict(name=e.key, calls=e.count, self_device_ms=_device_us(e) / 1e3, self_cpu_ms=e.self_cpu_time_total / 1e3)
            for e in events[:15]]
-    times.sort()
-    return dict(backend=backend, step_ms_median=times[len(times) // 2] if times else None, step_ms_all=times, peak_memory_bytes=peak,
+    return dict(backend=backend, step_ms_median=timing.median_s * 1e3 if timing.rounds else None,
+                step_ms_all=sorted(t * 1e3 for t in timing.times_s), peak_memory_bytes=peak,
                 backends_used=used, top_ops=top, sorted_by="self device time" if on_gpu else "self CPU time")
 
 

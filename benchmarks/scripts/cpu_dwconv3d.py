@@ -1,9 +1,9 @@
 """Ad-hoc CPU benchmark of uxnet::dwconv3d against F.conv3d(groups=C) in NCDHW and channels_last_3d.
 
 All cases run in one process. The three contenders of a case are timed in interleaved rounds (uxnet, NCDHW,
-channels_last_3d, uxnet, ...) with torch.utils.benchmark, and each time is the median over rounds, so load bursts
-on a shared machine hit all three alike. Prints a markdown table of milliseconds, GFLOP/s (2 * k^3 FLOPs per
-output element per pass) and speedups vs the faster PyTorch layout.
+channels_last_3d, uxnet, ...; uxnet/timing.py's ``interleaved``), and each time is the median over rounds of the
+mean time per call in a round, so load bursts on a shared machine hit all three alike. Prints a markdown table of
+milliseconds, GFLOP/s (2 * k^3 FLOPs per output element per pass) and speedups vs the faster PyTorch layout.
 
     python benchmarks/scripts/cpu_dwconv3d.py [--threads 2] [--suite fwd|fwdbwd|all] [--library PATH]
 
@@ -12,11 +12,11 @@ output element per pass) and speedups vs the faster PyTorch layout.
 
 import argparse
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
+
+from checkout_timing import timing
 
 FWD_CASES = [  # (N, C, S, k): UX-Net stage shapes of a 96^3 patch at batch 1 (k = 7), plus larger kernels
     (1, 48, 48, 7),
@@ -44,15 +44,7 @@ def torch_conv(x, w, b):
 
 def side_by_side_ms(fns, rounds, round_s):
     """Median milliseconds per call of each function, timed in interleaved rounds of about round_s seconds."""
-    timers = {k: benchmark.Timer(stmt="fn()", globals={"fn": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
-    number = {}
-    for key, timer in timers.items():  # warm-up call, then calls per round
-        number[key] = max(1, int(round_s / timer.timeit(1).median))
-    samples = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, timer in timers.items():
-            samples[key].append(timer.timeit(number[key]).median * 1e3)
-    return {key: statistics.median(v) for key, v in samples.items()}
+    return {key: t.median_s * 1e3 for key, t in timing.interleaved(fns, rounds, round_s).items()}
 
 
 def make(n, c, s, k, layout):

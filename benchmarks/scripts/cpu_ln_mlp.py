@@ -3,7 +3,8 @@ bandwidth floor of each case, and the activation bytes autograd saves for one UX
 
     python benchmarks/scripts/cpu_ln_mlp.py [--shapes 48x32 96x24] [--min-run-time 1.0] [--json out.json]
 
-Both paths run in the same process, interleaved per case; times are torch.utils.benchmark medians.
+Both paths run in the same process, in interleaved rounds per case (uxnet/timing.py's ``interleaved``); times are
+medians over the rounds.
 """
 
 import argparse
@@ -11,13 +12,14 @@ import json
 import platform
 
 import torch
-import torch.utils.benchmark as benchmark
 
-import uxnet_kernels  # noqa: F401  (registers the compiled ops and their autograd)
+import uxnet_kernels  # noqa: F401  (loads the compiled ops and their autograd)
+from checkout_timing import timing
 from uxnet_kernels import _extension, reference
 
 COPY_BANDWIDTH = 42e9  # bytes/s, measured copy bandwidth of the dev machine (docs/PERFORMANCE.md)
 EPS = 1e-6
+ROUNDS = 5
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 
 
@@ -63,7 +65,8 @@ def floor_seconds(op, channels, voxels, elem_bytes=4, stat_bytes=4):
     return (tensors * channels * voxels * elem_bytes + 4 * voxels * stat_bytes) / COPY_BANDWIDTH
 
 
-def time_fwd_bwd(fn, args, min_run_time):
+def fwd_bwd_step(fn, args):
+    """One forward + backward of fn(*args), the gradients reset first."""
     layout = torch.contiguous_format if args[0].is_contiguous() else torch.channels_last_3d
     grad_out = torch.randn(args[0].shape).contiguous(memory_format=layout)
 
@@ -72,9 +75,7 @@ def time_fwd_bwd(fn, args, min_run_time):
             a.grad = None
         fn(*args).backward(grad_out)
 
-    step()
-    timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return step
 
 
 def saved_activation_bytes(fn, args):
@@ -98,12 +99,12 @@ def saved_activation_bytes(fn, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["48x32", "96x24"], help="CxS for (1, C, S, S, S)")
-    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per path and case")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not (_extension.has_kernel("ux_mlp", "CPU") and _extension.has_kernel("layer_norm_channels_first", "CPU")):
-        raise SystemExit("the compiled CPU kernels of ux_mlp / layer_norm_channels_first are not available; "
-                         "build the extension")
+        raise SystemExit("the compiled CPU kernels of ux_mlp / layer_norm_channels_first are not available; build the "
+                         "extension")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     rows = []
@@ -120,8 +121,10 @@ def main(argv=None):
                 ("layer_norm", layer_norm_compiled, layer_norm_reference, [inputs[0], inputs[2], inputs[3]]),
             ]
             for op, fast, slow, op_args in cases:
-                t_fast = time_fwd_bwd(fast, op_args, args.min_run_time)
-                t_slow = time_fwd_bwd(slow, op_args, args.min_run_time)
+                times = timing.interleaved({"compiled": fwd_bwd_step(fast, op_args),
+                                            "reference": fwd_bwd_step(slow, op_args)},
+                                           rounds=ROUNDS, round_s=args.min_run_time / ROUNDS)
+                t_fast, t_slow = times["compiled"].median_s, times["reference"].median_s
                 floor = floor_seconds(op, channels, voxels)
                 row = dict(op=op, channels=channels, size=size, layout=layout, compiled_s=t_fast, reference_s=t_slow,
                            speedup=t_slow / t_fast, floor_s=floor)

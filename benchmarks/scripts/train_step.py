@@ -20,12 +20,12 @@ ratio (the median over rounds of the first variant's step / this one's in the sa
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 import uxnet_kernels as uk
 from uxnet import UXNet
+from uxnet.timing import interleaved
 
 VARIANTS = {
     "official": ("reference", dict(fused_decoder=False), False),
@@ -99,15 +99,11 @@ def main(argv=None) -> int:
                     opt.step()
 
         steps[name] = (model, step)
-    results = {name: {"saved_activation_bytes": saved_activation_bytes(model, step), "times_s": []}
+    results = {name: {"saved_activation_bytes": saved_activation_bytes(model, step)}
                for name, (model, step) in steps.items()}
-    for _, step in steps.values():
-        step()  # warm-up
-    for _ in range(args.rounds):
-        for name, (_, step) in steps.items():
-            start = time.perf_counter()
-            step()
-            results[name]["times_s"].append(time.perf_counter() - start)
+    timings = interleaved({name: step for name, (_, step) in steps.items()}, rounds=args.rounds)
+    for name, timing in timings.items():
+        results[name]["times_s"] = list(timing.times_s)
     base = results.get("official") or next(iter(results.values()))
     base_time = statistics.median(base["times_s"])
     print(f"{args.batch}x1x{args.size}^3, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")

@@ -20,6 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_
 
 from uxnet_kernels import _extension
 
+from ..networks.nets.uxnet import UXNet, count_parameters
+
 PAPER_PATCH = (96, 96, 96)
 DEFAULT_MODEL = dict(in_chans=1, out_chans=14)  # the paper's BTCV/FLARE-style setting used for Table 1
 PAPER_TABLE1 = {"params_m": 53.0, "flops_g": 639.4}
@@ -94,8 +96,6 @@ def count_flops(fn, *args) -> int:
 
 def build_meta_model(**config) -> torch.nn.Module:
     """A UXNet on the meta device, without allocating or initialising its weights when the constructor allows."""
-    from uxnet import UXNet
-
     try:
         with torch.device("meta"):
             return UXNet(**config)
@@ -105,16 +105,16 @@ def build_meta_model(**config) -> torch.nn.Module:
         return UXNet(**config).to("meta")
 
 
-def model_flops(config: Dict, patch: Sequence[int] = PAPER_PATCH, batch: int = 1, model=None) -> int:
-    """Forward FLOPs of UXNet(**config) on a (batch, in_chans, *patch) input."""
+def model_flops(config: Dict, patch: Sequence[int] = PAPER_PATCH, batch: int = 1, model=None,
+                backward: bool = False) -> int:
+    """FLOPs of UXNet(**config) (or of ``model``, built from it) on a (batch, in_chans, *patch) input: the forward
+    pass, or with ``backward`` the forward pass and the backward of the sum of its float32 output."""
     model = model if model is not None else build_meta_model(**config)
     x = torch.empty((batch, config.get("in_chans", 1), *patch), device="meta")
+    if backward:
+        return count_flops(lambda inp: model(inp).float().sum().backward(), x)
     with torch.no_grad():
         return count_flops(model, x)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Result rows, speedups against the reference rows of the same group (measured in the same run), and the table
-printed by ``uxnet bench`` and at the end of ``pytest benchmarks/``."""
+"""Result rows, speedups against the reference rows of the same group (measured in the same run), the table
+printed by ``uxnet bench`` and at the end of ``pytest benchmarks/``, and the chart of ``uxnet bench --plot``."""
 
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .memory import format_bytes
+from ..memory.tracker import format_bytes
 
 
 @dataclass
@@ -94,3 +94,31 @@ def format_table(rows: Sequence[Row], with_memory: bool = True) -> str:
                 f"{_fmt(r.gflops, '.1f'):>8s}  {_fmt(r.gbytes_per_s, '.1f'):>6s}"
                 + (f"  {peak:>10s}" if with_memory else "") + f"  {r.rounds:>6d}")
     return "\n".join(lines)
+
+
+def plot_speedups(rows: Sequence[Row], path: str) -> str:
+    """A horizontal bar chart of each fast row's speedup over its reference; returns "" or why not written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib); no chart written"
+    fast = [r for r in rows if not r.is_reference and r.speedup is not None]
+    if not fast:
+        return "no fast-backend rows were measured; no chart written"
+    labels = [f"{r.group} | {r.label}" for r in fast]
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(fast) + 1.5))
+    ax.barh(range(len(fast)), [r.speedup for r in fast], color=["tab:green" if r.speedup >= 1 else "tab:red"
+                                                                  for r in fast])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(fast)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup vs PyTorch reference (same layout), median, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return ""

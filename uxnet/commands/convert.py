@@ -19,9 +19,10 @@ def _fail(message: str) -> int:
 
 
 def run(args) -> int:
-    from ..export import CheckpointError, model_from_checkpoint, read_checkpoint, save_checkpoint
-    from ..kernel_growth import grow_kernel
-    from ..model import as_kernel_3d, count_parameters
+    from ..io.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint, save_checkpoint
+    from ..networks.kernel_growth import grow_kernel
+    from ..networks.kernel_size import as_kernel_3d
+    from ..networks.nets.uxnet import count_parameters
 
     if len(args.kernel_size) not in (1, 3):
         return _fail(f"--kernel-size takes 1 or 3 values, got {args.kernel_size}")

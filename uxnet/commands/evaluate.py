@@ -1,5 +1,5 @@
 """``uxnet evaluate PRED LABEL [PRED LABEL ...] [--csv out.csv] [--classes 1 2 ...]``: per-class Dice and 95 %
-Hausdorff distance (mm) of label maps against references, with MONAI's metrics (see uxnet/evaluation.py)."""
+Hausdorff distance (mm) of label maps against references, with MONAI's metrics (see uxnet/inference/evaluation.py)."""
 
 import sys
 import time
@@ -30,7 +30,8 @@ def run(args) -> int:
         import scipy  # noqa: F401  (MONAI's Hausdorff distance)
     except ImportError as exc:
         return _fail(f"{exc.name} is not installed; install the extra: pip install 'uxnet[monai]'")
-    from uxnet.evaluation import EvaluationError, evaluate_case, format_table, pair_inputs, table_rows, write_csv
+    from uxnet.inference.evaluation import (EvaluationError, evaluate_case, format_table, pair_inputs, table_rows,
+                                            write_csv)
 
     try:
         if args.classes is not None and (0 in args.classes or len(set(args.classes)) != len(args.classes)

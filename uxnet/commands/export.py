@@ -3,11 +3,11 @@
 import sys
 import time
 
-from ..export import FORMATS
+from ..io.export import FORMATS
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="a uxnet checkpoint (uxnet.export.save_checkpoint) or a bare UXNet "
+    parser.add_argument("checkpoint", help="a uxnet checkpoint (uxnet.save_checkpoint) or a bare UXNet "
                                            "state_dict such as an official 3D UX-Net checkpoint")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--format", choices=FORMATS, default="pt",
@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..export import CheckpointError, export, load_checkpoint, load_preprocessing, verify_export
+    from ..io.checkpoint import CheckpointError, load_checkpoint, load_preprocessing
+    from ..io.export import export, verify_export
 
     try:
         model = load_checkpoint(args.checkpoint)

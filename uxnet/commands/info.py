@@ -5,6 +5,8 @@ import platform
 
 import torch
 
+from uxnet.version import __version__
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -43,7 +45,6 @@ def version_support(report: dict) -> dict:
 
 
 def collect() -> dict:
-    import uxnet
     import uxnet_kernels
     from uxnet_kernels import _extension, cpu_isa
 
@@ -55,7 +56,7 @@ def collect() -> dict:
         triton_version = None
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     report = {
-        "uxnet": uxnet.__version__,
+        "uxnet": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

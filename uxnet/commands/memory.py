@@ -6,7 +6,7 @@
 Prints the bytes autograd saves for backward per model block and the peak of one training step (parameters,
 gradients, optimizer state, batch, activations and backward temporaries), for UXNet and with ``--official`` next to
 the official model's (plain PyTorch, no activation checkpointing: the official code has none). See
-``uxnet/bench/memory_predict.py`` for the method and docs/PERFORMANCE.md for how close it comes to measurements.
+``uxnet/memory/planner.py`` for the method and docs/PERFORMANCE.md for how close it comes to measurements.
 """
 
 import json
@@ -57,7 +57,7 @@ def _fail(message: str) -> int:
 def _specs(args):
     import torch
 
-    from uxnet.bench.train_step import make_spec
+    from uxnet.memory.step import make_spec
 
     device = args.device
     if device == "auto":
@@ -77,9 +77,8 @@ def _specs(args):
 
 
 def run(args) -> int:
-    from uxnet.bench.memory_predict import predict_step
-    from uxnet.bench.memory_report import budget_verdicts, describe, format_budget, format_peaks, format_table
-    from uxnet.bench.memory_report import parse_size
+    from uxnet.memory.planner import predict_step
+    from uxnet.memory.report import budget_verdicts, describe, format_budget, format_peaks, format_table, parse_size
 
     try:
         budget = None if args.budget is None else parse_size(args.budget)

@@ -5,10 +5,8 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 EXIT_ERROR = 2
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def add_arguments(parser) -> None:
@@ -58,50 +56,10 @@ def _log(args, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def nifti_stem(path: Path) -> str:
-    name = path.name
-    return next((name[: -len(s)] for s in NIFTI_SUFFIXES if name.endswith(s)), name)
-
-
-def collect_inputs(inputs: List[str]) -> List[Path]:
-    """Files as given, folders expanded to their .nii/.nii.gz files (sorted); SegmentError if nothing is found."""
-    from uxnet.segment import SegmentError
-
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
-            if not found:
-                raise SegmentError(f"folder {str(item)!r} holds no .nii or .nii.gz files")
-            files.extend(found)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise SegmentError(f"input image {str(item)!r} does not exist or is not a file")
-    return files
-
-
-def output_paths(inputs: List[Path], output: str, single_file: bool) -> List[Path]:
-    """One output per input: ``output`` itself for one input file and a NIfTI name, else ``output/<input name>``."""
-    from uxnet.segment import SegmentError
-
-    out = Path(output)
-    if single_file and out.name.endswith(NIFTI_SUFFIXES) and not out.is_dir():
-        return [out]
-    if out.name.endswith(NIFTI_SUFFIXES) and not out.is_dir():
-        raise SegmentError(f"-o {output!r} is a file name, but there are {len(inputs)} inputs; give a folder")
-    names = [p.name for p in inputs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise SegmentError(f"several inputs share the file name(s) {duplicates}; their label maps would overwrite "
-                           f"each other in {output!r}")
-    return [out / name for name in names]
-
-
 def resolve_preprocessing(args, recorded):
     """The recorded preprocessing with the command-line overrides applied, and a note for the user (or None)."""
+    from uxnet.inference.segment import SegmentError, check_roi
     from uxnet.preprocessing import Preprocessing
-    from uxnet.segment import SegmentError, check_roi
 
     prep = recorded or Preprocessing()
     note = None
@@ -148,9 +106,10 @@ def run(args) -> int:
     import torch
 
     import uxnet_kernels as uk
-    from uxnet.bench.memory import PeakMemoryTracker
-    from uxnet.segment import Progress, SegmentError, check_roi, load_model_for_inference
-    from uxnet.segment import load_volume, save_labels, segment_image
+    from uxnet.inference.segment import (SegmentError, check_roi, collect_inputs, load_model_for_inference,
+                                         load_volume, output_paths, save_labels, segment_image)
+    from uxnet.memory.tracker import PeakMemoryTracker
+    from uxnet.progress import Progress
 
     try:
         inputs = collect_inputs(args.inputs)
@@ -167,7 +126,7 @@ def run(args) -> int:
             print(f"segment: note: {note}", file=sys.stderr)
         _log(args, f"segment: {len(inputs)} volume(s); preprocessing: {prep.describe()}; windows of {roi} on "
                    f"{device}, stitching on {stitch}")
-        progress = Progress(0, enabled=not args.quiet)
+        progress = Progress(0, "segment", "windows", enabled=not args.quiet)
         for index, (src, dst) in enumerate(zip(inputs, outputs), start=1):
             volume, image = load_volume(src)
             if volume.shape[0] != model.in_chans:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .timing import synchronize
+from ..timing import synchronize
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"

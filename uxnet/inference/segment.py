@@ -1,33 +1,65 @@
 """Sliding-window segmentation of NIfTI volumes with a UXNet checkpoint (``uxnet segment``; needs ``uxnet[monai]``).
 
 The volume is read with nibabel and preprocessed as the model was trained (``uxnet.preprocessing``, recorded in
-the checkpoint): reoriented and resampled to the training spacing (``uxnet.resampling``), intensity-windowed and
-normalised. It is cut into ROI windows that run on ``device`` in batches of ``sw_batch_size`` and blended with
-MONAI's ``sliding_window_inference`` (Gaussian importance weights). The blended class scores live on
-``stitch_device``: with ``"cpu"`` only the windows ever occupy accelerator memory, so a 512x512x300 CT needs about
-``sw_batch_size`` windows of activations on the GPU, while the host holds the volume and ``out_chans + 1`` float32
-score/weight maps (4 bytes x voxels each). The scores are resampled back onto the input grid (linear, then argmax;
-or the labels by nearest neighbour, see ``uxnet.resampling``), so the label map has the input's exact shape, and it
-is written with the input's affine and header (uint8, or int16 beyond 255 classes; no intensity scaling).
+the checkpoint): reoriented and resampled to the training spacing (``uxnet.inference.resampling``),
+intensity-windowed and normalised. It is cut into ROI windows that run on ``device`` in batches of
+``sw_batch_size`` and blended with MONAI's ``sliding_window_inference`` (Gaussian importance weights). The blended
+class scores live on ``stitch_device``: with ``"cpu"`` only the windows ever occupy accelerator memory, so a
+512x512x300 CT needs about ``sw_batch_size`` windows of activations on the GPU, while the host holds the volume and
+``out_chans + 1`` float32 score/weight maps (4 bytes x voxels each). The scores are resampled back onto the input
+grid (linear, then argmax; or the labels by nearest neighbour, see ``uxnet.inference.resampling``), so the label
+map has the input's exact shape, and it is written with the input's affine and header (uint8, or int16 beyond 255
+classes; no intensity scaling).
 """
 
-import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .model import SPATIAL_MULTIPLE, UXNet
-from .preprocessing import Preprocessing
+from ..io.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
+from ..networks.nets.uxnet import SPATIAL_MULTIPLE, UXNet
+from ..networks.reparam import TRAINING_ONLY_OPTIONS, reparameterize
+from ..preprocessing import Preprocessing, as_preprocessing
+from .nifti import NIFTI_SUFFIXES, nifti_files
 from .resampling import INVERT_MODES, ModelGrid
 
 
 class SegmentError(ValueError):
     """A problem with the inputs of a segmentation (file, image, checkpoint, options), stated for the user."""
+
+
+def collect_inputs(inputs: List[str]) -> List[Path]:
+    """Files as given, folders expanded to their .nii/.nii.gz files (sorted); SegmentError if nothing is found."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = nifti_files(item)
+            if not found:
+                raise SegmentError(f"folder {str(item)!r} holds no .nii or .nii.gz files")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise SegmentError(f"input image {str(item)!r} does not exist or is not a file")
+    return files
+
+
+def output_paths(inputs: List[Path], output: str, single_file: bool) -> List[Path]:
+    """One output per input: ``output`` itself for one input file and a NIfTI name, else ``output/<input name>``."""
+    out = Path(output)
+    if single_file and out.name.endswith(NIFTI_SUFFIXES) and not out.is_dir():
+        return [out]
+    if out.name.endswith(NIFTI_SUFFIXES) and not out.is_dir():
+        raise SegmentError(f"-o {output!r} is a file name, but there are {len(inputs)} inputs; give a folder")
+    names = [p.name for p in inputs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SegmentError(f"several inputs share the file name(s) {duplicates}; their label maps would overwrite "
+                           f"each other in {output!r}")
+    return [out / name for name in names]
 
 
 def load_volume(path) -> Tuple[torch.Tensor, "object"]:
@@ -84,28 +116,6 @@ def window_count(image_size: Sequence[int], roi: Sequence[int], overlap: float) 
         interval = r if r == size else max(int(r * (1 - overlap)), 1)
         total *= next(d for d in range(size + 1) if d * interval + r >= size) + 1
     return total
-
-
-class Progress:
-    """Counts windows and prints ``segment: i/N windows`` to a stream at most every ``every_s`` seconds."""
-
-    def __init__(self, total: int, stream=None, every_s: float = 2.0, enabled: bool = True):
-        self.stream, self.every_s, self.enabled = stream, every_s, enabled
-        self.restart(total)
-
-    def restart(self, total: int) -> None:
-        """Count a new volume's ``total`` windows from zero."""
-        self.total, self.done, self.start, self.last = total, 0, time.perf_counter(), -math.inf
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
-            self.last = now
-            elapsed = now - self.start
-            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-            print(f"segment: {self.done}/{self.total} windows, {elapsed:.0f} s elapsed, ~{eta:.0f} s left",
-                  file=self.stream or sys.stderr, flush=True)
 
 
 def check_roi(roi: Sequence[int]) -> Tuple[int, int, int]:
@@ -216,7 +226,7 @@ def segment_image(
     normalised (``preprocessing.apply_intensity``), segmented by :func:`predict_scores`, and the prediction is
     mapped back onto the input grid: ``invert="scores"`` resamples the class scores linearly and takes the argmax
     there, ``"labels"`` takes the argmax on the model grid and resamples labels by nearest neighbour (see
-    ``uxnet.resampling``). ``on_model_grid(shape, windows)`` is called once the model-grid shape is known.
+    ``uxnet.inference.resampling``). ``on_model_grid(shape, windows)`` is called once the model-grid shape is known.
     """
     if invert not in INVERT_MODES:
         raise SegmentError(f"--invert must be one of {INVERT_MODES}, got {invert!r}")
@@ -246,10 +256,6 @@ def load_model_for_inference(checkpoint) -> Tuple[UXNet, Optional[Preprocessing]
     """The checkpoint's UXNet in eval mode (re-parameterised into the plain model when it has training-time
     branches, a kernel prior or deep-supervision heads) and its recorded preprocessing (None for format-1
     checkpoints and bare state_dicts). Raises SegmentError for an unusable checkpoint."""
-    from .export import CheckpointError, model_from_checkpoint, read_checkpoint
-    from .preprocessing import as_preprocessing
-    from .reparam import TRAINING_ONLY_OPTIONS, reparameterize
-
     try:
         ckpt = read_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt, checkpoint)
@@ -260,5 +266,6 @@ def load_model_for_inference(checkpoint) -> Tuple[UXNet, Optional[Preprocessing]
     return model.eval(), as_preprocessing(ckpt["preprocessing"])
 
 
-__all__ = ["SegmentError", "Preprocessing", "SegmentResult", "load_volume", "save_labels", "segment_volume",
-           "segment_image", "predict_scores", "window_count", "Progress", "load_model_for_inference", "check_roi"]
+__all__ = ["SegmentError", "SegmentResult", "collect_inputs", "output_paths", "load_volume", "save_labels",
+           "segment_volume", "segment_image", "predict_scores", "window_count", "load_model_for_inference",
+           "check_roi"]

@@ -1,6 +1,6 @@
-"""Measured memory and time of one UXNet training step: what :mod:`uxnet.bench.memory_predict` predicts.
+"""Measured memory and time of one UXNet training step: what :mod:`uxnet.memory.planner` predicts.
 
-The step is :func:`uxnet.bench.train_step.training_step` on real tensors. The first step of a process (which also
+The step is :func:`uxnet.memory.step.training_step` on real tensors. The first step of a process (which also
 creates the gradients, the optimizer state and the process's one-time allocations: oneDNN primitives, thread
 pools, the CUDA context's workspaces) is measured separately from the second, the steady state of a training loop:
 
@@ -8,14 +8,14 @@ pools, the CUDA context's workspaces) is measured separately from the second, th
   so glibc serves every block of 64 KiB or more with ``mmap`` and unmaps it on free: the resident set then follows
   the live tensors and the peak is reproducible. The peak of a step is the growth of the resident-set high-water
   mark over it (``VmHWM`` reset to the current RSS through ``/proc/self/clear_refs``:
-  :class:`uxnet.bench.memory.PeakMemoryTracker`). ``ru_maxrss`` reads the same high-water mark but cannot be
+  :class:`uxnet.memory.tracker.PeakMemoryTracker`). ``ru_maxrss`` reads the same high-water mark but cannot be
   reset, so it only sees the first step.
 * CUDA: ``torch.cuda.max_memory_allocated`` over the step after ``reset_peak_memory_stats``: absolute (parameters,
   gradients, optimizer state and batch included, as the prediction's peak) and above the allocation at step start.
 
 Time: the median of ``repeats`` further steps (synchronised on CUDA).
 
-    python -m uxnet.bench.step_memory '{"kind": "uxnet", "roi": [64, 64, 64], "batch": 1, ...}'   # prints JSON
+    python -m uxnet.memory.measure '{"kind": "uxnet", "roi": [64, 64, 64], "batch": 1, ...}'   # prints JSON
 """
 
 import json
@@ -23,32 +23,27 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, Optional
 
 import torch
 
 import uxnet_kernels as uk
 
-from .memory import PeakMemoryTracker
-from .train_step import StepSpec, make_batch, make_optimizer, model_for, training_step
+from ..timing import interleaved, synchronize
+from .step import StepSpec, make_batch, make_optimizer, model_for, training_step
+from .tracker import PeakMemoryTracker
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _measured_step(spec: StepSpec, model, optimizer, x, labels, device: torch.device) -> Dict:
     """Peak of one step: {"step_bytes": above the start, "peak_bytes": absolute (CUDA) or None, "method"}."""
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         training_step(spec, model, optimizer, x, labels)
-        _sync(device)
+        synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"start_bytes": start, "peak_bytes": peak, "step_bytes": peak - start, "method": "cuda_max_allocated"}
     with PeakMemoryTracker(device) as tracker:
@@ -72,13 +67,8 @@ def measure_step(spec: StepSpec, repeats: int = 0, seed: int = 0) -> Dict:
     x, labels = make_batch(spec, device)
     first = _measured_step(spec, model, optimizer, x, labels, device)
     steady = _measured_step(spec, model, optimizer, x, labels, device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        training_step(spec, model, optimizer, x, labels)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    steps = {"step": lambda: training_step(spec, model, optimizer, x, labels)}
+    times = list(interleaved(steps, rounds=repeats, warmup=0, device=device)["step"].times_s)
     used = uk.backend_report(device)["last_used"]
     return {"spec": spec.as_dict(), "first": first, "steady": steady, "step_s": times,
             "step_s_median": statistics.median(times) if times else None,
@@ -93,7 +83,7 @@ def measure_in_subprocess(spec: StepSpec, repeats: int = 0, timeout: Optional[fl
     Raises:
         RuntimeError: the child failed (its stderr's tail is in the message)."""
     child_env = dict(os.environ, **MALLOC_ENV, **(env or {}))
-    cmd = [sys.executable, "-m", "uxnet.bench.step_memory", json.dumps(spec.as_dict()), "--repeats", str(repeats)]
+    cmd = [sys.executable, "-m", "uxnet.memory.measure", json.dumps(spec.as_dict()), "--repeats", str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"step measurement failed ({' '.join(cmd[:3])} ...): {proc.stderr[-2000:]}")

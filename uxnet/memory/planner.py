@@ -4,7 +4,7 @@ The model, optimizer state and batch are fake tensors (``torch._subclasses.FakeT
 its shape function (the ``uxnet_kernels`` custom ops their registered fakes, picked by the same dispatcher
 decision as for real tensors, which depends only on device and dtype), so predicting the default model at 128^3
 batch 2 takes seconds and no memory. One warm-up step creates the optimizer state, then one step
-(:func:`uxnet.bench.train_step.training_step`) is tracked:
+(:func:`uxnet.memory.step.training_step`) is tracked:
 
 * **saved activations**: the unique storages autograd saves for backward during the forward pass and the loss
   (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded, each counted once and attributed to the
@@ -16,7 +16,7 @@ batch 2 takes seconds and no memory. One warm-up step creates the optimizer stat
 * **peak**: the largest sum of live tensor storages after any op of the step, tracked by
   ``torch.distributed._tools.mem_tracker.MemTracker`` (parameters, gradients, optimizer state, batch, activations,
   backward temporaries; CUDA sizes rounded up to the allocator's 512 bytes), plus the temporary buffers ops keep
-  inside the call on the CPU (:func:`cpu_op_scratch_bytes`: PyTorch's convolutions, :mod:`uxnet.bench.conv_workspace`,
+  inside the call on the CPU (:func:`cpu_op_scratch_bytes`: PyTorch's convolutions, :mod:`uxnet.memory.conv_workspace`,
   and the projection the CPU block-tail op recomputes), and where it happened (phase and block).
 
 Not predicted: other memory kernels allocate internally without going through the dispatcher (half-precision
@@ -35,7 +35,7 @@ from torch import nn
 import uxnet_kernels as uk
 
 from .conv_workspace import conv_workspace_bytes
-from .train_step import StepSpec, make_optimizer, model_for, training_step
+from .step import StepSpec, make_optimizer, model_for, training_step
 
 LOSS_BLOCK = "loss"
 CUDA_EMULATION_NOTE = (
@@ -231,7 +231,7 @@ _SHORTCUT_OPS = {"instance_norm_add_lrelu": 2, "instance_norm_add_lrelu_inplace"
 
 def cpu_op_scratch_bytes(func, args, out=None) -> int:
     """Bytes a CPU op call keeps in buffers of its own next to its inputs and outputs: PyTorch's convolutions
-    (:func:`uxnet.bench.conv_workspace.conv_workspace_bytes`), and ``uxnet.instance_norm_add_lrelu`` (+ backward)
+    (:func:`uxnet.memory.conv_workspace.conv_workspace_bytes`), and ``uxnet.instance_norm_add_lrelu`` (+ backward)
     with a projection shortcut, whose CPU kernel recomputes the projection into one temporary the size of z
     (``csrc/cpu/instance_norm/op.cpp``)."""
     name = getattr(func, "_opname", "")

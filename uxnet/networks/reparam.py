@@ -2,11 +2,11 @@
 
 Training-time model (``UXNet(rep_branches=..., kernel_prior=...)``): each UX block's large-kernel depthwise conv
 computes ``conv(x, W * M) + sum_b [scale_b * conv_dil_b(x, w_b) + b_b]`` where ``M`` is the fixed kernel prior
-(:func:`kernel_prior_mask`) and each branch ``b`` is a small (dilated) depthwise conv.
+(``kernel_prior_mask``) and each branch ``b`` is a small (dilated) depthwise conv.
 
 Because every term is a zero-padded "same" depthwise conv centred on the same tap, the sum is ONE depthwise conv
 whose kernel is ``W * M`` plus each branch kernel dilated into its dense equivalent and zero-padded to the main
-kernel's size (:func:`merged_kernel`) -- equal everywhere, borders included. The block computes that merged kernel
+kernel's size (``merged_kernel``) -- equal everywhere, borders included. The block computes that merged kernel
 in every forward (a few thousand multiply-adds per channel) and runs a single ``dwconv3d``: one pass over the
 volume instead of 1 + len(branches), on the fast kernels, with the same gradients as separate branches (it is the
 same function of the same parameters).
@@ -17,8 +17,8 @@ pwconv2, the block LayerNorm affine into pwconv1, and the LayerNorm affine befor
 conv into that conv (no padding there). The stem's and stage outputs' LayerNorm affines feed zero-padded convs, so
 folding them would change border voxels; they are kept.
 
-The building blocks the model itself needs (branch specs, ``RepBranch``, the prior, :func:`merged_kernel`) live in
-``uxnet.rep_blocks`` and are re-exported here; this module imports the model, the model never imports this module.
+The building blocks the model itself needs (branch specs, ``RepBranch``, the prior, ``merged_kernel``) live in
+``uxnet.networks.blocks.rep_branches``; this module imports the model, the model never imports this module.
 """
 
 import copy
@@ -26,9 +26,7 @@ import copy
 import torch
 from torch import nn
 
-from .model import UXNet
-from .rep_blocks import (KERNEL_PRIORS, BranchSpec, RepBranch, dense_branch_kernel, kernel_prior_mask,  # noqa: F401
-                         merged_kernel, parse_branches)
+from .nets.uxnet import UXNet
 
 
 # ---- inference folds, all exact at volume borders ---------------------------------------------------------
@@ -128,6 +126,5 @@ def reparameterize(model: nn.Module, fold_norms: bool = True):
     return plain.to(device=param.device, dtype=param.dtype).eval()
 
 
-__all__ = ["BranchSpec", "RepBranch", "parse_branches", "kernel_prior_mask", "merged_kernel", "dense_branch_kernel",
-           "reparameterize", "plain_config", "unwrap", "fold_layer_scale", "fold_norm_into_grouped_pointwise",
-           "fold_norm_into_unpadded_conv", "KERNEL_PRIORS"]
+__all__ = ["reparameterize", "plain_config", "unwrap", "fold_layer_scale", "fold_norm_into_grouped_pointwise",
+           "fold_norm_into_unpadded_conv", "TRAINING_ONLY_OPTIONS"]

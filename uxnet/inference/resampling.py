@@ -20,8 +20,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..preprocessing import AXIS_LETTERS
+
 INVERT_MODES = ("scores", "labels")
-_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel affines map to RAS+ world coordinates
 
 
 class ModelGrid:
@@ -38,7 +39,7 @@ class ModelGrid:
 
         steps = []
         if orientation is not None:
-            steps.append(T.Orientation(axcodes=orientation, labels=_AXIS_LABELS))
+            steps.append(T.Orientation(axcodes=orientation, labels=AXIS_LETTERS))
         if spacing is not None:
             steps.append(T.Spacing(pixdim=tuple(spacing), mode="bilinear", padding_mode="border", dtype=torch.float32))
         self.transform = T.Compose(steps)

@@ -3,6 +3,13 @@
 A step is what a training loop repeats: ``optimizer.zero_grad(set_to_none=True)``, forward and cross-entropy loss
 (under ``torch.autocast`` with ``amp``), backward, ``optimizer.step()``. Everything runs under the model kind's
 ``uxnet_kernels`` backend (backward too: activation checkpointing re-runs forward ops there).
+
+The two models every comparison is about are built here (:func:`build_model`):
+
+* ``"uxnet"``: ``UXNet(**config)`` with the ``uxnet_kernels`` ops on the fastest backend (``"auto"``).
+* ``"official"``: the official model's computation in plain PyTorch, op for op: ``UXNet(**config,
+  fused_decoder=False)`` run on the ``"reference"`` backend (``F.conv3d(groups=C)``, the official LayerNorms,
+  grouped 1x1x1 convs and GELU, ``InstanceNorm3d`` + ``LeakyReLU`` and ``torch.cat`` in the decoder).
 """
 
 import contextlib
@@ -11,17 +18,19 @@ from typing import Callable, ContextManager, Dict, Optional, Sequence, Tuple, Un
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import uxnet_kernels as uk
 
-from ..checkpointing import checkpointing_mode
-from .models import MODEL_KINDS, build_model, model_backend
+from ..networks.activation_checkpointing import checkpointing_mode
+from ..networks.nets.uxnet import SPATIAL_MULTIPLE, UXNet
 
-SPATIAL_MULTIPLE = 16
+MODEL_KINDS = ("uxnet", "official")
+_BACKENDS: Dict[str, str] = {"uxnet": "auto", "official": "reference"}
 AMP_DTYPES = ("bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("cpu", "cuda")
-DEFAULT_CONFIG = dict(in_chans=1, out_chans=14)  # the paper's BTCV setting (flops.DEFAULT_MODEL)
+DEFAULT_CONFIG = dict(in_chans=1, out_chans=14)  # the paper's BTCV setting (uxnet.bench.flops.DEFAULT_MODEL)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,28 @@ def make_spec(kind: str = "uxnet", roi: Union[int, Sequence[int]] = 96, batch: i
     mode = checkpointing_mode(checkpointing)
     checkpointing = {"off": False, "selective": True, "full": "full"}[mode]
     return StepSpec(kind, as_roi(roi), batch, frozen, checkpointing, amp, device, optimizer)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+    return kind
+
+
+def build_model(kind: str, **config) -> nn.Module:
+    """``UXNet(**config)`` as model ``kind`` ("uxnet" or "official"); run it under ``use_backend(model_backend(kind))``.
+
+    Built on the current default device (wrap the call in ``with torch.device("meta"):`` to allocate nothing).
+    """
+    _check_kind(kind)
+    if kind == "official":
+        return UXNet(**config, fused_decoder=False)
+    return UXNet(**config)
+
+
+def model_backend(kind: str) -> str:
+    """The ``uxnet_kernels`` backend model ``kind`` runs on."""
+    return _BACKENDS[_check_kind(kind)]
 
 
 def model_for(spec: StepSpec) -> torch.nn.Module:

@@ -1,10 +1,8 @@
-"""Deep supervision for UXNet, as nnU-Net trains it: extra 1x1x1 output heads on the lower decoder scales, and a
-loss that weights the scales.
+"""Losses for UXNet: deep supervision as nnU-Net trains it.
 
-``UXNet(..., deep_supervision=True)`` holds a :class:`DeepSupervisionHeads` under ``deep_supervision_heads`` (keys
-``deep_supervision_heads.<i>.weight`` / ``.bias``, outside the official key space). In training mode its forward
-returns ``[full, 1/2, 1/4, 1/8]`` resolution logits; in eval mode the full-resolution tensor alone.
-:class:`DeepSupervisionLoss` turns such a list and one full-resolution label into one loss.
+:class:`DeepSupervisionLoss` turns the list of logits that ``UXNet(deep_supervision=True)`` returns in training mode
+(``[full, 1/2, 1/4, 1/8]`` resolution, from the heads in ``uxnet.networks.blocks.deep_supervision``) and one
+full-resolution label into one loss, weighting the scales.
 """
 
 from typing import Callable, List, Optional, Sequence, Union
@@ -14,24 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-class DeepSupervisionHeads(nn.ModuleList):
-    """One 1x1x1 conv with bias per lower decoder scale, ``in_channels[i] -> out_chans``.
-
-    Args:
-        in_channels: channels of the decoder feature maps, highest resolution first (1/2, 1/4, 1/8 of the input).
-        out_chans: classes.
-
-    Shapes:
-        forward(features): features[i] (N, in_channels[i], *S_i) -> list of (N, out_chans, *S_i).
-    """
-
-    def __init__(self, in_channels: Sequence[int], out_chans: int):
-        super().__init__([nn.Conv3d(c, out_chans, kernel_size=1, bias=True) for c in in_channels])
-
-    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        return [head(f) for head, f in zip(self, features)]
 
 
 def deep_supervision_weights(n: int) -> List[float]:
@@ -115,4 +95,4 @@ class DeepSupervisionLoss(nn.Module):
         return sum(w * loss for w, loss in zip(weights, losses))
 
 
-__all__ = ["DeepSupervisionHeads", "DeepSupervisionLoss", "deep_supervision_weights", "downsample_labels"]
+__all__ = ["DeepSupervisionLoss", "deep_supervision_weights", "downsample_labels"]

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import KernelSize, UXNet, as_kernel_3d
+from .kernel_size import KernelSize, as_kernel_3d
+from .nets.uxnet import UXNet
 from .reparam import reparameterize, unwrap
 
 UX_BLOCK_DWCONV_WEIGHT = re.compile(r"^uxnet_3d\.stages\.\d+\.\d+\.dwconv\.weight$")

@@ -1,25 +1,19 @@
-"""The training-time re-parameterisation building blocks that ``UXNet`` is made of: branch specs, ``RepBranch``,
+"""The training-time re-parameterisation building blocks a UX block is made of: branch specs, ``RepBranch``,
 the fixed kernel prior and ``merged_kernel`` (the one depthwise kernel a block applies).
 
-They live apart from ``uxnet.reparam`` (the inference folds and ``reparameterize``, which builds a ``UXNet``) so
-that ``uxnet.model`` imports only this module and never the module that imports the model.
+They live apart from ``uxnet.networks.reparam`` (the inference folds and ``reparameterize``, which builds a
+``UXNet``) so that the network imports only this module and never the module that imports the network.
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-KernelSize = Union[int, Sequence[int]]
+from ..kernel_size import KernelSize, as_kernel_3d
+
 KERNEL_PRIORS = ("distance",)
-
-
-def _kernel_3d(kernel_size: KernelSize, what: str) -> Tuple[int, int, int]:
-    ks = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
-    if len(ks) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2 == 1 for k in ks):
-        raise ValueError(f"UXNet: {what} must be an odd positive int or a 3-tuple of them, got {kernel_size!r}")
-    return ks
 
 
 class BranchSpec:
@@ -53,7 +47,7 @@ def parse_branches(rep_branches, main_kernel: Tuple[int, int, int]) -> List[Bran
         if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
             raise ValueError(f"UXNet: each rep_branches entry must be (kernel_size, dilation) or "
                              f"(kernel_size, dilation, scaled), got {entry!r}")
-        ks = _kernel_3d(entry[0], "rep_branches kernel_size")
+        ks = as_kernel_3d(entry[0], "rep_branches kernel_size")
         dilation = entry[1]
         if not isinstance(dilation, int) or isinstance(dilation, bool) or dilation < 1:
             raise ValueError(f"UXNet: rep_branches dilation must be a positive int, got {dilation!r} in {entry!r}")
@@ -96,7 +90,7 @@ def kernel_prior_mask(kernel_size: KernelSize, kind: str = "distance") -> torch.
     distances in tap units per axis. The centre tap is 1; the corners of a 7^3 kernel are 1 / (1 + sqrt(27))."""
     if kind not in KERNEL_PRIORS:
         raise ValueError(f"UXNet: kernel_prior must be None or one of {KERNEL_PRIORS}, got {kind!r}")
-    ks = _kernel_3d(kernel_size, "kernel_size")
+    ks = as_kernel_3d(kernel_size)
     axes = [torch.arange(k, dtype=torch.float64) - k // 2 for k in ks]
     dz, dy, dx = torch.meshgrid(*axes, indexing="ij")
     distance = torch.sqrt(dz ** 2 + dy ** 2 + dx ** 2)

@@ -7,109 +7,17 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-import uxnet_kernels as uk
 
-from .checkpointing import checkpointing_mode, run_checkpointed, run_keeping_convolutions
-from .decoder_blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
-from .deep_supervision import DeepSupervisionHeads
-from .rep_blocks import RepBranch, kernel_prior_mask, merged_kernel, parse_branches
+from ..activation_checkpointing import checkpointing_mode, run_checkpointed, run_keeping_convolutions
+from ..blocks.deep_supervision import DeepSupervisionHeads
+from ..blocks.rep_branches import kernel_prior_mask, parse_branches
+from ..blocks.unetr import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from ..blocks.ux_block import ChannelsFirstLayerNorm, UXBlock
+from ..kernel_size import KernelSize, as_kernel_3d
 
-KernelSize = Union[int, Sequence[int]]
 SPATIAL_MULTIPLE = 16
 UNETR_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder5",
                 "decoder5", "decoder4", "decoder3", "decoder2", "decoder1")
-
-
-def as_kernel_3d(kernel_size: KernelSize, what: str = "kernel_size") -> Tuple[int, int, int]:
-    """An odd (KD, KH, KW) from an int or a 3-sequence; ValueError otherwise."""
-    ks = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
-    if len(ks) != 3 or not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in ks):
-        raise ValueError(f"UXNet: {what} must be an odd positive int or a 3-tuple of them, got {kernel_size!r}")
-    return ks
-
-
-class ChannelsFirstLayerNorm(nn.Module):
-    """LayerNorm over dim 1 of (N, C, D, H, W); the official ``LayerNorm(data_format="channels_first")``."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return uk.layer_norm_channels_first(x, self.weight, self.bias, self.eps)
-
-
-class ChannelsLastLayerNorm(nn.Module):
-    """Holds the affine of the block's LayerNorm (official ``LayerNorm(channels_last)``); applied inside ux_mlp."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval mode or with rate 0)."""
-
-    def __init__(self, rate: float = 0.0):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class UXBlock(nn.Module):
-    """dwconv (k^3 depthwise) -> LayerNorm -> grouped 1x1x1 conv C->4C -> GELU -> grouped 1x1x1 conv 4C->C
-    -> layer scale -> drop path -> residual. Input and output: (N, C, D, H, W).
-
-    ``rep_branches`` and ``kernel_prior`` make the dwconv a training-time re-parameterised conv (see
-    ``uxnet.rep_blocks``); the branches live under ``rep_branches.<i>``, outside the official key space."""
-
-    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
-                 kernel_size: KernelSize = 7, rep_branches: Sequence = (), kernel_prior: Optional[str] = None):
-        super().__init__()
-        ks = as_kernel_3d(kernel_size)
-        self.dwconv = nn.Conv3d(dim, dim, kernel_size=ks, padding=tuple(k // 2 for k in ks), groups=dim)
-        self.rep_branches = nn.ModuleList([RepBranch(dim, spec) for spec in parse_branches(rep_branches, ks)])
-        # fixed, so not in the state_dict (which keeps the official keys); folded into dwconv by reparameterize.
-        # Kept in float64 (cast to the weight's dtype in forward) so float64 training sees the exact prior.
-        self.register_buffer("kernel_prior_mask",
-                             None if kernel_prior is None else kernel_prior_mask(ks, kernel_prior),
-                             persistent=False)
-        self.norm = ChannelsLastLayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Conv3d(dim, 4 * dim, kernel_size=1, groups=dim)
-        self.pwconv2 = nn.Conv3d(4 * dim, dim, kernel_size=1, groups=dim)
-        self.gamma = (
-            nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
-        )
-        self.drop_path = DropPath(drop_path)
-
-    def effective_kernel(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The one depthwise kernel and bias the block applies: dwconv's own for a plain block; otherwise
-        ``dwconv.weight * prior`` plus every branch merged in (recomputed each call, differentiable)."""
-        if self.kernel_prior_mask is None and len(self.rep_branches) == 0:
-            return self.dwconv.weight, self.dwconv.bias
-        return merged_kernel(self.dwconv.weight, self.dwconv.bias, self.kernel_prior_mask, list(self.rep_branches))
-
-    def large_kernel_conv(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.effective_kernel()
-        return uk.dwconv3d(x, weight, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.large_kernel_conv(x)
-        tail = (self.norm.weight, self.norm.bias, self.pwconv1.weight, self.pwconv1.bias,
-                self.pwconv2.weight, self.pwconv2.bias, self.gamma, self.norm.eps)
-        if self.training and self.drop_path.rate > 0.0:
-            return x + self.drop_path(uk.ux_mlp(y, None, *tail))
-        return uk.ux_mlp(y, x, *tail)
 
 
 class UXNetEncoder(nn.Module):
@@ -177,22 +85,23 @@ class UXNet(nn.Module):
         kernel_prior: None, or ``"distance"``: train the large kernel as ``W * M`` with the fixed per-tap scale
             ``M = 1 / (1 + distance from the centre)``. ``uxnet.reparameterize`` turns a model with branches or a
             prior into a plain one with the official state_dict.
-        activation_checkpointing: while training, trade compute for activation memory (``uxnet.checkpointing``).
-            ``True`` / ``"selective"``: recompute only what is cheap (the encoder stages, and each UNETR block's
-            conv1 + norm, so that the block keeps just its input and output). ``"full"``: recompute every encoder
-            stage and UNETR block whole from its inputs (about one extra forward). ``False``: off. Eval mode and
-            ``torch.no_grad`` are unaffected. Not part of the state_dict.
+        activation_checkpointing: while training, trade compute for activation memory
+            (``uxnet.networks.activation_checkpointing``). ``True`` / ``"selective"``: recompute only what is cheap
+            (the encoder stages, and each UNETR block's conv1 + norm, so that the block keeps just its input and
+            output). ``"full"``: recompute every encoder stage and UNETR block whole from its inputs (about one
+            extra forward). ``False``: off. Eval mode and ``torch.no_grad`` are unaffected. Not part of the
+            state_dict.
         fused_decoder: run the norms and activations of the UNETR blocks (``encoder1..5``, ``decoder1..5``) as the
             memory-lean ``uxnet_kernels`` ops ``instance_norm_lrelu`` / ``instance_norm_add_lrelu``, feed the up
             blocks' skip connections without ``torch.cat``, fold the full-resolution up block's transposed conv into
-            its conv1 (CPU) and run the output 1x1x1 conv as a matrix product (see ``uxnet.decoder_blocks``; the
+            its conv1 (CPU) and run the output 1x1x1 conv as a matrix product (see ``uxnet.networks.blocks.unetr``; the
             same map up to rounding). All but the output rewrite apply only to a plain
             instance norm (``norm_name="instance"``, the paper's); any other ``norm_name`` (batch, group, instance
             with affine) runs the MONAI-equivalent modules as before. ``False`` gives the official model's
             computation, op for op. Not part of the state_dict.
         deep_supervision: add 1x1x1 output heads on the decoder outputs at 1/2, 1/4 and 1/8 resolution
-            (``uxnet.deep_supervision``; keys ``deep_supervision_heads.*``). In training mode the forward then
-            returns a list of logits, full resolution first; train it with ``uxnet.DeepSupervisionLoss``.
+            (``uxnet.networks.blocks.deep_supervision``; keys ``deep_supervision_heads.*``). In training mode the
+            forward then returns a list of logits, full resolution first; train it with ``uxnet.DeepSupervisionLoss``.
 
     Shapes:
         input (N, in_chans, D, H, W) with D, H, W multiples of 16 -> output (N, out_chans, D, H, W); with
@@ -323,4 +232,4 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["UXNet", "UXBlock", "UXNetEncoder", "ChannelsFirstLayerNorm", "count_parameters", "as_kernel_3d"]
+__all__ = ["UXNet", "UXNetEncoder", "count_parameters", "SPATIAL_MULTIPLE"]

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .nifti import nifti_files
 from .resampling import voxel_spacing
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_TOLERANCE_MM = 1e-3  # NIfTI stores affines in float32: same grid, rounding apart
 
 
@@ -130,9 +130,7 @@ def pair_inputs(paths: Sequence[str]) -> List[Tuple[Path, Path]]:
         if not pred.is_dir():
             pairs.append((pred, label))
             continue
-        preds, labels = (
-            {p.name: p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)}
-            for folder in (pred, label))
+        preds, labels = ({p.name: p for p in nifti_files(folder)} for folder in (pred, label))
         if not labels:
             raise EvaluationError(f"folder {str(label)!r} holds no .nii or .nii.gz files")
         missing = sorted(set(labels) - set(preds))

@@ -1,0 +1,1 @@
+"""Model files: the uxnet checkpoint format (``checkpoint``) and inference export (``export``)."""

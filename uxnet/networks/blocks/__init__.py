@@ -1,0 +1,1 @@
+"""The blocks the networks are built of."""
