@@ -61,3 +61,30 @@ def write_official(root, n_train: int = 4, n_val: int = 2, size: int = 32, seed:
             _write_case(root / f"images{split}", root / f"labels{split}", f"c{split}{i:02d}_0000", rng, size, 25.0,
                         label_name=f"c{split}{i:02d}")
     return root
+
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+# a few seconds per run on 2 cores: 32^3 volumes at 1.5 mm, 32x32x16 crops, the tiny model, no memory planning
+FAST = ["--spacing", "1.5", "1.5", "1.5", "--roi", "32", "32", "16", "--crops-per-volume", "1", "--budget", "off",
+        "--workers", "0", "--log-every", "1", "--lr", "3e-3", "--no-tensorboard", *TINY_MODEL]
+
+
+def cli_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def run_cli(args, timeout=180, check=True):
+    """``python -m uxnet.cli ARGS`` in a subprocess; the CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "uxnet.cli", *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, env=cli_env(), cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"uxnet {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout[-3000:]}"
+                             f"\n{result.stderr[-3000:]}")
+    return result

@@ -180,10 +180,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
         f"{len(val_cases)} validation cases ({split_how}); classes {list(class_names)}; checked in "
         f"{time.perf_counter() - t0:.1f} s")
     shapes = _resampled_shapes(report, recipe.spacing)
-    largest = [max(s[a] for s in shapes) for a in range(3)]
-    if any(r > m for r, m in zip(recipe.roi, largest)):
-        raise TrainError(f"--roi {list(recipe.roi)} is bigger than every volume (largest after resampling to "
-                         f"{recipe.spacing} mm: {largest}); choose a smaller --roi")
+    # volumes are padded to the ROI; a ROI that overshoots every volume by a whole multiple of 16 on some axis
+    # trains mostly on padding
+    if all(any(r >= n + 16 for r, n in zip(recipe.roi, shape)) for shape in shapes):
+        largest = [max(s[a] for s in shapes) for a in range(3)]
+        raise TrainError(f"--roi {list(recipe.roi)} is bigger than every volume (largest extent per axis after "
+                         f"resampling to {recipe.spacing} mm: {largest}); choose a smaller --roi")
 
     config = model_config(cfg, ds.in_chans, len(class_names), say)
     # ---- plan
