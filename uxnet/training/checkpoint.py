@@ -98,8 +98,19 @@ def load_last(run_dir) -> dict:
     return state
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def fingerprint_diff(saved: dict, current: dict) -> List[str]:
     """Lines naming every setting that differs between a run's saved fingerprint and the current one."""
+    saved, current = _flatten(saved), _flatten(current)
     lines = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
@@ -110,6 +121,15 @@ def fingerprint_diff(saved: dict, current: dict) -> List[str]:
             else:
                 lines.append(f"{key}: {a!r} then, {b!r} now")
     return lines
+
+
+def remove_stale_temporaries(run_dir) -> None:
+    """Temporary files of writes a killed process never finished."""
+    for tmp in Path(run_dir).glob(".*.pt.tmp-*"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def init_weights(model, path) -> Tuple[List[str], List[str], List[str]]:
@@ -152,5 +172,5 @@ def init_config(path) -> Optional[dict]:
         raise TrainError(f"--init: {exc}") from None
 
 
-__all__ = ["atomic_write", "training_state", "save_last", "save_best", "load_last", "fingerprint_diff",
+__all__ = ["atomic_write", "remove_stale_temporaries", "training_state", "save_last", "save_best", "load_last", "fingerprint_diff",
            "init_weights", "init_config", "set_rng_states", "LAST", "BEST"]

@@ -224,6 +224,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
     state = None
     if cfg.resume:
         state = ckpt.load_last(cfg.resume)
+        ckpt.remove_stale_temporaries(cfg.resume)
         diff = ckpt.fingerprint_diff(state["fingerprint"], fp)
         if diff:
             raise TrainError(f"--resume {cfg.resume}: the run was made with a different configuration:\n  "

@@ -37,11 +37,12 @@ def validate(model: torch.nn.Module, loader, roi: Sequence[int], num_classes: in
 
     stitch_device = torch.device(stitch_device or device)
     metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+    param_dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     try:
         for batch in loader:
-            image = batch["image"].to(stitch_device if stitch_device.type == "cpu" else device)
+            image = batch["image"].to(stitch_device if stitch_device.type == "cpu" else device, dtype=param_dtype)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 scores = sliding_window_inference(image, tuple(roi), sw_batch, model, overlap=overlap,
                                                   mode="gaussian", sw_device=device, device=stitch_device)
