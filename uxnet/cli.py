@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": "per-class Dice and 95% Hausdorff distance of label maps against references",
     "convert": "grow a checkpoint's depthwise kernels to a larger size (UpKern-style)",
     "memory": "predict the memory of one training step without allocating it",
+    "train": "train UXNet on an MSD or official-layout NIfTI dataset (official recipe, resumable, DDP)",
 }
 
 
