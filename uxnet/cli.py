@@ -1,4 +1,4 @@
-"""The ``uxnet`` command line: ``uxnet info | bench | export | segment | evaluate | convert | memory``.
+"""The ``uxnet`` command line: ``uxnet info | bench | memory | train | segment | evaluate | export | convert``.
 
 Each subcommand lives in ``uxnet/commands/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their command runs, so ``uxnet info`` stays fast.

@@ -79,6 +79,13 @@ def families() -> Tuple[str, ...]:
     return tuple(_FAMILIES)
 
 
+def family(name: str) -> OpFamily:
+    """The registered family of op ``name``."""
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown op {name!r}; known: {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
 class _State:
     backend = "auto"
 

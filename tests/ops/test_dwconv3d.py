@@ -521,8 +521,8 @@ def test_triton_backend_dispatch_and_report():
     backend = dispatch.get_backend_instance("triton")
     assert backend.available() == (True, "")
     probe = torch.empty(1, 1, 1, 1, 1, device=TRITON_DEVICE)
-    assert backend.supports("dwconv3d", probe) == (True, "")
-    ok, why = backend.supports("dwconv3d", probe.double())
+    assert dispatch.family("dwconv3d").verdict("triton", probe) == (True, "")
+    ok, why = dispatch.family("dwconv3d").verdict("triton", probe.double())
     assert not ok and "float64" in why
     x, w, b = triton_dev(dwconv3d_args(TRITON_SHAPE, (3, 3, 3)))
     with uk.use_backend("triton"):

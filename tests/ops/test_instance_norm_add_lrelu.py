@@ -742,8 +742,8 @@ def test_triton_backend_dispatch():
     z, r = (tensor(TRITON_SHAPE).to(TRITON_DEVICE) for _ in range(2))
     with uk.use_backend("triton"):
         out = uk.instance_norm_add_lrelu(z, r)
-    assert backend.supports("instance_norm_add_lrelu", probe) == (True, "")
-    ok, why = backend.supports("instance_norm_add_lrelu", probe.double())
+    assert dispatch.family("instance_norm_add_lrelu").verdict("triton", probe) == (True, "")
+    ok, why = dispatch.family("instance_norm_add_lrelu").verdict("triton", probe.double())
     assert not ok and "float64" in why
     assert uk.backend_report()["last_used"][f"instance_norm_add_lrelu@{TRITON_DEVICE}"] == "triton"
     assert_close_rel(out.cpu(), reference.instance_norm_add_lrelu(z.cpu().double(), r.cpu().double()),

@@ -394,8 +394,8 @@ def test_triton_backend_dispatch():
     z = tensor(TRITON_SHAPE, torch.float32).to(TRITON_DEVICE)
     with uk.use_backend("triton"):
         out = uk.instance_norm_lrelu(z)
-    assert backend.supports("instance_norm_lrelu", probe) == (True, "")
-    ok, why = backend.supports("instance_norm_lrelu", probe.double())
+    assert dispatch.family("instance_norm_lrelu").verdict("triton", probe) == (True, "")
+    ok, why = dispatch.family("instance_norm_lrelu").verdict("triton", probe.double())
     assert not ok and "float64" in why
     assert uk.backend_report()["last_used"][f"instance_norm_lrelu@{TRITON_DEVICE}"] == "triton"
     assert_close_rel(out.cpu(), reference.instance_norm_lrelu(z.cpu().double()), torch.float32, "instance_norm_lrelu")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from uxnet import save_checkpoint
-from uxnet.export import CheckpointError, read_checkpoint
+from uxnet.io.checkpoint import CheckpointError, read_checkpoint
 
 from . import TrainError
 

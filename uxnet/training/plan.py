@@ -17,9 +17,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from uxnet.bench.memory_predict import predict_step
-from uxnet.bench.memory_report import parse_size
-from uxnet.bench.train_step import make_spec
+from uxnet.memory.planner import predict_step
+from uxnet.memory.report import parse_size
+from uxnet.memory.step import make_spec
 
 from . import TrainError
 
