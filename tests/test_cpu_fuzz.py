@@ -6,7 +6,6 @@ records the 10,000-case runs."""
 
 import os
 
-import pytest
 from conftest import CPU_ISAS, SESSION_CPU_ISA, cpu_isa_unavailable, require_compiled
 
 import cpu_fuzz

@@ -2,7 +2,6 @@
 same weights as one process training on the concatenated batch (instance norm is per sample, so splitting the batch
 is exact; drop path is 0)."""
 
-import os
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES, randn, rel_error, to_layout
+from conftest import TOLERANCES, randn, rel_error
 from uxnet import UXNet
 from uxnet.networks.blocks.rep_branches import kernel_prior_mask
 from uxnet.networks.blocks.ux_block import UXBlock

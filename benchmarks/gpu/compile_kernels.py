@@ -24,7 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from uxnet_kernels.triton import dwconv3d as dw  # noqa: E402
 from uxnet_kernels.triton import instance_norm as inorm  # noqa: E402
-from uxnet_kernels.triton import layer_norm as ln  # noqa: E402
+from uxnet_kernels.triton import layer_norm_channels_first as ln  # noqa: E402
 from uxnet_kernels.triton import ux_mlp as mlp  # noqa: E402
 
 _F32_PARAMS = ("w_ptr", "b_ptr", "lnw_ptr", "lnb_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "gamma_ptr",
@@ -63,7 +63,7 @@ def cases(dtypes, layouts):
             yield mlp.ux_mlp_fwd_kernel, dtype, dict(HAS_RESIDUAL=True, HAS_GAMMA=True, CHANNELS_LAST=cl,
                                                       BLOCK_V=8, BLOCK_C=64), 4
             yield mlp.ux_mlp_bwd_kernel, dtype, dict(HAS_GAMMA=cl, CHANNELS_LAST=cl, BLOCK_V=4, BLOCK_C=64), 4
-            # instance norm: the GPU tiles of triton/ops.py (_instance_grid), 16 tiles per reduction chunk
+            # instance norm: the GPU tiles of triton/instance_norm.py (_instance_grid), 16 tiles per reduction chunk
             tile = dict(CHANNELS_LAST=cl, BLOCK_V=16 if cl else 1024, BLOCK_C=64 if cl else 1)
             yield inorm.instance_norm_stats_kernel, dtype, dict(TILES=16, **tile), 4
             for residual in (0, 2):

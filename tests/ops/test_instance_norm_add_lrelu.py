@@ -737,7 +737,6 @@ def test_triton_opcheck():
 
 @pytest.mark.triton
 def test_triton_backend_dispatch():
-    backend = dispatch.get_backend_instance("triton")
     probe = torch.empty(1, 1, 1, 1, 1, device=TRITON_DEVICE)
     z, r = (tensor(TRITON_SHAPE).to(TRITON_DEVICE) for _ in range(2))
     with uk.use_backend("triton"):

@@ -389,7 +389,6 @@ def test_triton_opcheck():
 
 @pytest.mark.triton
 def test_triton_backend_dispatch():
-    backend = dispatch.get_backend_instance("triton")
     probe = torch.empty(1, 1, 1, 1, 1, device=TRITON_DEVICE)
     z = tensor(TRITON_SHAPE, torch.float32).to(TRITON_DEVICE)
     with uk.use_backend("triton"):

@@ -79,11 +79,12 @@ class OpCase:
 
 
 def backend_verdict(impl: str, op: str, dtype: torch.dtype, layout: str, device: str) -> Tuple[bool, str]:
-    """Whether ``impl`` serves ``op`` for such inputs (the backend's own ``supports`` answer)."""
+    """Whether ``impl`` serves ``op`` for such inputs (the op family's verdict: backend available, input supported,
+    kernel present)."""
     if impl == TORCH:
         return True, ""
     probe = _layout(torch.empty((1, 2, 3, 3, 3), dtype=dtype, device=device), layout)
-    return dispatch.get_backend_instance(impl).supports(op, probe)
+    return dispatch.family(op).verdict(impl, probe)
 
 
 def op_cases(size: Size, device: str = "cpu", dtypes: Optional[Sequence[str]] = None,
@@ -122,7 +123,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _op_args(case: OpCase, device: str) -> Tuple[torch.Tensor, ...]:
     """Fresh random inputs of the op, as a UX block feeds it (weights contiguous, activations in the layout)."""
-    dt, (n, c, *sp) = case.torch_dtype, case.shape
+    dt, c = case.torch_dtype, case.shape[1]
     grad = case.mode == "fwd+bwd"
 
     def act():

@@ -22,8 +22,8 @@ def skip_reason(case: Case, size: Size, include_slow: bool = False) -> str:
         if case.device == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
         if is_slow_reference(case, size) and not include_slow:
-            return (f"PyTorch reference takes minutes per call at this size here; include it with "
-                    f"--uxnet-include-slow / UXNET_BENCH_SLOW=1 (pytest) or --include-slow (uxnet bench)")
+            return ("PyTorch reference takes minutes per call at this size here; include it with "
+                    "--uxnet-include-slow / UXNET_BENCH_SLOW=1 (pytest) or --include-slow (uxnet bench)")
         ok, why = backend_verdict(case.impl, case.op, case.torch_dtype, case.layout, case.device)
         return "" if ok else f"backend {case.impl!r} cannot serve it: {why}"
     ok, why = auto_verdict(case)

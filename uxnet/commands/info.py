@@ -110,5 +110,8 @@ def run(args) -> int:
         for name, state in rep["backends"].items():
             print(f"  {name:9s} {'available' if state['available'] else 'unavailable: ' + state['reason']}")
         for op, name in rep["would_use"].items():
-            print(f"  {op:26s} -> {name}")
+            declined = rep["declined"].get(op, {})
+            # A backend that is unavailable as a whole is explained once above; only op-specific reasons here.
+            why = [f"{b}: {r}" for b, r in declined.items() if rep["backends"][b]["available"]]
+            print(f"  {op:26s} -> {name}" + (f"  (declined: {'; '.join(why)})" if why else ""))
     return 0
