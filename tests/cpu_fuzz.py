@@ -8,7 +8,7 @@ a NaN or +-Inf in x or in a weight. It runs the forward and every gradient (thro
 backward ops too) and compares each with the reference ops run in float64 on the same rounded inputs (the truth):
 
 - non-finite values must sit at exactly the positions where the truth has them;
-- on the finite positions, float32 / bfloat16 results pass the tests' rule (tests/test_cpu_ln_mlp.py): within
+- on the finite positions, float32 / bfloat16 results pass the tests' rule (tests/ops/checks.py): within
   the dtype's tolerance of the truth (||kernel - truth|| <= tol ||truth||, tol = 1e-5 / 1e-2 as in
   conftest.TOLERANCES), or, where that is out of reach because the result is ill-conditioned, no further from
   the truth than twice PyTorch's own error in that dtype (the flash-attention rule): ||kernel - truth|| <=

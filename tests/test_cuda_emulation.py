@@ -4,7 +4,7 @@ No GPU exists on the development machines or in CI, so the CUDA kernels run here
 CUDA execution model (tests/cpp/cuda_emulation/cuda_emulation.h: one real thread per CUDA thread, real barriers, warp
 shuffles, NaN-filled shared memory and outputs) and are checked in float32 and float64 against direct formulas and
 finite differences (tests/cpp/cuda_emulation/emulate_kernels.cpp). The host wrappers (csrc/cuda/<op>/op.cu) are
-exercised by tests/test_ops.py on a machine with a GPU.
+exercised by tests/ops/ on a machine with a GPU.
 """
 
 import os
