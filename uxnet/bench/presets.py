@@ -96,8 +96,8 @@ def _dedupe(specs):
 # A narrow UXNet (same architecture, 1/4 of the width) so that a CPU training step takes seconds, not minutes.
 SMALL_MODEL = dict(in_chans=1, out_chans=14, feat_size=(12, 24, 48, 96), hidden_size=192)
 
-_ISSUE3_FWD = [(1, c, s, s, s) for (_, c, s, _, _) in stage_shapes(96, 1)]  # stage shapes of a 96^3 patch, N=1
-_ISSUE3_FWDBWD = [(1, 48, 32, 32, 32), (1, 96, 16, 16, 16)]
+_DW_FWD_STAGES_96 = [(1, c, s, s, s) for (_, c, s, _, _) in stage_shapes(96, 1)]  # stage shapes of a 96^3 patch, N=1
+_DW_FWDBWD_FIRST_STAGES = [(1, 48, 32, 32, 32), (1, 96, 16, 16, 16)]  # the first two stages at a 32^3 patch
 
 SIZES: Dict[str, Size] = {
     # pytest benchmarks/ default: every op case at a 32^3 patch (batch 1); dwconv3d fwd+bwd at k >= 13 at the
@@ -107,7 +107,7 @@ SIZES: Dict[str, Size] = {
         _dedupe(_dw("fwd", stage_shapes(32, 1), (3, 7, 13, 21))
                 + _dw("fwd+bwd", stage_shapes(32, 1), (3, 7))
                 + _dw("fwd+bwd", stage_shapes(16, 1), (13, 21))
-                + _dw("fwd", _ISSUE3_FWD, (7,)) + _dw("fwd+bwd", _ISSUE3_FWDBWD, (7,))
+                + _dw("fwd", _DW_FWD_STAGES_96, (7,)) + _dw("fwd+bwd", _DW_FWDBWD_FIRST_STAGES, (7,))
                 + _norm_ops(stage_shapes(64, 1)) + _decoder_ops([(1, 48, 64, 64, 64)])),
         (model_spec("uxnet-small", 32, 1, **SMALL_MODEL),),
         ("float32",), budget_s=0.5, min_rounds=3, max_rounds=20,
@@ -119,7 +119,7 @@ SIZES: Dict[str, Size] = {
     "paper": Size(
         "paper",
         _dedupe(_dw("fwd", stage_shapes(96, 2), (3, 7, 13, 21)) + _dw("fwd+bwd", stage_shapes(96, 2), (3, 7, 13, 21))
-                + _dw("fwd", _ISSUE3_FWD, (7,)) + _dw("fwd+bwd", _ISSUE3_FWDBWD, (7,))
+                + _dw("fwd", _DW_FWD_STAGES_96, (7,)) + _dw("fwd+bwd", _DW_FWDBWD_FIRST_STAGES, (7,))
                 + _norm_ops(stage_shapes(96, 2)) + _decoder_ops([(2, 48, 96, 96, 96)])),
         (model_spec("uxnet", 96, 2, **DEFAULT_MODEL),),
         ("float32", "bfloat16"), budget_s=1.0, min_rounds=5, max_rounds=100,
