@@ -1,5 +1,7 @@
 """`uxnet segment`: sliding-window inference on NIfTI volumes, label maps with the input's geometry, clear errors."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ pytest.importorskip("monai")
 
 from uxnet import UXNet  # noqa: E402
 from uxnet import cli  # noqa: E402
-from uxnet.inference.segment import segment_volume, window_count  # noqa: E402
+from uxnet.inference.segment import STAGES, segment_volume, window_count  # noqa: E402
 from uxnet.io.checkpoint import save_checkpoint  # noqa: E402
 from uxnet.preprocessing import Preprocessing  # noqa: E402
 
@@ -82,6 +84,11 @@ def test_multi_window_keeps_geometry_and_header(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert window_count((40, 36, 20), (32, 32, 16), 0.25) == 8  # 2 x 2 x 2 windows
     assert "8/8 windows" in err and "stitching on cpu" in err
+    stages = re.search(r"seconds per stage: (.*) \(total ([\d.]+) s\)", err)
+    assert stages, err
+    named = dict((name, float(t)) for name, t in (part.split() for part in stages.group(1).split(", ")))
+    assert set(named) == set(STAGES) and all(t >= 0 for t in named.values())
+    assert named["network"] > 0 and abs(sum(named.values()) - float(stages.group(2))) < 0.02
 
 
 def test_window_count_matches_monai():

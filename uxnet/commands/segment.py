@@ -106,8 +106,9 @@ def run(args) -> int:
     import torch
 
     import uxnet_kernels as uk
-    from uxnet.inference.segment import (SegmentError, check_roi, collect_inputs, load_model_for_inference,
-                                         load_volume, output_paths, save_labels, segment_image)
+    from uxnet.inference.segment import (SegmentError, StageClock, check_roi, collect_inputs,
+                                         load_model_for_inference, load_volume, output_paths, save_labels,
+                                         segment_image)
     from uxnet.memory.tracker import PeakMemoryTracker
     from uxnet.progress import Progress
 
@@ -128,7 +129,10 @@ def run(args) -> int:
                    f"{device}, stitching on {stitch}")
         progress = Progress(0, "segment", "windows", enabled=not args.quiet)
         for index, (src, dst) in enumerate(zip(inputs, outputs), start=1):
-            volume, image = load_volume(src)
+            clock = StageClock()
+            start = time.perf_counter()
+            with clock.stage("load"):
+                volume, image = load_volume(src)
             if volume.shape[0] != model.in_chans:
                 raise SegmentError(f"{str(src)!r} has {volume.shape[0]} channel(s) but the checkpoint's model "
                                    f"expects in_chans={model.in_chans}")
@@ -139,21 +143,22 @@ def run(args) -> int:
                 grid = (f"resampled {in_shape} -> {shape} voxels" if prep.resamples else f"{shape} voxels")
                 _log(args, f"{tag}: {grid}, {windows} windows")
 
-            start = time.perf_counter()
             with contextlib.ExitStack() as stack:  # peak host memory, and the accelerator's when there is one
                 devices = [torch.device("cpu")] + ([device] if device.type != "cpu" else [])
                 trackers = [stack.enter_context(PeakMemoryTracker(d)) for d in devices]
                 stack.enter_context(uk.use_backend(args.backend))
                 result = segment_image(model, volume, image.affine, prep, roi, args.overlap, args.sw_batch_size,
                                        device, stitch, amp=args.amp, invert=args.invert, progress=progress.update,
-                                       on_model_grid=on_model_grid)
-                path = save_labels(result.labels, image, dst)
+                                       on_model_grid=on_model_grid, clock=clock)
+                with clock.stage("write"):
+                    path = save_labels(result.labels, image, dst)
             elapsed = time.perf_counter() - start
             peaks = ", ".join(f"{t.device.type} {t.result}" for t in trackers)
             counts = torch.bincount(result.labels.flatten(), minlength=model.out_chans).tolist()
             names = prep.class_names or [str(i) for i in range(len(counts))]
             per_label = ", ".join(f"{n}: {c}" for n, c in zip(names, counts))
             _log(args, f"{tag}: wrote {path} in {elapsed:.1f} s, peak memory {peaks}; voxels per label {{{per_label}}}")
+            _log(args, f"{tag}: seconds per stage: {clock.describe()}")
     except SegmentError as exc:
         return _fail(str(exc))
     except ValueError as exc:  # e.g. an unknown --backend, bad shapes caught by uxnet_kernels

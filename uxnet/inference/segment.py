@@ -12,9 +12,11 @@ map has the input's exact shape, and it is written with the input's affine and h
 classes; no intensity scaling).
 """
 
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +31,36 @@ from .resampling import INVERT_MODES, ModelGrid
 
 class SegmentError(ValueError):
     """A problem with the inputs of a segmentation (file, image, checkpoint, options), stated for the user."""
+
+
+STAGES = ("load", "resample", "intensity", "network", "stitch", "invert", "write")
+
+
+class StageClock:
+    """Wall time per stage of segmenting one volume (:data:`STAGES`), in seconds. ``network`` is the time inside
+    the model's forward passes (synchronised on CUDA); ``stitch`` is the rest of MONAI's sliding window: cutting
+    windows, Gaussian blending and moving scores to the stitch device."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, device: Optional[torch.device] = None) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def describe(self) -> str:
+        total = sum(self.seconds.values())
+        parts = [f"{name} {self.seconds[name]:.2f}" for name in STAGES if name in self.seconds]
+        return f"{', '.join(parts)} (total {total:.2f} s)"
 
 
 def collect_inputs(inputs: List[str]) -> List[Path]:
@@ -154,13 +186,15 @@ def predict_scores(
     stitch_device: Optional[torch.device] = None,
     amp: bool = False,
     progress: Optional[Callable[[int], None]] = None,
+    clock: Optional[StageClock] = None,
 ) -> torch.Tensor:
     """The (out_chans, X, Y, Z) float32 blended class scores (logits) of a preprocessed (C, X, Y, Z) volume, on
     ``stitch_device``.
 
     Windows of size ``roi`` run on ``device`` ``sw_batch_size`` at a time; their scores are blended with Gaussian
     weights on ``stitch_device`` (default: ``device``). ``amp`` runs the windows under ``torch.autocast`` (bfloat16
-    on CPU, float16 on CUDA). ``progress(n)`` is called after each batch of ``n`` windows.
+    on CPU, float16 on CUDA). ``progress(n)`` is called after each batch of ``n`` windows. ``clock`` receives the
+    time of the forward passes ("network") and of the rest of the sliding window ("stitch").
     """
     from monai.inferers import sliding_window_inference
 
@@ -179,18 +213,26 @@ def predict_scores(
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     model = model.to(device).eval()
 
+    clock = clock if clock is not None else StageClock()
+    network_before = clock.seconds.get("network", 0.0)
+
     def predictor(windows: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with clock.stage("network", device), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             scores = model(windows)
         if progress is not None:
             progress(windows.shape[0])
         return scores.float()
 
+    start = time.perf_counter()
     with torch.inference_mode():
         scores = sliding_window_inference(
             volume[None], roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
             sw_device=device, device=stitch_device,
         )
+    if stitch_device.type == "cuda":
+        torch.cuda.synchronize(stitch_device)
+    network = clock.seconds.get("network", 0.0) - network_before
+    clock.add("stitch", max(0.0, time.perf_counter() - start - network))
     return scores[0]
 
 
@@ -203,6 +245,7 @@ class SegmentResult:
     model_shape: Tuple[int, int, int]
     model_spacing: Optional[Tuple[float, float, float]]
     windows: int
+    stages: Dict[str, float] = field(default_factory=dict)
 
 
 def segment_image(
@@ -219,6 +262,7 @@ def segment_image(
     invert: str = "scores",
     progress: Optional[Callable[[int], None]] = None,
     on_model_grid: Optional[Callable[[Tuple[int, ...], int], None]] = None,
+    clock: Optional[StageClock] = None,
 ) -> SegmentResult:
     """Segment a raw (C, X, Y, Z) volume with voxel-to-world ``affine`` (4, 4) as the model was trained.
 
@@ -227,29 +271,35 @@ def segment_image(
     mapped back onto the input grid: ``invert="scores"`` resamples the class scores linearly and takes the argmax
     there, ``"labels"`` takes the argmax on the model grid and resamples labels by nearest neighbour (see
     ``uxnet.inference.resampling``). ``on_model_grid(shape, windows)`` is called once the model-grid shape is known.
+    The result's ``stages`` holds the seconds per stage (:class:`StageClock`; pass ``clock`` to add "load" and
+    "write" around this call).
     """
     if invert not in INVERT_MODES:
         raise SegmentError(f"--invert must be one of {INVERT_MODES}, got {invert!r}")
+    clock = clock if clock is not None else StageClock()
     prep = preprocessing or Preprocessing()
     grid = ModelGrid(prep.spacing, prep.orientation) if prep.resamples else None
-    model_volume = grid.to_model(volume, affine) if grid is not None else volume
-    x = prep.apply_intensity(model_volume.as_tensor() if grid is not None else model_volume)
+    with clock.stage("resample"):
+        model_volume = grid.to_model(volume, affine) if grid is not None else volume
+    with clock.stage("intensity"):
+        x = prep.apply_intensity(model_volume.as_tensor() if grid is not None else model_volume)
     shape = tuple(x.shape[1:])
     windows = window_count(shape, check_roi(roi), overlap)
     if on_model_grid is not None:
         on_model_grid(shape, windows)
-    scores = predict_scores(model, x, roi, overlap, sw_batch_size, device, stitch_device, amp, progress)
-    if grid is None:
-        labels = scores.argmax(0)
-    elif invert == "scores":
-        labels = grid.scores_to_input(scores, model_volume).argmax(0)
-    else:
-        labels = grid.labels_to_input(scores.argmax(0), model_volume)
+    scores = predict_scores(model, x, roi, overlap, sw_batch_size, device, stitch_device, amp, progress, clock)
+    with clock.stage("invert", scores.device):
+        if grid is None:
+            labels = scores.argmax(0)
+        elif invert == "scores":
+            labels = grid.scores_to_input(scores, model_volume).argmax(0)
+        else:
+            labels = grid.labels_to_input(scores.argmax(0), model_volume)
     if tuple(labels.shape) != tuple(volume.shape[1:]):
         raise RuntimeError(f"segment: the prediction came back with shape {tuple(labels.shape)}, not the input's "
                            f"{tuple(volume.shape[1:])}")
     spacing = None if prep.spacing is None else tuple(prep.spacing)
-    return SegmentResult(labels.cpu(), shape, spacing, windows)
+    return SegmentResult(labels.cpu(), shape, spacing, windows, dict(clock.seconds))
 
 
 def load_model_for_inference(checkpoint) -> Tuple[UXNet, Optional[Preprocessing]]:
@@ -266,6 +316,6 @@ def load_model_for_inference(checkpoint) -> Tuple[UXNet, Optional[Preprocessing]
     return model.eval(), as_preprocessing(ckpt["preprocessing"])
 
 
-__all__ = ["SegmentError", "SegmentResult", "collect_inputs", "output_paths", "load_volume", "save_labels",
+__all__ = ["SegmentError", "SegmentResult", "StageClock", "STAGES", "collect_inputs", "output_paths", "load_volume", "save_labels",
            "segment_volume", "segment_image", "predict_scores", "window_count", "load_model_for_inference",
            "check_roi"]
