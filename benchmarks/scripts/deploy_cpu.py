@@ -15,7 +15,8 @@ Routes (all with the same weights: the official model's state_dict, loaded into 
 * ``uxnet torch.compile fp32``: the same under ``torch.compile`` with inductor freezing (the ``uxnet::`` ops stay
   in the graph: what an AOTInductor package with the custom ops would run);
 * ``uxnet AOTInductor fp32``: ``torch.export`` (under the default backend setting the exported graph holds the
-  reference ops) compiled by ``torch._inductor.aoti_compile_and_package`` and run by ``aoti_load_package``.
+  reference ops) compiled by ``torch._inductor.aoti_compile_and_package`` (under ``torch.no_grad()``, with
+  ``freezing``) and run by ``aoti_load_package``.
 
 Per route: median time over ``--rounds`` interleaved rounds (``uxnet.timing.interleaved``), ratio of the official
 eager median to it (> 1: faster), argmax agreement and max abs error of the logits against a float64 run of the
@@ -136,10 +137,12 @@ def build_routes(official, plain, x, threads, workdir):
         return run
 
     def uxnet_aoti():
+        # Compiled without grad and with freezing: inductor then folds the weights and uses oneDNN's prepacked
+        # convolutions (with grad enabled, freezing is skipped and the package calls aten convolutions, ~4x slower).
         with torch.no_grad():
             program = torch.export.export(plain, (x,))
-        path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(workdir, "uxnet.pt2"),
-                                                        inductor_configs={"freezing": True})
+            path = torch._inductor.aoti_compile_and_package(
+                program, package_path=os.path.join(workdir, "uxnet.pt2"), inductor_configs={"freezing": True})
         runner = torch._inductor.aoti_load_package(path)
 
         def run():
