@@ -102,7 +102,8 @@ _state = _State()
 _last_used: Dict[Tuple[str, str], str] = {}
 _recorders: List[Dict[str, str]] = []
 _warned = set()
-_export_declined: Dict[str, Dict[str, str]] = {}  # op -> {backend: reason} of the latest call traced by an exporter
+# (op, device type) -> {backend: reason} of the latest call traced by an exporter under "auto"
+_export_declined: Dict[Tuple[str, str], Dict[str, str]] = {}
 
 
 def get_backend_instance(name: str) -> Backend:
@@ -182,7 +183,7 @@ def _exporting_reason(exporter: str) -> str:
 def _note_export(op: str, device_type: str, exporter: str) -> None:
     why = _exporting_reason(exporter)
     if not torch.compiler.is_dynamo_compiling():  # strict torch.export drops Python side effects anyway
-        _export_declined[op] = {name: why for name in AUTO_ORDER.get(device_type, ()) if name != "reference"}
+        _export_declined[(op, device_type)] = {name: why for name in AUTO_ORDER.get(device_type, ()) if name != "reference"}
         for recorder in _recorders:
             recorder[f"{op}@{device_type}"] = "reference"
         if logger.isEnabledFor(logging.DEBUG):
@@ -229,7 +230,7 @@ def backend_report(device=None, dtype=torch.float32) -> Dict[str, object]:
     Returns a dict with ``"setting"`` (the current backend setting), ``"backends"`` (name -> {"available",
     "reason"}), ``"would_use"`` (op -> backend name for a (1, 1, 1, 1, 1) tensor on ``device``), ``"declined"``
     (op -> {backend: reason} for each candidate that would not serve it; for an op traced by an exporter under
-    "auto", each fast backend it declined there, with the reason "exporting (...)", until the next export) and
+    "auto", each fast backend it declined there, with the reason "exporting (...)", as of the latest export) and
     ``"last_used"`` ("op@device" -> backend of the most recent eager call).
     """
     device = torch.device(device if device is not None else "cpu")
@@ -247,7 +248,7 @@ def backend_report(device=None, dtype=torch.float32) -> Dict[str, object]:
                             for name in _candidates(probe.device.type) if name != "reference"}
             continue
         if _state.backend == "auto":
-            declined[op].update(_export_declined.get(op, {}))
+            declined[op].update(_export_declined.get((op, probe.device.type), {}))
         for name in _candidates(probe.device.type):
             if name == "reference":
                 break
