@@ -14,6 +14,14 @@ implementation's verdict are decided at import, so :func:`select` only reads att
 dtype, which ``torch.compile`` traces without graph breaks. Every decision is logged at DEBUG on the
 ``uxnet_kernels.dispatch`` logger and the last backend used per (op, device type) is kept for ``backend_report()``.
 Nothing here holds tensors or streams, so the ops are safe under DDP and multi-threaded data loading.
+
+Exporting: under ``"auto"``, a call traced by an exporter (:func:`exporting`: ``torch.export`` and what is built on
+it, ``torch.onnx.export`` (dynamo or TorchScript), ``torch.jit.trace``) runs the family's ``reference``, so the
+exported graph holds standard PyTorch ops only: ONNX translates them, the TorchScript ONNX exporter and AOTInductor
+run them, and the artefact needs no uxnet at deployment. ``torch.compile`` is not exporting and keeps the fast
+backends. The reason ("exporting (...)") is logged and kept for ``backend_report()["declined"]``. An explicitly
+requested backend (``use_backend("cpu")``) is honoured while exporting too: the graph then holds ``uxnet::`` ops,
+for programs run where ``uxnet_kernels`` is loaded.
 """
 
 import contextlib
@@ -94,6 +102,8 @@ _state = _State()
 _last_used: Dict[Tuple[str, str], str] = {}
 _recorders: List[Dict[str, str]] = []
 _warned = set()
+# (op, device type) -> {backend: reason} of the latest call traced by an exporter under "auto"
+_export_declined: Dict[Tuple[str, str], Dict[str, str]] = {}
 
 
 def get_backend_instance(name: str) -> Backend:
@@ -153,10 +163,42 @@ def _candidates(device_type: str) -> Tuple[str, ...]:
     return AUTO_ORDER.get(device_type, ()) if requested == "auto" else (requested,)
 
 
+def exporting() -> str:
+    """The exporter tracing the current call ("" when none): "torch.export" (also under ``torch.onnx.export``'s
+    default dynamo exporter and AOTInductor, which trace with it), "torch.onnx.export" (TorchScript exporter) or
+    "torch.jit.trace". ``torch.compile`` is not exporting. Traceable by dynamo without graph breaks."""
+    if torch.compiler.is_compiling():
+        return "torch.export" if torch.compiler.is_exporting() else ""
+    if torch.onnx.is_in_onnx_export():
+        return "torch.onnx.export"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    return ""
+
+
+def _exporting_reason(exporter: str) -> str:
+    return f"exporting ({exporter}): exported graphs hold the reference ops"
+
+
+def _note_export(op: str, device_type: str, exporter: str) -> None:
+    why = _exporting_reason(exporter)
+    if not torch.compiler.is_dynamo_compiling():  # strict torch.export drops Python side effects anyway
+        _export_declined[(op, device_type)] = {name: why for name in AUTO_ORDER.get(device_type, ()) if name != "reference"}
+        for recorder in _recorders:
+            recorder[f"{op}@{device_type}"] = "reference"
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s on %s: backend reference (requested auto); %s", op, device_type, why)
+
+
 def select(family: OpFamily, x: torch.Tensor) -> Implementation:
     """The implementation of ``family`` that serves main input ``x`` under the current setting."""
     requested = _state.backend
     device_type = x.device.type
+    if requested == "auto":
+        exporter = exporting()
+        if exporter:
+            _note_export(family.name, device_type, exporter)
+            return family.implementations["reference"]
     reasons = []
     for name in _candidates(device_type):
         if name == "reference":
@@ -187,8 +229,9 @@ def backend_report(device=None, dtype=torch.float32) -> Dict[str, object]:
 
     Returns a dict with ``"setting"`` (the current backend setting), ``"backends"`` (name -> {"available",
     "reason"}), ``"would_use"`` (op -> backend name for a (1, 1, 1, 1, 1) tensor on ``device``), ``"declined"``
-    (op -> {backend: reason} for each candidate that would not serve it) and ``"last_used"`` ("op@device" ->
-    backend of the most recent eager call).
+    (op -> {backend: reason} for each candidate that would not serve it; for an op traced by an exporter under
+    "auto", each fast backend it declined there, with the reason "exporting (...)", as of the latest export) and
+    ``"last_used"`` ("op@device" -> backend of the most recent eager call).
     """
     device = torch.device(device if device is not None else "cpu")
     backends = {}
@@ -197,8 +240,15 @@ def backend_report(device=None, dtype=torch.float32) -> Dict[str, object]:
         backends[name] = {"available": ok, "reason": why}
     probe = _probe(device, dtype)
     would_use, declined = {}, {}
+    exporter = exporting() if _state.backend == "auto" else ""
     for op, family in _FAMILIES.items():
         would_use[op], declined[op] = "reference", {}
+        if exporter:
+            declined[op] = {name: _exporting_reason(exporter)
+                            for name in _candidates(probe.device.type) if name != "reference"}
+            continue
+        if _state.backend == "auto":
+            declined[op].update(_export_declined.get((op, probe.device.type), {}))
         for name in _candidates(probe.device.type):
             if name == "reference":
                 break
