@@ -48,7 +48,8 @@ def test_matrix_command_lists_every_stack():
 def test_matrix_tests_exist():
     for path in versions.MATRIX_TESTS:
         full = os.path.join(ROOT, path)
-        assert os.path.isfile(full) or (os.path.isdir(full) and any(n.startswith("test_") for n in os.listdir(full))), path
+        is_test_folder = os.path.isdir(full) and any(n.startswith("test_") for n in os.listdir(full))
+        assert os.path.isfile(full) or is_test_folder, path
 
 
 def test_setup_script_installs_the_current_stack():

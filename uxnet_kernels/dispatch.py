@@ -183,7 +183,8 @@ def _exporting_reason(exporter: str) -> str:
 def _note_export(op: str, device_type: str, exporter: str) -> None:
     why = _exporting_reason(exporter)
     if not torch.compiler.is_dynamo_compiling():  # strict torch.export drops Python side effects anyway
-        _export_declined[(op, device_type)] = {name: why for name in AUTO_ORDER.get(device_type, ()) if name != "reference"}
+        fast = [name for name in AUTO_ORDER.get(device_type, ()) if name != "reference"]
+        _export_declined[(op, device_type)] = {name: why for name in fast}
         for recorder in _recorders:
             recorder[f"{op}@{device_type}"] = "reference"
         if logger.isEnabledFor(logging.DEBUG):

@@ -138,8 +138,9 @@ def main(argv=None):
 
     from uxnet.memory.tracker import PeakMemoryTracker
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"CT {tuple(args.shape)} at {tuple(args.spacing)} mm -> {tuple(args.target)} mm, overlap {args.overlap}, "
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; CT {tuple(args.shape)} at "
+          f"{tuple(args.spacing)} mm -> {tuple(args.target)} mm, overlap {args.overlap}, "
           f"ROI {args.roi}, feat_size {tuple(args.feat_size)}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

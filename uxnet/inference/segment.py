@@ -316,6 +316,6 @@ def load_model_for_inference(checkpoint) -> Tuple[UXNet, Optional[Preprocessing]
     return model.eval(), as_preprocessing(ckpt["preprocessing"])
 
 
-__all__ = ["SegmentError", "SegmentResult", "StageClock", "STAGES", "collect_inputs", "output_paths", "load_volume", "save_labels",
-           "segment_volume", "segment_image", "predict_scores", "window_count", "load_model_for_inference",
+__all__ = ["SegmentError", "SegmentResult", "StageClock", "STAGES", "collect_inputs", "output_paths", "load_volume",
+           "save_labels", "segment_volume", "segment_image", "predict_scores", "window_count", "load_model_for_inference",
            "check_roi"]
