@@ -238,9 +238,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
                                                         indent=2, default=str))
 
     # ---- model, loss, optimizer
-    import uxnet_kernels  # noqa: F401  (registers the ops before the model is built)
     from monai.losses import DiceCELoss
 
+    import uxnet_kernels  # noqa: F401  (registers the ops before the model is built)
     from uxnet import DeepSupervisionLoss, UXNet
 
     torch.manual_seed(cfg.seed)
@@ -317,7 +317,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
                 loss.backward()
                 optimizer.step()
             scheduler.step()
-            loss_value = float(loss.detach())
+            if world > 1:  # the logged loss: the mean over the ranks, as one process with the global batch logs it
+                reduced = loss.detach().clone()
+                _dist().all_reduce(reduced)
+                loss_value = float(reduced) / world
+            else:
+                loss_value = float(loss.detach())
             it += 1
             if not math.isfinite(loss_value) and scaler is None:
                 raise TrainError(f"the loss became {loss_value} at iteration {it}; lower --lr or check the data")

@@ -9,7 +9,7 @@ batch ``B``.
 """
 
 import threading
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import numpy as np
 import torch
