@@ -247,9 +247,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
     model = UXNet(**config, activation_checkpointing=plan.checkpointing)
     if cfg.init and state is None:
         kept, replaced, absent = ckpt.init_weights(model, cfg.init)
-        say(f"--init {cfg.init}: kept {len(kept)} tensors" + (f"; new heads for {len(class_names)} classes: "
-                                                              f"{replaced}" if replaced else "")
-            + (f"; freshly initialised (not in the checkpoint): {absent}" if absent else ""))
+        total = len(model.state_dict())
+        say(f"--init {cfg.init}: kept {len(kept)} of {total} tensors ({ckpt.describe_keys(kept)})"
+            + (f"; replaced for {len(class_names)} classes (other class count in the checkpoint): "
+               f"{', '.join(replaced)}" if replaced else "")
+            + (f"; freshly initialised (not in the checkpoint): {', '.join(absent)}" if absent else "")
+            + f"; every key listed in {run_dir / ckpt.INIT_KEYS}")
+        if rank == 0:
+            (run_dir / ckpt.INIT_KEYS).write_text(json.dumps(
+                {"checkpoint": str(cfg.init), "kept": kept, "replaced": replaced, "absent": absent}, indent=1))
     model = model.to(device=device, dtype=torch.float64 if cfg.dtype == "float64" else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, recipe.iterations))
