@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
     mod.add_argument("--depths", type=int, nargs=4, metavar="D")
     mod.add_argument("--kernel-size", type=int)
     mod.add_argument("--rep-branches", type=int, nargs="+", metavar="K,D",
-                     help="training-time branches as pairs of kernel size and dilation, e.g. 3 1 5 2")
+                     help="training-time branches as pairs of kernel size and dilation, e.g. 3 1 3 2 (each spans at "
+                     "most --kernel-size)")
     mod.add_argument("--deep-supervision", action="store_true", help="extra heads at 1/2, 1/4, 1/8 "
                      "(uxnet.DeepSupervisionLoss)")
     mod.add_argument("--drop-path", type=float, help="stochastic depth rate (0)")

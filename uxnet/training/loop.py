@@ -109,6 +109,18 @@ def model_config(cfg: TrainConfig, in_chans: int, out_chans: int, say) -> dict:
     return config
 
 
+def check_model_config(config: dict) -> None:
+    """Build the model on the meta device (no memory, no time) so bad model options fail before anything is
+    written; TrainError with UXNet's own message."""
+    from uxnet import UXNet
+
+    try:
+        with torch.device("meta"):
+            UXNet(**config)
+    except (TypeError, ValueError) as exc:
+        raise TrainError(f"model options: {exc}") from None
+
+
 def _resampled_shapes(report, target_spacing) -> List[tuple]:
     if target_spacing is None:
         return list(report.shapes)
@@ -188,6 +200,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
                          f"resampling to {recipe.spacing} mm: {largest}); choose a smaller --roi")
 
     config = model_config(cfg, ds.in_chans, len(class_names), say)
+    check_model_config(config)
     # ---- plan
     budget = parse_budget(cfg.budget) if cfg.budget is not None else None
     budget_source = "--budget" if budget is not None else "--budget off"
