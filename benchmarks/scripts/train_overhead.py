@@ -8,7 +8,8 @@ the model built exactly as ``uxnet train`` builds it. ``uxnet train``: the same 
 ``--workers`` thread workers, validation and checkpoints out of the timed steps (``step_s`` of ``train.csv``, which
 counts from asking the loader for the batch to the end of the optimizer step, data wait included). Rounds
 alternate (bare, train, bare, train, ...) so both see the same machine load; the first ``--warmup`` steps of each
-are dropped. Reported: the median step of each and their ratio.
+are dropped. Reported: the median step of each, their ratio, and the ratio per round (a round's two runs
+follow each other, so they see the most similar load) with its median.
 """
 
 import argparse
@@ -93,7 +94,7 @@ def main(argv=None):
 
     tmp = tempfile.mkdtemp()
     data = write_msd(os.path.join(tmp, "data"), n=args.volumes, size=args.size)
-    bare, inside, waits = [], [], []
+    bare, inside, waits, paired = [], [], [], []
     for r in range(args.rounds):
         b = bare_steps(args, args.steps)[args.warmup:]
         run_dir = os.path.join(tmp, f"run{r}")
@@ -102,13 +103,15 @@ def main(argv=None):
             waits += [float(row["data_wait_s"]) for row in list(csv.DictReader(f))[args.warmup:]]
         bare += b
         inside += t[args.warmup:]
+        paired.append(statistics.median(t[args.warmup:]) / statistics.median(b))
         print(f"round {r}: bare {statistics.median(b) * 1000:.0f} ms, uxnet train "
               f"{statistics.median(t[args.warmup:]) * 1000:.0f} ms", flush=True)
     mb, mt = statistics.median(bare), statistics.median(inside)
     print(f"median step over {len(bare)} steps each: bare {mb * 1000:.0f} ms, uxnet train {mt * 1000:.0f} ms "
           f"(data wait median {statistics.median(waits) * 1000:.1f} ms); uxnet train / bare = {mt / mb:.3f} "
           f"({args.workers} thread worker(s), torch threads {torch.get_num_threads()}, ROI {args.roi}^3, "
-          f"batch {args.batch})")
+          f"batch {args.batch}); per round (train / bare of the same round): "
+          f"{', '.join(f'{p:.2f}' for p in paired)}, median {statistics.median(paired):.3f}")
 
 
 if __name__ == "__main__":
