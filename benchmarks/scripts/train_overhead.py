@@ -9,7 +9,8 @@ the model built exactly as ``uxnet train`` builds it. ``uxnet train``: the same 
 counts from asking the loader for the batch to the end of the optimizer step, data wait included). Rounds
 alternate (bare, train, bare, train, ...) so both see the same machine load; the first ``--warmup`` steps of each
 are dropped. Reported: the median step of each, their ratio, and the ratio per round (a round's two runs
-follow each other, so they see the most similar load) with its median.
+follow each other, so they see the most similar load) with its median. Wall times suffer from other jobs on a shared machine; the CPU time per step (the
+process's, every thread, ``cpu_s`` in ``train.csv``) less so, and it charges the data workers to the step.
 """
 
 import argparse
@@ -59,16 +60,17 @@ def bare_steps(args, n):
     loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
     x = torch.rand(args.batch, 1, *(args.roi,) * 3)
     y = torch.randint(0, 4, (args.batch, 1, *(args.roi,) * 3))
-    times = []
+    times, cpu = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
         float(loss.detach())
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 def train_steps(args, data, n, run_dir):
@@ -83,7 +85,8 @@ def train_steps(args, data, n, run_dir):
                          save_every=10**6, tensorboard=False, log_every=1, threads=args.threads)
     train(config, out=lambda *a: None)
     with open(os.path.join(run_dir, "train.csv")) as f:
-        return [float(r["step_s"]) for r in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    return [float(r["step_s"]) for r in rows], [float(r["cpu_s"]) for r in rows]
 
 
 def main(argv=None):
@@ -94,24 +97,32 @@ def main(argv=None):
 
     tmp = tempfile.mkdtemp()
     data = write_msd(os.path.join(tmp, "data"), n=args.volumes, size=args.size)
-    bare, inside, waits, paired = [], [], [], []
+    bare, inside, waits, paired, bare_cpu, inside_cpu = [], [], [], [], [], []
     for r in range(args.rounds):
-        b = bare_steps(args, args.steps)[args.warmup:]
+        b, bc = bare_steps(args, args.steps)
+        b, bc = b[args.warmup:], bc[args.warmup:]
         run_dir = os.path.join(tmp, f"run{r}")
-        t = train_steps(args, data, args.steps, run_dir)
+        t, tc = train_steps(args, data, args.steps, run_dir)
+        bare_cpu += bc
+        inside_cpu += tc[args.warmup:]
         with open(os.path.join(run_dir, "train.csv")) as f:
             waits += [float(row["data_wait_s"]) for row in list(csv.DictReader(f))[args.warmup:]]
         bare += b
         inside += t[args.warmup:]
         paired.append(statistics.median(t[args.warmup:]) / statistics.median(b))
         print(f"round {r}: bare {statistics.median(b) * 1000:.0f} ms, uxnet train "
-              f"{statistics.median(t[args.warmup:]) * 1000:.0f} ms", flush=True)
+              f"{statistics.median(t[args.warmup:]) * 1000:.0f} ms; CPU time per step: bare "
+          f"{statistics.median(bc) * 1000:.0f} ms, uxnet train {statistics.median(tc[args.warmup:]) * 1000:.0f} ms",
+          flush=True)
     mb, mt = statistics.median(bare), statistics.median(inside)
     print(f"median step over {len(bare)} steps each: bare {mb * 1000:.0f} ms, uxnet train {mt * 1000:.0f} ms "
           f"(data wait median {statistics.median(waits) * 1000:.1f} ms); uxnet train / bare = {mt / mb:.3f} "
           f"({args.workers} thread worker(s), torch threads {torch.get_num_threads()}, ROI {args.roi}^3, "
           f"batch {args.batch}); per round (train / bare of the same round): "
           f"{', '.join(f'{p:.2f}' for p in paired)}, median {statistics.median(paired):.3f}")
+    mbc, mtc = statistics.median(bare_cpu), statistics.median(inside_cpu)
+    print(f"median CPU time per step (every thread of the process, so the data workers count): bare "
+          f"{mbc * 1000:.0f} ms, uxnet train {mtc * 1000:.0f} ms; uxnet train / bare = {mtc / mbc:.3f}")
 
 
 if __name__ == "__main__":

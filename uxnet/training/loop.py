@@ -318,7 +318,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
     try:
         batches = iter(loader)
         while it < recipe.iterations:
-            t_start = time.perf_counter()
+            t_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
             if on_device:
                 batch = collate_crops(augment_on(device_chain, batch, device))
@@ -347,7 +347,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
                 raise TrainError(f"the loss became {loss_value} at iteration {it}; lower --lr or check the data")
             t_end = time.perf_counter()
             log.step(it, loss_value, scheduler.get_last_lr()[0], t_end - t_start, t_data - t_start,
-                     int(x.shape[0]))
+                     int(x.shape[0]), cpu_s=time.process_time() - cpu_start)
             if it % recipe.val_every == 0 or it == recipe.iterations:
                 if rank == 0:
                     v0 = time.perf_counter()
