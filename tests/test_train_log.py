@@ -54,3 +54,11 @@ def test_other_ranks_write_nothing(tmp_path):
     out = io.StringIO()
     _run(tmp_path, out, enabled=False)
     assert out.getvalue() == "" and list(tmp_path.iterdir()) == []
+
+
+def test_resumed_log_keeps_the_columns_of_its_file(tmp_path):
+    (tmp_path / "train.csv").write_text("iteration,loss,step_s\n1,0.9,0.5\n")
+    log = RunLog(tmp_path, NAMES, total=2, start=1, tensorboard=False, every=1, stream=io.StringIO())
+    log.step(2, 0.8, 1e-4, 0.4, 0.1, 2, cpu_s=0.7)
+    log.close()
+    assert (tmp_path / "train.csv").read_text().splitlines() == ["iteration,loss,step_s", "1,0.9,0.5", "2,0.8,0.4"]

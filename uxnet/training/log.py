@@ -18,6 +18,9 @@ class CsvLog:
         self.path = Path(path)
         self.header = list(header)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if not fresh:  # a resumed run keeps the columns its file has (a run begun by another uxnet version)
+            with open(self.path, newline="") as f:
+                self.header = next(csv.reader(f), None) or self.header
         self._file = open(self.path, "a", newline="")
         self._writer = csv.writer(self._file)
         if fresh:
