@@ -80,7 +80,11 @@ def setup_distributed(device_kind: str):
         return 0, 1, torch.device(device_kind if device_kind != "auto" else ("cuda" if use_cuda else "cpu"))
     dist = _dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # the other ranks wait at a barrier while rank 0 validates: allow a long validation (default timeout 30 min)
+        import datetime
+
+        minutes = float(os.environ.get("UXNET_DIST_TIMEOUT_MIN", "180"))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
     rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)
