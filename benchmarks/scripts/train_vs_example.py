@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="uxnet train's data workers")
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flip-prob", type=float, default=0.0, help="uxnet train --flip-prob (the example flips at 0.5)")
     p.add_argument("--sequential", action="store_true", help="run the example, then uxnet train")
     p.add_argument("--dir", help="working folder (default: a temporary one)")
     p.add_argument("--json", help="write the results here")
@@ -72,7 +73,7 @@ def main(argv=None):
               str(args.steps), "--overlap", "0.25", "--sw-batch", "4", "--feat-size", "8", "16", "32", "64",
               "--hidden-size", "64", "--depths", "1", "1", "1", "1", "--kernel-size", "7", "--budget", "off",
               "--workers", str(args.workers), "--threads", str(args.threads), "--seed", str(args.seed),
-              "--no-tensorboard", "--log-every", "20"]
+              "--no-tensorboard", "--log-every", "20", "--flip-prob", str(args.flip_prob)]
     print("example:", " ".join(ex_cmd[1:]), "\nuxnet:  ", " ".join(ux_cmd[2:]), flush=True)
     walls, procs = {}, {}
     logs = {n: open(os.path.join(work, f"{n}.log"), "w") for n in ("example", "uxnet")}
