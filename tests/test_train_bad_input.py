@@ -99,6 +99,7 @@ CASES = [
     ("explicit-flags-do-not-fit", "msd", None, ["--budget", "20MB", "--roi", "32", "32", "32", "--batch", "4"],
      "explicitly set: --roi, --batch"),
     ("bad-budget", "msd", None, ["--budget", "lots"], "--budget"),
+    ("flip-prob-out-of-range", "msd", None, ["--flip-prob", "1.5"], "--flip-prob must be in [0, 1]"),
     ("bad-model-options", "msd", None, ["--rep-branches", "5", "2"], "model options: UXNet: rep branch (5, 2)"),
 ]
 
