@@ -2,6 +2,7 @@
 ``uxnet segment`` and ``uxnet evaluate`` on the trained best.pt; the official layout with --dry-run; splits."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def test_msd_train_then_segment_and_evaluate(tmp_path):
     assert prep["class_names"] == ["background", "liver_like", "kidney_like", "fat_like"]
     assert prep["roi_size"] == [32, 32, 16]
 
-    image, label = data / "imagesTr" / "case_000.nii.gz", data / "labelsTr" / "case_000.nii.gz"
+    case = json.loads((run / "config.json").read_text())["fingerprint"]["val_cases"][0]  # as the README does
+    image, label = data / "imagesTr" / case, data / "labelsTr" / case
     seg = tmp_path / "seg.nii.gz"
     run_cli(["segment", run / "best.pt", image, "-o", seg, "--quiet"])
     import nibabel as nib

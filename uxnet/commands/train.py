@@ -39,6 +39,8 @@ def add_arguments(parser) -> None:
     rec.add_argument("--roi", type=int, nargs="+", metavar="N", help="crop size: 1 or 3 multiples of 16 (96)")
     rec.add_argument("--batch", type=int, help="volumes per process and step (1)")
     rec.add_argument("--crops-per-volume", type=int, help="random crops per volume (2)")
+    rec.add_argument("--flip-prob", type=float, help="random flip per axis with this probability (0: the official "
+                     "recipe has none)")
     rec.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
     rec.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01)")
     rec.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
@@ -52,7 +54,8 @@ def add_arguments(parser) -> None:
     mod.add_argument("--depths", type=int, nargs=4, metavar="D")
     mod.add_argument("--kernel-size", type=int)
     mod.add_argument("--rep-branches", type=int, nargs="+", metavar="K,D",
-                     help="training-time branches as pairs of kernel size and dilation, e.g. 3 1 5 2")
+                     help="training-time branches as pairs of kernel size and dilation, e.g. 3 1 3 2 (each spans at "
+                     "most --kernel-size)")
     mod.add_argument("--deep-supervision", action="store_true", help="extra heads at 1/2, 1/4, 1/8 "
                      "(uxnet.DeepSupervisionLoss)")
     mod.add_argument("--drop-path", type=float, help="stochastic depth rate (0)")
@@ -94,7 +97,8 @@ def config_from_args(args):
         if len(args.roi) not in (1, 3):
             raise TrainError(f"--roi takes 1 or 3 sizes, got {args.roi}")
         roi = tuple(args.roi * 3 if len(args.roi) == 1 else args.roi)
-    changes = dict(roi=roi, batch=args.batch, crops_per_volume=args.crops_per_volume, lr=args.lr,
+    changes = dict(roi=roi, batch=args.batch, crops_per_volume=args.crops_per_volume, flip_prob=args.flip_prob,
+                   lr=args.lr,
                    weight_decay=args.weight_decay, iterations=args.iterations, val_every=args.val_every,
                    overlap=args.overlap, sw_batch=args.sw_batch,
                    spacing=None if args.spacing is None else tuple(args.spacing),

@@ -21,6 +21,7 @@ from uxnet.io.checkpoint import CheckpointError, read_checkpoint
 from . import TrainError
 
 LAST, BEST = "last.pt", "best.pt"
+INIT_KEYS = "init_keys.json"
 STATE_FORMAT = "uxnet-train-state"
 STATE_VERSION = 1
 HEAD_PREFIXES = ("out.", "deep_supervision_heads.")
@@ -132,6 +133,40 @@ def remove_stale_temporaries(run_dir) -> None:
             pass
 
 
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+
+
+def read_init(path) -> dict:
+    """The checkpoint at ``path`` for ``--init``, as :func:`uxnet.io.checkpoint.read_checkpoint` returns it: a uxnet
+    checkpoint, a bare UXNet state_dict as the official ``main_train.py`` saves it, or such a state_dict inside a
+    ``{"state_dict" | "model" | ...: ...}`` dict and/or with the ``module.`` prefix of (Distributed)DataParallel.
+
+    Raises:
+        TrainError: unreadable file, or no UXNet weights in it."""
+    from uxnet.io.checkpoint import infer_config
+
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as exc:
+        first = exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise TrainError(f"--init: {first}") from None
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise TrainError(f"--init: {first}")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    try:
+        return {"format": "state_dict", "config": infer_config(state, str(path)), "state_dict": state,
+                "preprocessing": None}
+    except CheckpointError as exc:
+        raise TrainError(f"--init: {exc}") from None
+
+
 def init_weights(model, path) -> Tuple[List[str], List[str], List[str]]:
     """Load a uxnet or official checkpoint at ``path`` into ``model`` for finetuning: every key of the same name and
     shape is copied; the output head (``out.*``) and deep-supervision heads keep their fresh initialisation when
@@ -139,10 +174,7 @@ def init_weights(model, path) -> Tuple[List[str], List[str], List[str]]:
 
     Raises:
         TrainError: unreadable file, or a non-head key missing or of another shape (a different architecture)."""
-    try:
-        ckpt = read_checkpoint(path)
-    except CheckpointError as exc:
-        raise TrainError(f"--init: {exc}") from None
+    ckpt = read_init(path)
     source: Dict[str, torch.Tensor] = ckpt["state_dict"]
     target = model.state_dict()
     kept, replaced, absent, bad = [], [], [], []
@@ -164,13 +196,19 @@ def init_weights(model, path) -> Tuple[List[str], List[str], List[str]]:
     return kept, replaced, absent
 
 
+def describe_keys(keys: List[str]) -> str:
+    """``"uxnet_3d 24, encoder1 6, ..."``: how many keys under each top-level module, in model order."""
+    counts: Dict[str, int] = {}
+    for key in keys:
+        top = key.split(".")[0]
+        counts[top] = counts.get(top, 0) + 1
+    return ", ".join(f"{top} {n}" for top, n in counts.items())
+
+
 def init_config(path) -> Optional[dict]:
     """The model config recorded in (or inferred from) the checkpoint at ``path``."""
-    try:
-        return dict(read_checkpoint(path)["config"])
-    except CheckpointError as exc:
-        raise TrainError(f"--init: {exc}") from None
+    return dict(read_init(path)["config"])
 
 
 __all__ = ["atomic_write", "remove_stale_temporaries", "training_state", "save_last", "save_best", "load_last", "fingerprint_diff",
-           "init_weights", "init_config", "set_rng_states", "LAST", "BEST"]
+           "init_weights", "init_config", "read_init", "describe_keys", "set_rng_states", "LAST", "BEST", "INIT_KEYS"]

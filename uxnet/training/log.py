@@ -18,6 +18,9 @@ class CsvLog:
         self.path = Path(path)
         self.header = list(header)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if not fresh:  # a resumed run keeps the columns its file has (a run begun by another uxnet version)
+            with open(self.path, newline="") as f:
+                self.header = next(csv.reader(f), None) or self.header
         self._file = open(self.path, "a", newline="")
         self._writer = csv.writer(self._file)
         if fresh:
@@ -49,7 +52,7 @@ class RunLog:
     """Everything a run reports. ``enabled=False`` (ranks > 0) makes every method a no-op."""
 
     TRAIN_HEADER = ["iteration", "loss", "lr", "step_s", "data_wait_s", "data_wait_fraction", "crops_per_s",
-                    "elapsed_s"]
+                    "cpu_s", "elapsed_s"]
 
     def __init__(self, run_dir, class_names, total: int, start: int = 0, enabled: bool = True,
                  tensorboard: bool = True, every: int = 10, stream=None):
@@ -83,8 +86,10 @@ class RunLog:
         else:
             print(message, file=self.stream, flush=True)
 
-    def step(self, it: int, loss: float, lr: float, step_s: float, data_s: float, crops: int) -> None:
-        """One finished iteration ``it`` (1-based); every ``every`` iterations a CSV row and a console line."""
+    def step(self, it: int, loss: float, lr: float, step_s: float, data_s: float, crops: int,
+             cpu_s: Optional[float] = None) -> None:
+        """One finished iteration ``it`` (1-based); every ``every`` iterations a CSV row and a console line.
+        ``cpu_s``: the process's CPU time over the step, every thread (data workers included)."""
         if not self.enabled:
             return
         if self._bar is not None:
@@ -93,6 +98,7 @@ class RunLog:
             return
         row = {"iteration": it, "loss": loss, "lr": lr, "step_s": step_s, "data_wait_s": data_s,
                "data_wait_fraction": data_s / max(step_s, 1e-12), "crops_per_s": crops / max(step_s, 1e-12),
+               "cpu_s": "" if cpu_s is None else cpu_s,
                "elapsed_s": time.perf_counter() - self.start_time}
         self.train_csv.write(row)
         if self.tb is not None:

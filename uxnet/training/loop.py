@@ -80,7 +80,11 @@ def setup_distributed(device_kind: str):
         return 0, 1, torch.device(device_kind if device_kind != "auto" else ("cuda" if use_cuda else "cpu"))
     dist = _dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # the other ranks wait at a barrier while rank 0 validates: allow a long validation (default timeout 30 min)
+        import datetime
+
+        minutes = float(os.environ.get("UXNET_DIST_TIMEOUT_MIN", "180"))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
     rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)
@@ -107,6 +111,18 @@ def model_config(cfg: TrainConfig, in_chans: int, out_chans: int, say) -> dict:
     config.update({k: v for k, v in cfg.model.items() if v is not None and v is not False})
     config.update(in_chans=in_chans, out_chans=out_chans)
     return config
+
+
+def check_model_config(config: dict) -> None:
+    """Build the model on the meta device (no memory, no time) so bad model options fail before anything is
+    written; TrainError with UXNet's own message."""
+    from uxnet import UXNet
+
+    try:
+        with torch.device("meta"):
+            UXNet(**config)
+    except (TypeError, ValueError) as exc:
+        raise TrainError(f"model options: {exc}") from None
 
 
 def _resampled_shapes(report, target_spacing) -> List[tuple]:
@@ -188,6 +204,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
                          f"resampling to {recipe.spacing} mm: {largest}); choose a smaller --roi")
 
     config = model_config(cfg, ds.in_chans, len(class_names), say)
+    check_model_config(config)
     # ---- plan
     budget = parse_budget(cfg.budget) if cfg.budget is not None else None
     budget_source = "--budget" if budget is not None else "--budget off"
@@ -238,18 +255,24 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
                                                         indent=2, default=str))
 
     # ---- model, loss, optimizer
-    import uxnet_kernels  # noqa: F401  (registers the ops before the model is built)
     from monai.losses import DiceCELoss
 
+    import uxnet_kernels  # noqa: F401  (registers the ops before the model is built)
     from uxnet import DeepSupervisionLoss, UXNet
 
     torch.manual_seed(cfg.seed)
     model = UXNet(**config, activation_checkpointing=plan.checkpointing)
     if cfg.init and state is None:
         kept, replaced, absent = ckpt.init_weights(model, cfg.init)
-        say(f"--init {cfg.init}: kept {len(kept)} tensors" + (f"; new heads for {len(class_names)} classes: "
-                                                              f"{replaced}" if replaced else "")
-            + (f"; freshly initialised (not in the checkpoint): {absent}" if absent else ""))
+        total = len(model.state_dict())
+        say(f"--init {cfg.init}: kept {len(kept)} of {total} tensors ({ckpt.describe_keys(kept)})"
+            + (f"; replaced for {len(class_names)} classes (other class count in the checkpoint): "
+               f"{', '.join(replaced)}" if replaced else "")
+            + (f"; freshly initialised (not in the checkpoint): {', '.join(absent)}" if absent else "")
+            + f"; every key listed in {run_dir / ckpt.INIT_KEYS}")
+        if rank == 0:
+            (run_dir / ckpt.INIT_KEYS).write_text(json.dumps(
+                {"checkpoint": str(cfg.init), "kept": kept, "replaced": replaced, "absent": absent}, indent=1))
     model = model.to(device=device, dtype=torch.float64 if cfg.dtype == "float64" else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, recipe.iterations))
@@ -299,7 +322,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
     try:
         batches = iter(loader)
         while it < recipe.iterations:
-            t_start = time.perf_counter()
+            t_start, cpu_start = time.perf_counter(), time.process_time()
             batch = next(batches)
             if on_device:
                 batch = collate_crops(augment_on(device_chain, batch, device))
@@ -317,13 +340,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, say) -
                 loss.backward()
                 optimizer.step()
             scheduler.step()
-            loss_value = float(loss.detach())
+            if world > 1:  # the logged loss: the mean over the ranks, as one process with the global batch logs it
+                reduced = loss.detach().clone()
+                _dist().all_reduce(reduced)
+                loss_value = float(reduced) / world
+            else:
+                loss_value = float(loss.detach())
             it += 1
             if not math.isfinite(loss_value) and scaler is None:
                 raise TrainError(f"the loss became {loss_value} at iteration {it}; lower --lr or check the data")
             t_end = time.perf_counter()
             log.step(it, loss_value, scheduler.get_last_lr()[0], t_end - t_start, t_data - t_start,
-                     int(x.shape[0]))
+                     int(x.shape[0]), cpu_s=time.process_time() - cpu_start)
             if it % recipe.val_every == 0 or it == recipe.iterations:
                 if rank == 0:
                     v0 = time.perf_counter()

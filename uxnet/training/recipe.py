@@ -5,6 +5,8 @@ The official chain, per training sample: LoadImage, EnsureChannelFirst, Orientat
 (CT -125..275 -> 0..1, clipped), CropForeground, RandCropByPosNegLabel (ROI 96^3, pos 1, neg 1, 2 crops per
 volume), RandShiftIntensity (0.1, p 0.5), RandAffine (p 1, rotation about z up to pi/30, scale +-0.1).
 
+``--flip-prob P`` adds a random flip per axis (not in the official recipe; the MONAI example and nnU-Net use it).
+
 ``uxnet train`` splits it where the randomness starts: :func:`load_transforms` (deterministic, cached once per
 volume) ends with MONAI's ``FgBgToIndicesd``, so the positive/negative crop centres are drawn from cached indices
 instead of rescanning the whole volume for every crop (what the official chain does); :func:`augment_transforms`
@@ -45,6 +47,7 @@ class Recipe:
     neg: float = 1.0
     shift_offset: float = 0.1
     shift_prob: float = 0.5
+    flip_prob: float = 0.0  # not in the official recipe: a random flip per axis (RandFlipd), e.g. 0.5
     affine_prob: float = 1.0
     rotate_z: float = math.pi / 30
     scale: float = 0.1
@@ -80,6 +83,8 @@ def check_recipe(r: Recipe) -> Recipe:
     for name in ("batch", "crops_per_volume", "iterations", "val_every", "sw_batch"):
         if int(getattr(r, name)) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(r, name)}")
+    if not 0.0 <= r.flip_prob <= 1.0:
+        raise TrainError(f"--flip-prob must be in [0, 1], got {r.flip_prob}")
     if not 0.0 <= r.overlap < 1.0:
         raise TrainError(f"--overlap must be in [0, 1), got {r.overlap}")
     if r.lr <= 0:
@@ -148,10 +153,13 @@ def augment_transforms(r: Recipe, device=None):
     output: a list of ``{"image": (C, *roi) float32, "label": (1, *roi)}``."""
     from monai import transforms as T
 
+    flips = [T.RandFlipd(keys=list(KEYS), prob=r.flip_prob, spatial_axis=axis) for axis in range(3)
+             if r.flip_prob > 0]
     return T.Compose([
         T.RandCropByPosNegLabeld(keys=list(KEYS), label_key="label", spatial_size=r.roi, pos=r.pos, neg=r.neg,
                                  num_samples=r.crops_per_volume, fg_indices_key=FG_KEY, bg_indices_key=BG_KEY,
                                  allow_smaller=False),
+        *flips,
         T.RandShiftIntensityd(keys="image", offsets=r.shift_offset, prob=r.shift_prob),
         T.RandAffined(keys=list(KEYS), mode=("bilinear", "nearest"), prob=r.affine_prob, spatial_size=r.roi,
                       rotate_range=(0, 0, r.rotate_z), scale_range=(r.scale,) * 3, cache_grid=True,

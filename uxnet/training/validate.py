@@ -33,10 +33,14 @@ def validate(model: torch.nn.Module, loader, roi: Sequence[int], num_classes: in
     ``roi`` run on ``device``; scores (1, num_classes, X, Y, Z) and the one-hot maps live on ``stitch_device``."""
     from monai.inferers import sliding_window_inference
     from monai.metrics import DiceMetric
+    from monai.metrics.utils import do_metric_reduction
     from monai.networks.utils import one_hot
 
     stitch_device = torch.device(stitch_device or device)
+    # the per-volume values are reduced here, not by DiceMetric.aggregate: that gathers across the process group
+    # (torch.distributed), which would wait forever for the ranks that do not validate
     metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+    values = []
     param_dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
@@ -49,8 +53,8 @@ def validate(model: torch.nn.Module, loader, roi: Sequence[int], num_classes: in
             pred = one_hot(scores.argmax(1, keepdim=True), num_classes)
             del scores
             label = one_hot(batch["label"].to(stitch_device).long(), num_classes)
-            metric(pred, label)
-        per_class = metric.aggregate()
+            values.append(metric(pred, label).to("cpu", torch.float64))
+        per_class, _ = do_metric_reduction(torch.cat(values), "mean_batch")
     finally:
         model.train(was_training)
     return [float(v) for v in per_class]
