@@ -1,0 +1,60 @@
+// uxnet::conv3d_3x3x3_backward on the CPU.
+//   grad_x      = the same Winograd convolution of grad_out with the kernel flipped along every axis and its
+//                 channel axes swapped (out-of-volume taps skipped where a weight is non-finite: driver.h);
+//   grad_weight = ATen's convolution_backward (oneDNN for float32): a Winograd weight gradient did not pay here;
+//   grad_bias   = the sum of grad_out over (N, D, H, W), in float64.
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include "common/arg_checks.h"
+#include "cpu/conv3d_3x3x3/driver.h"
+#include "uxnet_ops.h"
+
+namespace uxnet {
+namespace cpu {
+namespace conv3d_3x3x3 {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const at::Tensor& grad_out,
+                                                                         const at::Tensor& x,
+                                                                         const at::Tensor& weight,
+                                                                         std::array<bool, 3> mask) {
+  constexpr const char* op = "uxnet::conv3d_3x3x3_backward";
+  checks::conv3d_3x3x3_inputs(op, x, weight, c10::nullopt);
+  checks::shape(op, grad_out, "grad_out", {x.size(0), weight.size(0), x.size(2), x.size(3), x.size(4)});
+  checks::same_dtype(op, grad_out, "grad_out", x, "x");
+  checks::same_device(op, grad_out, "grad_out", x);
+  const auto empty_grad = [&] { return at::empty({0}, x.options()); };
+  const bool nothing_to_sum = x.numel() == 0 || grad_out.numel() == 0;
+
+  at::Tensor grad_x = empty_grad();
+  if (mask[0]) {
+    const at::MemoryFormat format = suggested_memory_format(grad_out);
+    if (nothing_to_sum) {
+      grad_x = at::zeros(x.sizes(), x.options().memory_format(format));
+    } else {
+      const at::ScalarType compute = compute_dtype(x.scalar_type());
+      const at::Tensor flipped = weight.to(compute).flip({2, 3, 4}).transpose(0, 1);
+      grad_x = to_output(winograd_conv(grad_out.to(compute), flipped, c10::nullopt, /*multiply_padding=*/false),
+                         x.scalar_type(), format);
+    }
+  }
+  at::Tensor grad_weight = empty_grad();
+  if (mask[1]) {
+    if (nothing_to_sum) {
+      grad_weight = at::zeros(weight.sizes(), weight.options());
+    } else {
+      grad_weight = std::get<1>(at::convolution_backward(grad_out, x, weight, c10::nullopt, {1, 1, 1}, {1, 1, 1},
+                                                         {1, 1, 1}, false, {0, 0, 0}, 1, {false, true, false}))
+                        .contiguous();
+    }
+  }
+  at::Tensor grad_bias = empty_grad();
+  if (mask[2]) grad_bias = grad_out.sum({0, 2, 3, 4}, false, at::kDouble).to(x.scalar_type());
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace conv3d_3x3x3
+}  // namespace cpu
+}  // namespace uxnet

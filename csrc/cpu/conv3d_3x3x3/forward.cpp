@@ -1,0 +1,171 @@
+// uxnet::conv3d_3x3x3 on the CPU, and the Winograd driver (driver.h) it shares with the input gradient.
+//
+// Per call: transform the weights (u, kPoints x C_in x C_out), then for each block of tiles sized to stay in L2:
+// input transform into v, the kPoints matrix products m = v u (one batched at::bmm_out, MKL), output transform into
+// the output (+ bias). Blocks run in parallel (each product single-threaded); volumes with few blocks run as one
+// block whose transforms are split across threads and whose product is threaded by ATen.
+#include <ATen/Parallel.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/arg_checks.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/conv3d_3x3x3/driver.h"
+#include "cpu/conv3d_3x3x3/params.h"
+#include "uxnet_ops.h"
+
+namespace uxnet {
+namespace cpu {
+namespace conv3d_3x3x3 {
+namespace {
+
+constexpr const char* kOp = "uxnet::conv3d_3x3x3";
+// v and m of one block together: about the L2 of one core (1 MiB on Zen 4).
+constexpr int64_t kBlockBytes = 1 << 20;
+constexpr int64_t kMinBlockTiles = 16;
+constexpr int64_t kMaxBlockTiles = 256;
+// Fewer blocks than this: one block, threaded inside (a function of the shapes only, never of the thread count).
+constexpr int64_t kMinParallelBlocks = 16;
+
+template <typename T>
+int64_t block_tiles(const Geometry& g) {
+  const int64_t per_tile = kPoints * (g.Cin + g.Cout) * static_cast<int64_t>(sizeof(T));
+  return std::clamp<int64_t>(kBlockBytes / per_tile, kMinBlockTiles, kMaxBlockTiles);
+}
+
+Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3), t.stride(4)}; }
+
+// The weights as transformed points u [kPoints][C_in][C_out]. Hook for an eval-mode cache: u depends on the weight
+// alone, so a caller that knows the weight is unchanged could keep it between calls.
+template <typename T>
+at::Tensor transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
+  const at::Tensor w = weight.permute({1, 2, 3, 4, 0}).contiguous();  // [C_in][kd][kh][kw][C_out]
+  at::Tensor u = at::empty({kPoints, g.Cin, g.Cout}, weight.options());
+  const T* wp = w.data_ptr<T>();
+  T* up = u.data_ptr<T>();
+  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, up, begin, end); });
+  return u;
+}
+
+template <typename T>
+void run_block(const KernelTable<T>& kernels, const Geometry& g, const T* x, Strides xs, const at::Tensor& u,
+               const T* bias, at::Tensor& v_buf, at::Tensor& m_buf, int64_t first, int64_t count, bool threaded,
+               uint8_t* nonfinite, T* out, Strides os) {
+  at::Tensor v = v_buf.view(-1).narrow(0, 0, kPoints * count * g.Cin).view({kPoints, count, g.Cin});
+  at::Tensor m = m_buf.view(-1).narrow(0, 0, kPoints * count * g.Cout).view({kPoints, count, g.Cout});
+  const Block<T> block{first, count, v.data_ptr<T>(), m.data_ptr<T>()};
+  const auto over_tiles = [&](auto&& fn) {
+    if (threaded) {
+      at::parallel_for(0, count, 1, fn);
+    } else {
+      fn(0, count);
+    }
+  };
+  over_tiles([&](int64_t begin, int64_t end) {
+    kernels.transform_input(g, x, xs, block, begin, end, nonfinite + first);
+  });
+  at::bmm_out(m, v, u);
+  over_tiles([&](int64_t begin, int64_t end) { kernels.transform_output(g, block, bias, begin, end, out, os); });
+}
+
+template <typename T>
+void direct_tiles(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& x, const at::Tensor& weight,
+                  const T* bias, bool multiply_padding, const std::vector<int64_t>& tiles, at::Tensor& out) {
+  const at::Tensor w_direct = weight.permute({2, 3, 4, 1, 0}).contiguous();  // [kd][kh][kw][C_in][C_out]
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w_direct.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const Strides xs = strides_of(x), os = strides_of(out);
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) kernels.direct_tile(g, xp, xs, wp, bias, multiply_padding, tiles[i], op, os);
+  });
+}
+
+template <typename T>
+void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias, bool multiply_padding,
+                    at::Tensor& out) {
+  const KernelTable<T>& kernels = kernels_for<T>(selected_isa_for(kOp));
+  const Geometry g = make_geometry(x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4));
+  const int64_t tiles = g.tiles();
+  std::vector<int64_t> direct;
+  if (!weight.isfinite().all().item<bool>()) {  // every transformed tap of that filter is polluted: all direct
+    direct.resize(static_cast<size_t>(tiles));
+    for (int64_t t = 0; t < tiles; ++t) direct[t] = t;
+    direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
+    return;
+  }
+  const at::Tensor u = transformed_weight(kernels, g, weight);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const Strides xs = strides_of(x), os = strides_of(out);
+  std::vector<uint8_t> nonfinite(static_cast<size_t>(tiles));
+  const int64_t per_block = block_tiles<T>(g);
+  const int64_t blocks = (tiles + per_block - 1) / per_block;
+  if (blocks < kMinParallelBlocks) {
+    at::Tensor v_buf = at::empty({kPoints, tiles, g.Cin}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor m_buf = at::empty({kPoints, tiles, g.Cout}, v_buf.options());
+    run_block(kernels, g, xp, xs, u, bias, v_buf, m_buf, 0, tiles, /*threaded=*/true, nonfinite.data(), op, os);
+  } else {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor v_buf = at::empty({kPoints, per_block, g.Cin}, u.options());
+      at::Tensor m_buf = at::empty({kPoints, per_block, g.Cout}, u.options());
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t first = b * per_block;
+        run_block(kernels, g, xp, xs, u, bias, v_buf, m_buf, first, std::min(per_block, tiles - first),
+                  /*threaded=*/false, nonfinite.data(), op, os);
+      }
+    });
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    if (nonfinite[t]) direct.push_back(t);
+  }
+  if (!direct.empty()) direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
+}
+
+}  // namespace
+
+at::ScalarType compute_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryFormat format) {
+  if (result.scalar_type() == dtype && result.is_contiguous(format)) return result;
+  return at::empty(result.sizes(), result.options().dtype(dtype).memory_format(format)).copy_(result);
+}
+
+at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool multiply_padding) {
+  const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor x = x_in.contiguous(cl);
+  const int64_t cout = weight.size(0);
+  at::Tensor out = at::empty({x.size(0), cout, x.size(2), x.size(3), x.size(4)}, x.options().memory_format(cl));
+  if (out.numel() == 0) return out;
+  if (x.size(1) == 0) {  // no input channels: the bias alone
+    if (bias.has_value()) return out.copy_(bias->view({1, cout, 1, 1, 1}).expand_as(out));
+    return out.zero_();
+  }
+  TORCH_INTERNAL_ASSERT(x.size(1) == 1 || x.stride(1) == 1, kOp, ": expected a channels-last input");
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (x.scalar_type() == at::kDouble) {
+    winograd_typed<double>(x, w, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, out);
+  } else {
+    winograd_typed<float>(x, w, b.defined() ? b.data_ptr<float>() : nullptr, multiply_padding, out);
+  }
+  return out;
+}
+
+at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  checks::conv3d_3x3x3_inputs(kOp, x, weight, bias);
+  const at::ScalarType compute = compute_dtype(x.scalar_type());
+  const c10::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(compute)) : c10::nullopt;
+  const at::Tensor result = winograd_conv(x.to(compute), weight.to(compute), b, /*multiply_padding=*/true);
+  return to_output(result, x.scalar_type(), suggested_memory_format(x));
+}
+
+}  // namespace conv3d_3x3x3
+}  // namespace cpu
+}  // namespace uxnet

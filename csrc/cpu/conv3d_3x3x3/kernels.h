@@ -1,0 +1,215 @@
+// The Winograd F(2x2x2, 3x3x3) transforms and the direct fallback of the 3x3x3 convolution, written once over the
+// SIMD layer and compiled once per ISA variant (params.h describes the data).
+//
+// NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per variant, inside that
+// variant's namespace, after simd/vec.h. Only raw pointers, int64 offsets and Vec operations here.
+//
+// A Vec holds kLanes<T> consecutive channels of one point; the last vector of a channel row is partial.
+// One-dimensional F(2, 3) matrices, applied along w, then h, then d:
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+//   A^T = [1 1 1 0; 0 1 -1 -1]
+
+namespace conv3d_3x3x3_kernels {
+
+using ::uxnet::cpu::conv3d_3x3x3::Block;
+using ::uxnet::cpu::conv3d_3x3x3::Geometry;
+using ::uxnet::cpu::conv3d_3x3x3::KernelTable;
+using ::uxnet::cpu::conv3d_3x3x3::kPoints;
+using ::uxnet::cpu::conv3d_3x3x3::kTaps;
+using ::uxnet::cpu::conv3d_3x3x3::Strides;
+
+template <typename V>
+UXNET_SIMD_INLINE V load_lanes(const Scalar<V>* p, int64_t n) {
+  return n == kLanesOf<V> ? load<V>(p) : load_partial<V>(p, n);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE void store_lanes(Scalar<V>* p, V v, int64_t n) {
+  if (n == kLanesOf<V>) {
+    store(p, v);
+  } else {
+    store_partial(p, v, n);
+  }
+}
+
+// B^T applied to the four values a[0], a[s], a[2s], a[3s] in place.
+template <typename V>
+UXNET_SIMD_INLINE void input_1d(V* a, int s) {
+  const V x0 = a[0], x1 = a[s], x2 = a[2 * s], x3 = a[3 * s];
+  a[0] = x0 - x2;
+  a[s] = x1 + x2;
+  a[2 * s] = x2 - x1;
+  a[3 * s] = x1 - x3;
+}
+
+// G applied to three filter values, giving four.
+template <typename V>
+UXNET_SIMD_INLINE void weight_1d(V w0, V w1, V w2, V* out, int s) {
+  const V half = broadcast<V>(Scalar<V>(0.5));
+  const V outer = w0 + w2;
+  out[0] = w0;
+  out[s] = (outer + w1) * half;
+  out[2 * s] = (outer - w1) * half;
+  out[3 * s] = w2;
+}
+
+// A^T applied to a[0], a[s], a[2s], a[3s]: the two results in a[0] and a[s].
+template <typename V>
+UXNET_SIMD_INLINE void output_1d(V* a, int s) {
+  const V m0 = a[0], m1 = a[s], m2 = a[2 * s], m3 = a[3 * s];
+  a[0] = m0 + m1 + m2;
+  a[s] = m1 - m2 - m3;
+}
+
+template <typename T>
+void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t point_stride = g.Cin * g.Cout;
+  for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
+    const T* wc = w + ci * kTaps * g.Cout;
+    for (int64_t co = 0; co < g.Cout; co += L) {
+      const int64_t n = std::min<int64_t>(L, g.Cout - co);
+      V taps[kTaps];
+      for (int64_t t = 0; t < kTaps; ++t) taps[t] = load_lanes<V>(wc + t * g.Cout + co, n);
+      V along_w[3][3][4], along_h[3][4][4], pts[kPoints];
+      for (int d = 0; d < 3; ++d)
+        for (int h = 0; h < 3; ++h)
+          weight_1d(taps[(d * 3 + h) * 3], taps[(d * 3 + h) * 3 + 1], taps[(d * 3 + h) * 3 + 2], along_w[d][h], 1);
+      for (int d = 0; d < 3; ++d)
+        for (int k = 0; k < 4; ++k) weight_1d(along_w[d][0][k], along_w[d][1][k], along_w[d][2][k], &along_h[d][0][k], 4);
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k)
+          weight_1d(along_h[0][j][k], along_h[1][j][k], along_h[2][j][k], &pts[j * 4 + k], 16);
+      for (int64_t p = 0; p < kPoints; ++p) store_lanes(u + p * point_stride + ci * g.Cout + co, pts[p], n);
+    }
+  }
+}
+
+// Tile index -> (n, first output d, h, w).
+struct TileOrigin {
+  int64_t n, d, h, w;
+};
+
+inline TileOrigin tile_origin(const Geometry& g, int64_t tile) {
+  const int64_t tw = tile % g.TW;
+  int64_t rest = tile / g.TW;
+  const int64_t th = rest % g.TH;
+  rest /= g.TH;
+  const int64_t td = rest % g.TD;
+  return TileOrigin{rest / g.TD, 2 * td, 2 * th, 2 * tw};
+}
+
+template <typename T>
+void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& block, int64_t begin, int64_t end,
+                     uint8_t* nonfinite) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t point_stride = block.count * g.Cin;
+  for (int64_t t = begin; t < end; ++t) {
+    const TileOrigin o = tile_origin(g, block.first + t);
+    // The window starts one voxel before the output tile (padding 1).
+    bool inside[3][4];
+    for (int i = 0; i < 4; ++i) {
+      inside[0][i] = o.d - 1 + i >= 0 && o.d - 1 + i < g.D;
+      inside[1][i] = o.h - 1 + i >= 0 && o.h - 1 + i < g.H;
+      inside[2][i] = o.w - 1 + i >= 0 && o.w - 1 + i < g.W;
+    }
+    const T* base = x + o.n * xs.n + (o.d - 1) * xs.d + (o.h - 1) * xs.h + (o.w - 1) * xs.w;
+    V poison = zero<V>();
+    for (int64_t c = 0; c < g.Cin; c += L) {
+      const int64_t n = std::min<int64_t>(L, g.Cin - c);
+      V a[kPoints];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          V* row = a + (i * 4 + j) * 4;
+          for (int k = 0; k < 4; ++k) {
+            row[k] = inside[0][i] && inside[1][j] && inside[2][k]
+                         ? load_lanes<V>(base + i * xs.d + j * xs.h + k * xs.w + c, n)
+                         : zero<V>();
+          }
+          input_1d(row, 1);
+        }
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; k < 4; ++k) input_1d(a + i * 16 + k, 4);
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k) input_1d(a + j * 4 + k, 16);
+      T* dst = block.v + t * g.Cin + c;
+      for (int64_t p = 0; p < kPoints; ++p) {
+        poison = poison + a[p] * zero<V>();  // NaN in a lane once any transformed value is NaN or infinite
+        store_lanes(dst + p * point_stride, a[p], n);
+      }
+    }
+    const T probe = hsum(poison);
+    nonfinite[t] = probe == probe ? 0 : 1;
+  }
+}
+
+template <typename T>
+void transform_output(const Geometry& g, const Block<T>& block, const T* bias, int64_t begin, int64_t end, T* out,
+                      Strides os) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t point_stride = block.count * g.Cout;
+  for (int64_t t = begin; t < end; ++t) {
+    const TileOrigin o = tile_origin(g, block.first + t);
+    const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
+    const int nw = std::min<int64_t>(2, g.W - o.w);
+    T* base = out + o.n * os.n + o.d * os.d + o.h * os.h + o.w * os.w;
+    const T* src = block.m + t * g.Cout;
+    for (int64_t c = 0; c < g.Cout; c += L) {
+      const int64_t n = std::min<int64_t>(L, g.Cout - c);
+      V a[kPoints];
+      for (int64_t p = 0; p < kPoints; ++p) a[p] = load_lanes<V>(src + p * point_stride + c, n);
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) output_1d(a + (i * 4 + j) * 4, 1);
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; k < 2; ++k) output_1d(a + i * 16 + k, 4);
+      for (int j = 0; j < 2; ++j)
+        for (int k = 0; k < 2; ++k) output_1d(a + j * 4 + k, 16);
+      const V b = bias ? load_lanes<V>(bias + c, n) : zero<V>();
+      for (int i = 0; i < nd; ++i)
+        for (int j = 0; j < nh; ++j)
+          for (int k = 0; k < nw; ++k) {
+            store_lanes(base + i * os.d + j * os.h + k * os.w + c, a[(i * 4 + j) * 4 + k] + b, n);
+          }
+    }
+  }
+}
+
+template <typename T>
+void direct_tile(const Geometry& g, const T* x, Strides xs, const T* w_direct, const T* bias, bool multiply_padding,
+                 int64_t tile, T* out, Strides os) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const TileOrigin o = tile_origin(g, tile);
+  for (int64_t d = o.d; d < std::min<int64_t>(o.d + 2, g.D); ++d)
+    for (int64_t h = o.h; h < std::min<int64_t>(o.h + 2, g.H); ++h)
+      for (int64_t w = o.w; w < std::min<int64_t>(o.w + 2, g.W); ++w) {
+        for (int64_t co = 0; co < g.Cout; co += L) {
+          const int64_t n = std::min<int64_t>(L, g.Cout - co);
+          V acc = bias ? load_lanes<V>(bias + co, n) : zero<V>();
+          for (int64_t tap = 0; tap < kTaps; ++tap) {
+            const int64_t sd = d + tap / 9 - 1, sh = h + (tap / 3) % 3 - 1, sw = w + tap % 3 - 1;
+            const bool inside = sd >= 0 && sd < g.D && sh >= 0 && sh < g.H && sw >= 0 && sw < g.W;
+            if (!inside && !multiply_padding) continue;
+            const T* src = x + o.n * xs.n + sd * xs.d + sh * xs.h + sw * xs.w;
+            const T* wt = w_direct + tap * g.Cin * g.Cout + co;
+            for (int64_t ci = 0; ci < g.Cin; ++ci) {
+              const V xv = broadcast<V>(inside ? src[ci] : T(0));
+              acc = fma(xv, load_lanes<V>(wt + ci * g.Cout, n), acc);
+            }
+          }
+          store_lanes(out + o.n * os.n + d * os.d + h * os.h + w * os.w + co, acc, n);
+        }
+      }
+}
+
+template <typename T>
+const KernelTable<T>& table() {
+  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>, &transform_weight<T>,
+                                      &transform_input<T>, &transform_output<T>, &direct_tile<T>};
+  return kernels;
+}
+
+}  // namespace conv3d_3x3x3_kernels
