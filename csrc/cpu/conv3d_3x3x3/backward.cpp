@@ -1,7 +1,9 @@
 // uxnet::conv3d_3x3x3_backward on the CPU.
 //   grad_x      = the same Winograd convolution of grad_out with the kernel flipped along every axis and its
 //                 channel axes swapped (out-of-volume taps skipped where a weight is non-finite: driver.h);
-//   grad_weight = ATen's convolution_backward (oneDNN for float32): a Winograd weight gradient did not pay here;
+//   grad_weight = ATen's convolution_backward (oneDNN for float32) in the compute dtype (bfloat16 inputs: in float32,
+//                 rounded once; ATen's own bfloat16 path also returned stray Infs under PyTorch's
+//                 fill_uninitialized_memory); a Winograd weight gradient is not written yet;
 //   grad_bias   = the sum of grad_out over (N, D, H, W), in float64.
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -45,8 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const a
     if (nothing_to_sum) {
       grad_weight = at::zeros(weight.sizes(), weight.options());
     } else {
-      grad_weight = std::get<1>(at::convolution_backward(grad_out, x, weight, c10::nullopt, {1, 1, 1}, {1, 1, 1},
-                                                         {1, 1, 1}, false, {0, 0, 0}, 1, {false, true, false}))
+      const at::ScalarType compute = compute_dtype(x.scalar_type());
+      grad_weight = std::get<1>(at::convolution_backward(grad_out.to(compute), x.to(compute), weight.to(compute),
+                                                         c10::nullopt, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, false,
+                                                         {0, 0, 0}, 1, {false, true, false}))
+                        .to(x.scalar_type())
                         .contiguous();
     }
   }
