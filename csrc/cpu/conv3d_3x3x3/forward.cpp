@@ -1,11 +1,13 @@
 // uxnet::conv3d_3x3x3 on the CPU, and the Winograd driver (driver.h) it shares with the input gradient.
 //
-// Per call: transform the weights (u, kPoints x C_in x C_out), then for each block of tiles sized to stay in L2:
-// input transform into v, the kPoints matrix products m = v u (one batched at::bmm_out, MKL), output transform into
-// the output (+ bias). Blocks run in parallel (each product single-threaded); volumes with few blocks run as one
-// block whose transforms are split across threads and whose product is threaded by ATen.
+// Per call: transform the weights (u, kPoints x C_in x C_out, packed in the micro-kernel's column panels), then for
+// each block of tiles sized to stay in L2: input transform into v, the kPoints matrix products m = v u (the ISA's
+// register-blocked micro-kernel), output transform into the output (+ bias). Blocks run in parallel; volumes with
+// few blocks run as one block whose transforms are split across threads by tiles and whose products by points.
+// Every output element is computed by the same operations whatever the thread count (bitwise reproducible).
+// (Measured against one batched at::bmm_out per block, MKL sgemm, on the same blocks: the micro-kernel was faster
+// at every shape of docs/PERFORMANCE.md; MKL repacked u for every block and ran small-M products slowly.)
 #include <ATen/Parallel.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -33,7 +35,7 @@ constexpr int64_t kMinParallelBlocks = 16;
 
 template <typename T>
 int64_t block_tiles(const Geometry& g) {
-  const int64_t per_tile = kPoints * (g.Cin + g.Cout) * static_cast<int64_t>(sizeof(T));
+  const int64_t per_tile = kPoints * (g.Cin + g.cout_padded()) * static_cast<int64_t>(sizeof(T));
   return std::clamp<int64_t>(kBlockBytes / per_tile, kMinBlockTiles, kMaxBlockTiles);
 }
 
@@ -44,7 +46,7 @@ Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2
 template <typename T>
 at::Tensor transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
   const at::Tensor w = weight.permute({1, 2, 3, 4, 0}).contiguous();  // [C_in][kd][kh][kw][C_out]
-  at::Tensor u = at::empty({kPoints, g.Cin, g.Cout}, weight.options());
+  at::Tensor u = at::zeros({kPoints, g.panels(), g.Cin, g.cols}, weight.options());
   const T* wp = w.data_ptr<T>();
   T* up = u.data_ptr<T>();
   at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, up, begin, end); });
@@ -52,24 +54,21 @@ at::Tensor transformed_weight(const KernelTable<T>& kernels, const Geometry& g, 
 }
 
 template <typename T>
-void run_block(const KernelTable<T>& kernels, const Geometry& g, const T* x, Strides xs, const at::Tensor& u,
-               const T* bias, at::Tensor& v_buf, at::Tensor& m_buf, int64_t first, int64_t count, bool threaded,
-               uint8_t* nonfinite, T* out, Strides os) {
-  at::Tensor v = v_buf.view(-1).narrow(0, 0, kPoints * count * g.Cin).view({kPoints, count, g.Cin});
-  at::Tensor m = m_buf.view(-1).narrow(0, 0, kPoints * count * g.Cout).view({kPoints, count, g.Cout});
-  const Block<T> block{first, count, v.data_ptr<T>(), m.data_ptr<T>()};
-  const auto over_tiles = [&](auto&& fn) {
+void run_block(const KernelTable<T>& kernels, const Geometry& g, const T* x, Strides xs, const T* u, const T* bias,
+               T* v, T* m, int64_t first, int64_t count, bool threaded, uint8_t* nonfinite, T* out, Strides os) {
+  const Block<T> block{first, count, v, m};
+  const auto split = [&](int64_t n, auto&& fn) {
     if (threaded) {
-      at::parallel_for(0, count, 1, fn);
+      at::parallel_for(0, n, 1, fn);
     } else {
-      fn(0, count);
+      fn(0, n);
     }
   };
-  over_tiles([&](int64_t begin, int64_t end) {
+  split(count, [&](int64_t begin, int64_t end) {
     kernels.transform_input(g, x, xs, block, begin, end, nonfinite + first);
   });
-  at::bmm_out(m, v, u);
-  over_tiles([&](int64_t begin, int64_t end) { kernels.transform_output(g, block, bias, begin, end, out, os); });
+  split(kPoints, [&](int64_t begin, int64_t end) { kernels.multiply(g, block, u, begin, end); });
+  split(count, [&](int64_t begin, int64_t end) { kernels.transform_output(g, block, bias, begin, end, out, os); });
 }
 
 template <typename T>
@@ -89,7 +88,8 @@ template <typename T>
 void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias, bool multiply_padding,
                     at::Tensor& out) {
   const KernelTable<T>& kernels = kernels_for<T>(selected_isa_for(kOp));
-  const Geometry g = make_geometry(x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4));
+  const Geometry g =
+      make_geometry(x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4), kernels.cols);
   const int64_t tiles = g.tiles();
   std::vector<int64_t> direct;
   if (!weight.isfinite().all().item<bool>()) {  // every transformed tap of that filter is polluted: all direct
@@ -105,17 +105,19 @@ void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias
   std::vector<uint8_t> nonfinite(static_cast<size_t>(tiles));
   const int64_t per_block = block_tiles<T>(g);
   const int64_t blocks = (tiles + per_block - 1) / per_block;
+  const T* up = u.data_ptr<T>();
   if (blocks < kMinParallelBlocks) {
-    at::Tensor v_buf = at::empty({kPoints, tiles, g.Cin}, x.options().memory_format(at::MemoryFormat::Contiguous));
-    at::Tensor m_buf = at::empty({kPoints, tiles, g.Cout}, v_buf.options());
-    run_block(kernels, g, xp, xs, u, bias, v_buf, m_buf, 0, tiles, /*threaded=*/true, nonfinite.data(), op, os);
+    std::vector<T> v(static_cast<size_t>(kPoints * tiles * g.Cin));
+    std::vector<T> m(static_cast<size_t>(kPoints * tiles * g.cout_padded()));
+    run_block(kernels, g, xp, xs, up, bias, v.data(), m.data(), 0, tiles, /*threaded=*/true, nonfinite.data(), op,
+              os);
   } else {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor v_buf = at::empty({kPoints, per_block, g.Cin}, u.options());
-      at::Tensor m_buf = at::empty({kPoints, per_block, g.Cout}, u.options());
+      std::vector<T> v(static_cast<size_t>(kPoints * per_block * g.Cin));
+      std::vector<T> m(static_cast<size_t>(kPoints * per_block * g.cout_padded()));
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * per_block;
-        run_block(kernels, g, xp, xs, u, bias, v_buf, m_buf, first, std::min(per_block, tiles - first),
+        run_block(kernels, g, xp, xs, up, bias, v.data(), m.data(), first, std::min(per_block, tiles - first),
                   /*threaded=*/false, nonfinite.data(), op, os);
       }
     });

@@ -61,11 +61,18 @@ UXNET_SIMD_INLINE void output_1d(V* a, int s) {
   a[s] = m1 - m2 - m3;
 }
 
+// The micro-kernel's register block: kRows tiles x kPanelVectors vectors of output channels, accumulated over C_in
+// (6 x 4 = 24 accumulators + 4 u vectors + 1 broadcast of 32 registers; 6 x 2 + 2 + 1 of 16).
+constexpr int kRows = 6;
+constexpr int kPanelVectors = kVectorRegisters >= 32 ? 4 : 2;
+template <typename T>
+constexpr int64_t kCols = kPanelVectors * kLanes<T>;
+
 template <typename T>
 void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  const int64_t point_stride = g.Cin * g.Cout;
+  const int64_t point_stride = g.Cin * g.cout_padded();
   for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
     const T* wc = w + ci * kTaps * g.Cout;
     for (int64_t co = 0; co < g.Cout; co += L) {
@@ -81,7 +88,8 @@ void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int
       for (int j = 0; j < 4; ++j)
         for (int k = 0; k < 4; ++k)
           weight_1d(along_h[0][j][k], along_h[1][j][k], along_h[2][j][k], &pts[j * 4 + k], 16);
-      for (int64_t p = 0; p < kPoints; ++p) store_lanes(u + p * point_stride + ci * g.Cout + co, pts[p], n);
+      T* dst = u + (co / kCols<T>) * g.Cin * kCols<T> + ci * kCols<T> + co % kCols<T>;
+      for (int64_t p = 0; p < kPoints; ++p) store_lanes(dst + p * point_stride, pts[p], n);
     }
   }
 }
@@ -145,18 +153,73 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
   }
 }
 
+// m[r][0 .. kCols) = sum over ci of v[r][ci] * panel[ci][0 .. kCols) for R rows, one fma per term in ci order.
+template <typename T, int R>
+UXNET_SIMD_INLINE void multiply_rows(const T* v, int64_t cin, const T* panel, T* m, int64_t m_stride) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[R][kPanelVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelVectors; ++j) acc[r][j] = zero<V>();
+  for (int64_t k = 0; k < cin; ++k) {
+    V b[kPanelVectors];
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelVectors; ++j) b[j] = load<V>(panel + k * kCols<T> + j * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V a = broadcast<V>(v[r * cin + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kPanelVectors; ++j) acc[r][j] = fma(a, b[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPanelVectors; ++j) store(m + r * m_stride + j * L, acc[r][j]);
+}
+
+template <typename T, int R = kRows>
+UXNET_SIMD_INLINE void multiply_rows_tail(int64_t rows, const T* v, int64_t cin, const T* panel, T* m,
+                                          int64_t m_stride) {
+  if constexpr (R > 1) {
+    if (rows < R) return multiply_rows_tail<T, R - 1>(rows, v, cin, panel, m, m_stride);
+  }
+  multiply_rows<T, R>(v, cin, panel, m, m_stride);
+}
+
+template <typename T>
+void multiply(const Geometry& g, const Block<T>& block, const T* u, int64_t p_begin, int64_t p_end) {
+  const int64_t cout = g.cout_padded();
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const T* v = block.v + p * block.count * g.Cin;
+    T* m = block.m + p * block.count * cout;
+    for (int64_t panel = 0; panel < g.panels(); ++panel) {
+      const T* up = u + (p * g.panels() + panel) * g.Cin * kCols<T>;
+      int64_t r = 0;
+      for (; r + kRows <= block.count; r += kRows) {
+        multiply_rows<T, kRows>(v + r * g.Cin, g.Cin, up, m + r * cout + panel * kCols<T>, cout);
+      }
+      if (r < block.count) {
+        multiply_rows_tail<T>(block.count - r, v + r * g.Cin, g.Cin, up, m + r * cout + panel * kCols<T>, cout);
+      }
+    }
+  }
+}
+
 template <typename T>
 void transform_output(const Geometry& g, const Block<T>& block, const T* bias, int64_t begin, int64_t end, T* out,
                       Strides os) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  const int64_t point_stride = block.count * g.Cout;
+  const int64_t point_stride = block.count * g.cout_padded();
   for (int64_t t = begin; t < end; ++t) {
     const TileOrigin o = tile_origin(g, block.first + t);
     const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
     const int nw = std::min<int64_t>(2, g.W - o.w);
     T* base = out + o.n * os.n + o.d * os.d + o.h * os.h + o.w * os.w;
-    const T* src = block.m + t * g.Cout;
+    const T* src = block.m + t * g.cout_padded();
     for (int64_t c = 0; c < g.Cout; c += L) {
       const int64_t n = std::min<int64_t>(L, g.Cout - c);
       V a[kPoints];
@@ -207,8 +270,9 @@ void direct_tile(const Geometry& g, const T* x, Strides xs, const T* w_direct, c
 
 template <typename T>
 const KernelTable<T>& table() {
-  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>, &transform_weight<T>,
-                                      &transform_input<T>, &transform_output<T>, &direct_tile<T>};
+  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>,        kCols<T>,
+                                      &transform_weight<T>,                   &transform_input<T>, &multiply<T>,
+                                      &transform_output<T>,                   &direct_tile<T>};
   return kernels;
 }
 

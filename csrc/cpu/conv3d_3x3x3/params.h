@@ -6,6 +6,8 @@
 // tile = A^T [ (B^T x B) . (G w G^T) ] A (each product along all three axes). For a block of tiles the elementwise
 // products summed over input channels are 64 matrix products, one per transformed point p:
 //   m[p][tile][co] = sum over ci of v[p][tile][ci] * u[p][ci][co]
+// The products run on the ISA's own register-blocked micro-kernel over u packed per point in column panels of
+// `cols` output channels ([p][panel][ci][cols], zero past C_out); m rows are C_out rounded up to whole panels.
 // Activations are channels-last (channel stride 1) with int64 strides for n, d, h, w; every offset is int64_t.
 #pragma once
 
@@ -28,14 +30,18 @@ struct Strides {
 struct Geometry {
   int64_t N, Cin, Cout, D, H, W;
   int64_t TD, TH, TW;  // tiles along each axis: ceil(size / 2)
+  int64_t cols;        // output channels per column panel of the micro-kernel (KernelTable::cols)
   int64_t tiles() const { return N * TD * TH * TW; }
+  int64_t panels() const { return (Cout + cols - 1) / cols; }
+  int64_t cout_padded() const { return panels() * cols; }
 };
 
-inline Geometry make_geometry(int64_t N, int64_t Cin, int64_t Cout, int64_t D, int64_t H, int64_t W) {
-  return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2};
+inline Geometry make_geometry(int64_t N, int64_t Cin, int64_t Cout, int64_t D, int64_t H, int64_t W,
+                              int64_t cols) {
+  return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2, cols};
 }
 
-// One block of tiles [first, first + count) and its buffers: v [kPoints][count][Cin], m [kPoints][count][Cout].
+// One block of tiles [first, first + count) and its buffers: v [kPoints][count][Cin], m [kPoints][count][cout_padded].
 template <typename T>
 struct Block {
   int64_t first, count;
@@ -49,12 +55,16 @@ template <typename T>
 struct KernelTable {
   const char* isa;
   int64_t lanes;
-  // u[p][ci][co] = (G w G^T)[p] of the filter w[ci][tap][co] (taps in kd, kh, kw order).
+  int64_t cols;  // output channels per column panel
+  // u[p][co / cols][ci][co % cols] = (G w G^T)[p] of the filter w[ci][tap][co] (taps in kd, kh, kw order); the
+  // padding columns past C_out are left as they are (the driver zeroes u).
   void (*transform_weight)(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end);
   // block.v[p][t][ci] = (B^T x B)[p] of tile first + t's input window (zero outside the volume);
   // nonfinite[t] = 1 where that window holds a NaN or an Inf (or the transform overflowed), else 0.
   void (*transform_input)(const Geometry& g, const T* x, Strides xs, const Block<T>& block, int64_t begin,
                           int64_t end, uint8_t* nonfinite);
+  // block.m[p] = block.v[p] u[p] for the points [p_begin, p_end).
+  void (*multiply)(const Geometry& g, const Block<T>& block, const T* u, int64_t p_begin, int64_t p_end);
   // The output voxels of tiles first + [begin, end) (those inside the volume) = A^T m A (+ bias[co] unless null).
   void (*transform_output)(const Geometry& g, const Block<T>& block, const T* bias, int64_t begin, int64_t end,
                            T* out, Strides os);
