@@ -363,6 +363,19 @@ def test_kernel_parallel_blocks(layout):
 
 @cpu_kernel_poisoned
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_few_tiles_and_large_filters_run_the_direct_convolution(layout):
+    """Under 64 tiles with transformed filters of 8 MB or more the CPU op runs ATen's direct convolution (faster
+    there); a non-finite filter still takes the kernels' direct path, with the float64 reference's semantics."""
+    _run_case((1, 192, 3, 4, 5), 192, torch.float32, layout, layout)
+    x, w, b = conv3d_3x3x3_args((1, 192, 3, 4, 5), 192, torch.float32, layout)
+    w[3, 5, 0, 0, 0] = float("inf")
+    out = cpp_op("conv3d_3x3x3")(x, w, b)
+    want = reference.conv3d_3x3x3(x.double(), w.double(), b.double())
+    assert torch.equal(torch.isfinite(out), torch.isfinite(want)) and not torch.isfinite(out[:, 3]).any()
+
+
+@cpu_kernel_poisoned
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_kernel_float64_is_exact(layout):
     """F(2, 3)'s transforms are exact in binary (coefficients 0, +-1, 1/2): float64 matches to rounding."""
     x, w, b = conv3d_3x3x3_args((2, 7, 5, 6, 7), 9, torch.float64, layout)

@@ -8,10 +8,15 @@
 // (Measured against one batched at::bmm_out per block, MKL sgemm, on the same blocks: the micro-kernel was faster
 // at every shape of docs/PERFORMANCE.md; MKL repacked u for every block and ran small-M products slowly.)
 #include <ATen/Parallel.h>
+#include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "common/arg_checks.h"
@@ -33,6 +38,67 @@ constexpr int64_t kMaxBlockTiles = 256;
 // Fewer blocks than this: one block, threaded inside (a function of the shapes only, never of the thread count).
 constexpr int64_t kMinParallelBlocks = 16;
 
+// Scratch memory the calling thread keeps between calls, grow-only: the transformed weights and one-block volumes
+// buffers are tens of MB for the wide layers (u is 151 MB for 768 -> 768 channels), and fresh memory of that size
+// costs a page fault per 4 KiB on every call (measured: as long as the products themselves at 384 channels).
+class Scratch {
+ public:
+  enum Slot { kU, kV, kM, kSlots };
+  template <typename T>
+  static T* get(Slot slot, int64_t count) {
+    thread_local Scratch scratch;
+    Buffer& b = scratch.buffers_[slot];
+    const size_t bytes = static_cast<size_t>(count) * sizeof(T);
+    if (bytes > b.bytes) {
+      b.data.reset(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+      TORCH_CHECK(b.data != nullptr, kOp, ": out of memory for ", bytes, " bytes of scratch");
+      b.bytes = bytes;
+    }
+    return reinterpret_cast<T*>(b.data.get());
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<char, Free> data;
+    size_t bytes = 0;
+  };
+  Buffer buffers_[kSlots];
+};
+
+// Few tiles and large filters: the transformed weights (64 / 27 times the filter) cost more to build and stream than
+// the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
+// docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 2-3x slower than oneDNN, 384 -> 384 at
+// 12^3 (216 tiles) faster. Small filters always run the Winograd kernels (the tests' shapes among them).
+constexpr int64_t kFewTiles = 64;
+constexpr int64_t kLargeFilterBytes = 8 << 20;
+
+// Whether every element of a dense float / double tensor is finite (one parallel pass, no temporaries).
+bool all_finite(const at::Tensor& t) {
+  std::atomic<bool> finite{true};
+  const auto scan = [&](const auto* data) {
+    at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      bool ok = true;
+      for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(data[i]);
+      if (!ok) finite = false;
+    });
+  };
+  if (t.scalar_type() == at::kDouble) {
+    scan(t.data_ptr<double>());
+  } else {
+    scan(t.data_ptr<float>());
+  }
+  return finite;
+}
+
+bool prefers_direct(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t tiles = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2);
+  const int64_t u_bytes = kPoints * weight.size(0) * weight.size(1) * static_cast<int64_t>(weight.element_size());
+  return tiles < kFewTiles && u_bytes >= kLargeFilterBytes;
+}
+
 template <typename T>
 int64_t block_tiles(const Geometry& g) {
   const int64_t per_tile = kPoints * (g.Cin + g.cout_padded()) * static_cast<int64_t>(sizeof(T));
@@ -44,12 +110,11 @@ Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2
 // The weights as transformed points u [kPoints][C_in][C_out]. Hook for an eval-mode cache: u depends on the weight
 // alone, so a caller that knows the weight is unchanged could keep it between calls.
 template <typename T>
-at::Tensor transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
+const T* transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
   const at::Tensor w = weight.permute({1, 2, 3, 4, 0}).contiguous();  // [C_in][kd][kh][kw][C_out]
-  at::Tensor u = at::zeros({kPoints, g.panels(), g.Cin, g.cols}, weight.options());
+  T* u = Scratch::get<T>(Scratch::kU, kPoints * g.Cin * g.cout_padded());
   const T* wp = w.data_ptr<T>();
-  T* up = u.data_ptr<T>();
-  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, up, begin, end); });
+  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, u, begin, end); });
   return u;
 }
 
@@ -92,32 +157,30 @@ void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias
       make_geometry(x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4), kernels.cols);
   const int64_t tiles = g.tiles();
   std::vector<int64_t> direct;
-  if (!weight.isfinite().all().item<bool>()) {  // every transformed tap of that filter is polluted: all direct
+  if (!all_finite(weight)) {  // every transformed tap of that filter is polluted: all direct
     direct.resize(static_cast<size_t>(tiles));
     for (int64_t t = 0; t < tiles; ++t) direct[t] = t;
     direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
     return;
   }
-  const at::Tensor u = transformed_weight(kernels, g, weight);
+  const T* up = transformed_weight(kernels, g, weight);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const Strides xs = strides_of(x), os = strides_of(out);
   std::vector<uint8_t> nonfinite(static_cast<size_t>(tiles));
   const int64_t per_block = block_tiles<T>(g);
   const int64_t blocks = (tiles + per_block - 1) / per_block;
-  const T* up = u.data_ptr<T>();
   if (blocks < kMinParallelBlocks) {
-    std::vector<T> v(static_cast<size_t>(kPoints * tiles * g.Cin));
-    std::vector<T> m(static_cast<size_t>(kPoints * tiles * g.cout_padded()));
-    run_block(kernels, g, xp, xs, up, bias, v.data(), m.data(), 0, tiles, /*threaded=*/true, nonfinite.data(), op,
-              os);
+    T* v = Scratch::get<T>(Scratch::kV, kPoints * tiles * g.Cin);
+    T* m = Scratch::get<T>(Scratch::kM, kPoints * tiles * g.cout_padded());
+    run_block(kernels, g, xp, xs, up, bias, v, m, 0, tiles, /*threaded=*/true, nonfinite.data(), op, os);
   } else {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> v(static_cast<size_t>(kPoints * per_block * g.Cin));
-      std::vector<T> m(static_cast<size_t>(kPoints * per_block * g.cout_padded()));
+      std::unique_ptr<T[]> v(new T[kPoints * per_block * g.Cin]);
+      std::unique_ptr<T[]> m(new T[kPoints * per_block * g.cout_padded()]);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * per_block;
-        run_block(kernels, g, xp, xs, up, bias, v.data(), m.data(), first, std::min(per_block, tiles - first),
+        run_block(kernels, g, xp, xs, up, bias, v.get(), m.get(), first, std::min(per_block, tiles - first),
                   /*threaded=*/false, nonfinite.data(), op, os);
       }
     });
@@ -151,6 +214,9 @@ at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const
   TORCH_INTERNAL_ASSERT(x.size(1) == 1 || x.stride(1) == 1, kOp, ": expected a channels-last input");
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (prefers_direct(x, w) && all_finite(w)) {  // non-finite filters: the direct kernels below
+    return at::convolution(x, w, b, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, false, {0, 0, 0}, 1);
+  }
   if (x.scalar_type() == at::kDouble) {
     winograd_typed<double>(x, w, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, out);
   } else {

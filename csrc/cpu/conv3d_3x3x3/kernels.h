@@ -75,10 +75,10 @@ void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int
   const int64_t point_stride = g.Cin * g.cout_padded();
   for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
     const T* wc = w + ci * kTaps * g.Cout;
-    for (int64_t co = 0; co < g.Cout; co += L) {
-      const int64_t n = std::min<int64_t>(L, g.Cout - co);
+    for (int64_t co = 0; co < g.cout_padded(); co += L) {  // past C_out: zero columns
+      const int64_t n = std::clamp<int64_t>(g.Cout - co, 0, L);
       V taps[kTaps];
-      for (int64_t t = 0; t < kTaps; ++t) taps[t] = load_lanes<V>(wc + t * g.Cout + co, n);
+      for (int64_t t = 0; t < kTaps; ++t) taps[t] = n > 0 ? load_lanes<V>(wc + t * g.Cout + co, n) : zero<V>();
       V along_w[3][3][4], along_h[3][4][4], pts[kPoints];
       for (int d = 0; d < 3; ++d)
         for (int h = 0; h < 3; ++h)
@@ -89,7 +89,7 @@ void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int
         for (int k = 0; k < 4; ++k)
           weight_1d(along_h[0][j][k], along_h[1][j][k], along_h[2][j][k], &pts[j * 4 + k], 16);
       T* dst = u + (co / kCols<T>) * g.Cin * kCols<T> + ci * kCols<T> + co % kCols<T>;
-      for (int64_t p = 0; p < kPoints; ++p) store_lanes(dst + p * point_stride, pts[p], n);
+      for (int64_t p = 0; p < kPoints; ++p) store(dst + p * point_stride, pts[p]);
     }
   }
 }

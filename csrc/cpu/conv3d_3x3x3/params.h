@@ -56,8 +56,8 @@ struct KernelTable {
   const char* isa;
   int64_t lanes;
   int64_t cols;  // output channels per column panel
-  // u[p][co / cols][ci][co % cols] = (G w G^T)[p] of the filter w[ci][tap][co] (taps in kd, kh, kw order); the
-  // padding columns past C_out are left as they are (the driver zeroes u).
+  // u[p][co / cols][ci][co % cols] = (G w G^T)[p] of the filter w[ci][tap][co] (taps in kd, kh, kw order), 0 for
+  // the padding columns past C_out.
   void (*transform_weight)(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end);
   // block.v[p][t][ci] = (B^T x B)[p] of tile first + t's input window (zero outside the volume);
   // nonfinite[t] = 1 where that window holds a NaN or an Inf (or the transform overflowed), else 0.
