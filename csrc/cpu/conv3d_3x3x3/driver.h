@@ -12,7 +12,7 @@ namespace cpu {
 namespace conv3d_3x3x3 {
 
 // F.conv3d(x, weight, bias, padding=1) for x channels-last (float32 or float64; weight and bias of x's dtype),
-// returned channels-last in x's dtype. Tiles whose input window holds a NaN or an Inf, and every tile when a weight
+// returned channels-last in x's dtype (few tiles with large filters: ATen's convolution, in x's layout). Tiles whose input window holds a NaN or an Inf, and every tile when a weight
 // is non-finite, are computed directly (see KernelTable::direct_tile for multiply_padding).
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool multiply_padding);

@@ -202,6 +202,10 @@ at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryF
 
 at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool multiply_padding) {
+  if (prefers_direct(x_in, weight) && all_finite(weight.contiguous())) {  // non-finite filters: the direct kernels
+    return at::convolution(x_in, weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1}, {1, 1, 1}, {1, 1, 1},
+                           false, {0, 0, 0}, 1);  // in the input's layout: oneDNN's own choice
+  }
   const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast3d;
   const at::Tensor x = x_in.contiguous(cl);
   const int64_t cout = weight.size(0);
@@ -214,9 +218,6 @@ at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const
   TORCH_INTERNAL_ASSERT(x.size(1) == 1 || x.stride(1) == 1, kOp, ": expected a channels-last input");
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (prefers_direct(x, w) && all_finite(w)) {  // non-finite filters: the direct kernels below
-    return at::convolution(x, w, b, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, false, {0, 0, 0}, 1);
-  }
   if (x.scalar_type() == at::kDouble) {
     winograd_typed<double>(x, w, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, out);
   } else {

@@ -113,7 +113,6 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
                      uint8_t* nonfinite) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  const int64_t point_stride = block.count * g.Cin;
   for (int64_t t = begin; t < end; ++t) {
     const TileOrigin o = tile_origin(g, block.first + t);
     // The window starts one voxel before the output tile (padding 1).
@@ -124,6 +123,18 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
       inside[2][i] = o.w - 1 + i >= 0 && o.w - 1 + i < g.W;
     }
     const T* base = x + o.n * xs.n + (o.d - 1) * xs.d + (o.h - 1) * xs.h + (o.w - 1) * xs.w;
+    // The next tile along W reads two new columns of the window: fetch them while this tile is transformed.
+    if (o.w + 2 < g.W) {  // (a prefetch never faults: columns past the volume need no clipping)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          if (!(inside[0][i] && inside[1][j])) continue;
+          const char* next = reinterpret_cast<const char*>(base + i * xs.d + j * xs.h + 4 * xs.w);
+          for (int64_t byte = 0; byte < g.Cin * static_cast<int64_t>(sizeof(T)); byte += 64) {
+            __builtin_prefetch(next + byte, 0, 3);
+            __builtin_prefetch(next + byte + xs.w * static_cast<int64_t>(sizeof(T)), 0, 3);
+          }
+        }
+    }
     V poison = zero<V>();
     for (int64_t c = 0; c < g.Cin; c += L) {
       const int64_t n = std::min<int64_t>(L, g.Cin - c);
@@ -142,10 +153,10 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
         for (int k = 0; k < 4; ++k) input_1d(a + i * 16 + k, 4);
       for (int j = 0; j < 4; ++j)
         for (int k = 0; k < 4; ++k) input_1d(a + j * 4 + k, 16);
-      T* dst = block.v + t * g.Cin + c;
+      T* dst = block.v + t * kPoints * g.Cin + c;
       for (int64_t p = 0; p < kPoints; ++p) {
         poison = poison + a[p] * zero<V>();  // NaN in a lane once any transformed value is NaN or infinite
-        store_lanes(dst + p * point_stride, a[p], n);
+        store_lanes(dst + p * g.Cin, a[p], n);
       }
     }
     const T probe = hsum(poison);
@@ -153,56 +164,74 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
   }
 }
 
-// m[r][0 .. kCols) = sum over ci of v[r][ci] * panel[ci][0 .. kCols) for R rows, one fma per term in ci order.
-template <typename T, int R>
-UXNET_SIMD_INLINE void multiply_rows(const T* v, int64_t cin, const T* panel, T* m, int64_t m_stride) {
+// m[r][0 .. NV vectors) = sum over ci of v[r][ci] * panel[ci][0 .. NV vectors) for R rows, one fma per term in ci
+// order.
+template <typename T, int R, int NV>
+UXNET_SIMD_INLINE void multiply_rows(const T* v, int64_t v_stride, int64_t cin, const T* panel, T* m,
+                                     int64_t m_stride) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  V acc[R][kPanelVectors];
+  V acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < kPanelVectors; ++j) acc[r][j] = zero<V>();
+    for (int j = 0; j < NV; ++j) acc[r][j] = zero<V>();
   for (int64_t k = 0; k < cin; ++k) {
-    V b[kPanelVectors];
+    V b[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < kPanelVectors; ++j) b[j] = load<V>(panel + k * kCols<T> + j * L);
+    for (int j = 0; j < NV; ++j) b[j] = load<V>(panel + k * kCols<T> + j * L);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V a = broadcast<V>(v[r * cin + k]);
+      const V a = broadcast<V>(v[r * v_stride + k]);
 #pragma GCC unroll 4
-      for (int j = 0; j < kPanelVectors; ++j) acc[r][j] = fma(a, b[j], acc[r][j]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = fma(a, b[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < kPanelVectors; ++j) store(m + r * m_stride + j * L, acc[r][j]);
+    for (int j = 0; j < NV; ++j) store(m + r * m_stride + j * L, acc[r][j]);
 }
 
-template <typename T, int R = kRows>
-UXNET_SIMD_INLINE void multiply_rows_tail(int64_t rows, const T* v, int64_t cin, const T* panel, T* m,
-                                          int64_t m_stride) {
-  if constexpr (R > 1) {
-    if (rows < R) return multiply_rows_tail<T, R - 1>(rows, v, cin, panel, m, m_stride);
+// One panel of output channels (NV of its vectors hold channels < C_out) for every row of the block.
+template <typename T, int NV>
+void multiply_panel(int64_t rows, const T* v, int64_t v_stride, int64_t cin, const T* panel, T* m, int64_t m_stride) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    multiply_rows<T, kRows, NV>(v + r * v_stride, v_stride, cin, panel, m + r * m_stride, m_stride);
   }
-  multiply_rows<T, R>(v, cin, panel, m, m_stride);
+  v += r * v_stride;
+  m += r * m_stride;
+  switch (rows - r) {  // the last rows of the block
+    case 5: return multiply_rows<T, 5, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 4: return multiply_rows<T, 4, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 3: return multiply_rows<T, 3, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 2: return multiply_rows<T, 2, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 1: return multiply_rows<T, 1, NV>(v, v_stride, cin, panel, m, m_stride);
+    default: return;
+  }
 }
 
 template <typename T>
 void multiply(const Geometry& g, const Block<T>& block, const T* u, int64_t p_begin, int64_t p_end) {
+  static_assert(kRows == 6 && kPanelVectors <= 4, "multiply_panel's row tails and the NV switch below");
+  constexpr int64_t L = kLanes<T>;
   const int64_t cout = g.cout_padded();
+  const int64_t v_stride = kPoints * g.Cin, m_stride = kPoints * cout;  // tile-major: [tile][point][channel]
   for (int64_t p = p_begin; p < p_end; ++p) {
-    const T* v = block.v + p * block.count * g.Cin;
-    T* m = block.m + p * block.count * cout;
+    const T* v = block.v + p * g.Cin;
+    T* m = block.m + p * cout;
     for (int64_t panel = 0; panel < g.panels(); ++panel) {
       const T* up = u + (p * g.panels() + panel) * g.Cin * kCols<T>;
-      int64_t r = 0;
-      for (; r + kRows <= block.count; r += kRows) {
-        multiply_rows<T, kRows>(v + r * g.Cin, g.Cin, up, m + r * cout + panel * kCols<T>, cout);
-      }
-      if (r < block.count) {
-        multiply_rows_tail<T>(block.count - r, v + r * g.Cin, g.Cin, up, m + r * cout + panel * kCols<T>, cout);
+      T* mp = m + panel * kCols<T>;
+      // Vectors of the panel that hold output channels (the last panel of a C_out that is not a multiple of
+      // kCols skips its zero columns).
+      const int64_t vectors = std::min<int64_t>(kPanelVectors, (g.Cout - panel * kCols<T> + L - 1) / L);
+      switch (vectors) {
+        case 1: multiply_panel<T, 1>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
+        case 2: multiply_panel<T, 2>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
+        case 3: multiply_panel<T, kPanelVectors >= 3 ? 3 : 1>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
+        default: multiply_panel<T, kPanelVectors>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
       }
     }
   }
@@ -213,17 +242,17 @@ void transform_output(const Geometry& g, const Block<T>& block, const T* bias, i
                       Strides os) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  const int64_t point_stride = block.count * g.cout_padded();
+  const int64_t cout = g.cout_padded();
   for (int64_t t = begin; t < end; ++t) {
     const TileOrigin o = tile_origin(g, block.first + t);
     const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
     const int nw = std::min<int64_t>(2, g.W - o.w);
     T* base = out + o.n * os.n + o.d * os.d + o.h * os.h + o.w * os.w;
-    const T* src = block.m + t * g.cout_padded();
+    const T* src = block.m + t * kPoints * cout;
     for (int64_t c = 0; c < g.Cout; c += L) {
       const int64_t n = std::min<int64_t>(L, g.Cout - c);
       V a[kPoints];
-      for (int64_t p = 0; p < kPoints; ++p) a[p] = load_lanes<V>(src + p * point_stride + c, n);
+      for (int64_t p = 0; p < kPoints; ++p) a[p] = load_lanes<V>(src + p * cout + c, n);
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) output_1d(a + (i * 4 + j) * 4, 1);
       for (int i = 0; i < 4; ++i)

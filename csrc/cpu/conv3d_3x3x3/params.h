@@ -5,7 +5,7 @@
 // and channel the input window becomes 64 transformed values, the 3x3x3 filter 64 transformed taps, and output
 // tile = A^T [ (B^T x B) . (G w G^T) ] A (each product along all three axes). For a block of tiles the elementwise
 // products summed over input channels are 64 matrix products, one per transformed point p:
-//   m[p][tile][co] = sum over ci of v[p][tile][ci] * u[p][ci][co]
+//   m[tile][p][co] = sum over ci of v[tile][p][ci] * u[p][ci][co]
 // The products run on the ISA's own register-blocked micro-kernel over u packed per point in column panels of
 // `cols` output channels ([p][panel][ci][cols], zero past C_out); m rows are C_out rounded up to whole panels.
 // Activations are channels-last (channel stride 1) with int64 strides for n, d, h, w; every offset is int64_t.
@@ -41,7 +41,8 @@ inline Geometry make_geometry(int64_t N, int64_t Cin, int64_t Cout, int64_t D, i
   return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2, cols};
 }
 
-// One block of tiles [first, first + count) and its buffers: v [kPoints][count][Cin], m [kPoints][count][cout_padded].
+// One block of tiles [first, first + count) and its buffers, tile-major: v [count][kPoints][Cin],
+// m [count][kPoints][cout_padded] (a tile's transform reads or writes one contiguous run).
 template <typename T>
 struct Block {
   int64_t first, count;
@@ -59,7 +60,7 @@ struct KernelTable {
   // u[p][co / cols][ci][co % cols] = (G w G^T)[p] of the filter w[ci][tap][co] (taps in kd, kh, kw order), 0 for
   // the padding columns past C_out.
   void (*transform_weight)(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end);
-  // block.v[p][t][ci] = (B^T x B)[p] of tile first + t's input window (zero outside the volume);
+  // block.v[t][p][ci] = (B^T x B)[p] of tile first + t's input window (zero outside the volume);
   // nonfinite[t] = 1 where that window holds a NaN or an Inf (or the transform overflowed), else 0.
   void (*transform_input)(const Geometry& g, const T* x, Strides xs, const Block<T>& block, int64_t begin,
                           int64_t end, uint8_t* nonfinite);
