@@ -17,6 +17,11 @@ namespace conv3d_3x3x3 {
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool multiply_padding);
 
+// Few tiles with large filters, where ATen's direct convolution (oneDNN) is faster (forward.cpp).
+bool prefers_direct(const at::Tensor& x, const at::Tensor& weight);
+// Whether every element of a dense float32 / float64 tensor is finite.
+bool all_finite(const at::Tensor& t);
+
 // The compute dtype of the kernels for an input dtype: float64 stays, everything else computes in float32.
 at::ScalarType compute_dtype(at::ScalarType input);
 

@@ -68,37 +68,6 @@ class Scratch {
   Buffer buffers_[kSlots];
 };
 
-// Few tiles and large filters: the transformed weights (64 / 27 times the filter) cost more to build and stream than
-// the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
-// docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 2-3x slower than oneDNN, 384 -> 384 at
-// 12^3 (216 tiles) faster. Small filters always run the Winograd kernels (the tests' shapes among them).
-constexpr int64_t kFewTiles = 64;
-constexpr int64_t kLargeFilterBytes = 8 << 20;
-
-// Whether every element of a dense float / double tensor is finite (one parallel pass, no temporaries).
-bool all_finite(const at::Tensor& t) {
-  std::atomic<bool> finite{true};
-  const auto scan = [&](const auto* data) {
-    at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-      bool ok = true;
-      for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(data[i]);
-      if (!ok) finite = false;
-    });
-  };
-  if (t.scalar_type() == at::kDouble) {
-    scan(t.data_ptr<double>());
-  } else {
-    scan(t.data_ptr<float>());
-  }
-  return finite;
-}
-
-bool prefers_direct(const at::Tensor& x, const at::Tensor& weight) {
-  const int64_t tiles = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2);
-  const int64_t u_bytes = kPoints * weight.size(0) * weight.size(1) * static_cast<int64_t>(weight.element_size());
-  return tiles < kFewTiles && u_bytes >= kLargeFilterBytes;
-}
-
 template <typename T>
 int64_t block_tiles(const Geometry& g) {
   const int64_t per_tile = kPoints * (g.Cin + g.cout_padded()) * static_cast<int64_t>(sizeof(T));
@@ -192,6 +161,37 @@ void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias
 }
 
 }  // namespace
+
+// Few tiles and large filters: the transformed weights (64 / 27 times the filter) cost more to build and stream than
+// the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
+// docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 2-3x slower than oneDNN, 384 -> 384 at
+// 12^3 (216 tiles) faster. Small filters always run the Winograd kernels (the tests' shapes among them).
+constexpr int64_t kFewTiles = 64;
+constexpr int64_t kLargeFilterBytes = 8 << 20;
+
+// Whether every element of a dense float / double tensor is finite (one parallel pass, no temporaries).
+bool all_finite(const at::Tensor& t) {
+  std::atomic<bool> finite{true};
+  const auto scan = [&](const auto* data) {
+    at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      bool ok = true;
+      for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(data[i]);
+      if (!ok) finite = false;
+    });
+  };
+  if (t.scalar_type() == at::kDouble) {
+    scan(t.data_ptr<double>());
+  } else {
+    scan(t.data_ptr<float>());
+  }
+  return finite;
+}
+
+bool prefers_direct(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t tiles = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2);
+  const int64_t u_bytes = kPoints * weight.size(0) * weight.size(1) * static_cast<int64_t>(weight.element_size());
+  return tiles < kFewTiles && u_bytes >= kLargeFilterBytes;
+}
 
 at::ScalarType compute_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
