@@ -77,6 +77,10 @@ TORCH_LIBRARY(uxnet, m) {
   m.def(
       "dwconv3d_backward(Tensor grad_out, Tensor x, Tensor weight, bool[3] output_mask)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def("conv3d_3x3x3(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "conv3d_3x3x3_backward(Tensor grad_out, Tensor x, Tensor weight, bool[3] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def("layer_norm_channels_first(Tensor x, Tensor weight, Tensor bias, float eps)"
         " -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def(

@@ -1,7 +1,7 @@
 """Differential fuzz of the compiled CPU kernels against a float64 truth, under every ISA variant.
 
 Each case draws an op (dwconv3d, layer_norm_channels_first, ux_mlp, and the decoder's instance_norm_lrelu and
-instance_norm_add_lrelu with a residual or a one- or two-input projection shortcut), a shape (N up to 3, C from 1
+instance_norm_add_lrelu with a residual or a one- or two-input projection shortcut, and its dense conv3d_3x3x3), a shape (N up to 3, C from 1
 with odd and 16-lane-boundary counts, spatial dims from 1, often smaller than the kernel), per-axis odd kernels up
 to 31, a dtype (float32, bfloat16, float64), a layout (NCDHW, channels_last_3d, a strided view) and, in some cases,
 a NaN or +-Inf in x or in a weight. It runs the forward and every gradient (through the registered autograd, so the
@@ -15,6 +15,9 @@ backward ops too) and compares each with the reference ops run in float64 on the
   2 ||torch - truth|| + 2 u ||truth||, "torch" being the reference ops run in the kernel's dtype and u the
   dtype's unit roundoff (the rounding of the result itself, which both must pay). A result whose truth is
   exactly 0 (C = 1 gradients) must then be exactly 0;
+- conv3d_3x3x3 (Winograd) output and input gradient: the rounding term is 2u times the size the result is rounded
+  from (winograd_rounding_scale; tests/ops/test_conv3d_3x3x3.py), where that exceeds ||truth||: a transform mixes a
+  whole tile window and every tap of a filter into each output, in terms that cancel in exact arithmetic;
 - float64 results: within 1e-10 ||truth||, or 1e-5 x PyTorch float32's error (the ratio of the two tolerances);
 - LayerNorm and UX MLP also pass within twice the statistics floor (see run_floor): their backward ops get the
   forward's mean / rstd in the statistics dtype and not eps, so no implementation can beat the exact gradient
@@ -53,7 +56,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float64
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative, as conftest.TOLERANCES
 FLOAT64_TOLERANCE = 1e-10
 FLOAT64_PER_FLOAT32 = 1e-5  # the tests' float64 / float32 tolerance ratio
-OPS = ("dwconv3d", "layer_norm", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
+OPS = ("dwconv3d", "layer_norm", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu", "conv3d_3x3x3")
 INSTANCE_NORM_OPS = ("instance_norm_lrelu", "instance_norm_add_lrelu")
 # Two corners of the instance-norm ops the fuzz leaves out, both ill-conditioned beyond what the rule can judge
 # (docs/PERFORMANCE.md, "Reliability"): bfloat16 planes of fewer than MIN_BF16_PLANE voxels (the backward recovers
@@ -78,9 +81,12 @@ class Case:
     gamma: bool  # ux_mlp
     negative_slope: float = 0.01  # instance-norm ops
     shortcut_channels: Tuple[int, ...] = ()  # instance_norm_add_lrelu with a shortcut: C_i of each input
+    out_channels: int = 0  # conv3d_3x3x3
 
     def describe(self) -> str:
         extra = f" k={self.kernel}" if self.op == "dwconv3d" else ""
+        if self.op == "conv3d_3x3x3":
+            extra = f" C_out={self.out_channels}"
         if self.op == "ux_mlp":
             extra = f" residual={self.residual} gamma={self.gamma}"
         if self.op in INSTANCE_NORM_OPS:
@@ -107,6 +113,7 @@ def draw_case(seed: int) -> Case:
     n = rng.choice([1, 1, 2, 3])
     c = _channels(rng)
     kernel = (1, 1, 1)
+    out_channels = _channels(rng) if op == "conv3d_3x3x3" else 0
     while True:
         big_axis = rng.randrange(4)  # one axis may be long (W register blocks, row tails), or none
         d, h, w = (_spatial(rng, big_axis == i) for i in range(3))
@@ -115,6 +122,8 @@ def draw_case(seed: int) -> Case:
             if rng.random() < 0.1:
                 kernel = (rng.randrange(1, 32, 2),) * 3
             work = n * c * d * h * w * kernel[0] * kernel[1] * kernel[2]
+        elif op == "conv3d_3x3x3":
+            work = n * c * out_channels * d * h * w * 27
         else:
             work = n * c * d * h * w
         if op in INSTANCE_NORM_OPS and d * h * w < 2:  # statistics over one voxel are rejected, like F.instance_norm
@@ -130,7 +139,8 @@ def draw_case(seed: int) -> Case:
         # instance_norm_add_lrelu: z only. A non-finite residual or shortcut makes the kernel's grad_z NaN over the
         # affected (n, c) planes, where the reference (which keeps z) stays finite: a documented difference
         # (docs/ARCHITECTURE.md), not checked here.
-        names = {"dwconv3d": ["x", "weight", "bias"], "layer_norm": ["x", "weight", "bias"],
+        names = {"dwconv3d": ["x", "weight", "bias"], "conv3d_3x3x3": ["x", "weight", "bias"],
+                 "layer_norm": ["x", "weight", "bias"],
                  "ux_mlp": ["y", "residual", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "gamma"],
                  "instance_norm_lrelu": ["x"], "instance_norm_add_lrelu": ["x"]}[op]
         poison = (rng.choice(names), rng.randrange(1 << 30), rng.choice(["nan", "inf", "-inf"]))
@@ -143,7 +153,8 @@ def draw_case(seed: int) -> Case:
             if not residual:
                 shortcut = tuple(rng.choice([2, 3, rng.randint(2, 9), 16, 17, 33])
                                  for _ in range(rng.choice([1, 2])))
-    return Case(seed, op, (n, c, d, h, w), kernel, dtype, layout, poison, residual, gamma, slope, shortcut)
+    return Case(seed, op, (n, c, d, h, w), kernel, dtype, layout, poison, residual, gamma, slope, shortcut,
+                out_channels)
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
@@ -170,6 +181,9 @@ def make_inputs(case: Case) -> Dict[str, Optional[torch.Tensor]]:
         fan = case.kernel[0] * case.kernel[1] * case.kernel[2]
         inputs = {"x": rand(n, c, d, h, w), "weight": rand(c, 1, *case.kernel, scale=1 / math.sqrt(fan)),
                   "bias": rand(c)}
+    elif case.op == "conv3d_3x3x3":
+        inputs = {"x": rand(n, c, d, h, w), "weight": rand(case.out_channels, c, 3, 3, 3, scale=1 / math.sqrt(27 * c)),
+                  "bias": rand(case.out_channels)}
     elif case.op == "layer_norm":
         inputs = {"x": rand(n, c, d, h, w, scale=1.5, offset=0.7), "weight": rand(c, scale=0.5, offset=1.0),
                   "bias": rand(c, scale=0.5)}
@@ -186,7 +200,7 @@ def make_inputs(case: Case) -> Dict[str, Optional[torch.Tensor]]:
                   "ln_weight": rand(c, scale=0.5, offset=1.0), "ln_bias": rand(c, scale=0.5), "w1": rand(c, 4),
                   "b1": rand(c, 4, scale=0.5), "w2": rand(c, 4, scale=0.5), "b2": rand(c, scale=0.5),
                   "gamma": rand(c) if case.gamma else None}
-    inputs["grad_out"] = rand(n, c, d, h, w)
+    inputs["grad_out"] = rand(n, case.out_channels if case.op == "conv3d_3x3x3" else c, d, h, w)
     if case.poison is not None:
         name, index, kind = case.poison
         target = inputs.get(name)
@@ -221,6 +235,10 @@ def run(op: str, inputs, dtype, kernel: bool, slope: float = 0.01) -> List[Tuple
         args = [leaves["x"], leaves["weight"], leaves["bias"]]
         names = ["x", "weight", "bias"]
         out = torch.ops.uxnet.dwconv3d(*args) if kernel else reference.dwconv3d(*args)
+    elif op == "conv3d_3x3x3":
+        args = [leaves["x"], leaves["weight"], leaves["bias"]]
+        names = ["x", "weight", "bias"]
+        out = torch.ops.uxnet.conv3d_3x3x3(*args) if kernel else reference.conv3d_3x3x3(*args)
     elif op == "layer_norm":
         args = [leaves["x"], leaves["weight"], leaves["bias"]]
         names = ["x", "weight", "bias"]
@@ -367,7 +385,7 @@ def _ux_mlp_floor(rel, y, residual, ln_weight, ln_bias, w1, b1, w2, b2, gamma):
 def run_floor(op: str, inputs, dtype, slope: float = 0.01) -> Optional[Dict[str, torch.Tensor]]:
     """The statistics floor of every output of `op` for kernels in `dtype` (None for dwconv3d, which saves no
     statistics; the instance-norm ops' floor depends on the kernel's output: run_instance_norm_floor)."""
-    if op == "dwconv3d" or op in INSTANCE_NORM_OPS:
+    if op in ("dwconv3d", "conv3d_3x3x3") or op in INSTANCE_NORM_OPS:
         return None
     leaves = _leaves(inputs, torch.float64)
     if op == "layer_norm":
@@ -379,14 +397,35 @@ def run_floor(op: str, inputs, dtype, slope: float = 0.01) -> Optional[Dict[str,
     return _float64_results(out, leaves, names, inputs["grad_out"])
 
 
+def winograd_rounding_scale(x: torch.Tensor, w: torch.Tensor) -> float:
+    """||s|| for s[n, co, p] = sqrt(sum over ci of (sum of x^2 over the 5x5x5 window around p) * (sum of w[co, ci]^2)),
+    the size of the terms a Winograd F(2x2x2, 3x3x3) output is rounded from (non-finite values count as 0)."""
+    x64 = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    w64 = torch.nan_to_num(w.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    c = x64.shape[1]
+    window = torch.nn.functional.conv3d(x64 ** 2, torch.ones(c, 1, 5, 5, 5, dtype=torch.float64), padding=2,
+                                        groups=c)
+    return torch.einsum("ncdhw,oc->nodhw", window, (w64 ** 2).sum((2, 3, 4))).sqrt().norm().item()
+
+
+def rounding_scales(op: str, inputs) -> Dict[str, float]:
+    """Per result name, the size it is rounded from where that is not the result itself (conv3d_3x3x3)."""
+    if op != "conv3d_3x3x3":
+        return {}
+    w = inputs["weight"]
+    return {"out": winograd_rounding_scale(inputs["x"], w),
+            "grad_x": winograd_rounding_scale(inputs["grad_out"], w.transpose(0, 1))}
+
+
 # ---- the comparison -------------------------------------------------------------------------------------------
 
 
 def compare(got: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor, dtype,
-            floor: Optional[torch.Tensor] = None) -> Tuple[Optional[str], str]:
+            floor: Optional[torch.Tensor] = None, scale: float = 0.0) -> Tuple[Optional[str], str]:
     """(None, the clause that passed) if `got` passes (see the module docstring), else (why not, "").
     `torch_same_dtype`: the reference ops in the kernel's dtype (float32 for float64 kernels); `floor`: the float64
-    result with the saved statistics off by an ulp (run_floor, run_instance_norm_floor), or None."""
+    result with the saved statistics off by an ulp (run_floor, run_instance_norm_floor), or None; `scale`: the size the
+    result is rounded from where larger than ||truth|| (rounding_scales), else 0."""
     if got.shape != truth.shape:
         return f"shape {tuple(got.shape)} != {tuple(truth.shape)}", ""
     got64, torch64 = got.double(), torch_same_dtype.double()
@@ -400,7 +439,7 @@ def compare(got: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tens
     err = (got64[finite] - truth[finite]).norm().item()
     both = torch.isfinite(torch64) & finite  # (where PyTorch itself overflows or gives NaN it has no error to compare)
     torch_err = (torch64[both] - truth[both]).norm().item()
-    rounding = 2 * UNIT_ROUNDOFF[dtype] * ref_norm
+    rounding = 2 * UNIT_ROUNDOFF[dtype] * max(ref_norm, scale)
     if dtype == torch.float64:
         if err <= FLOAT64_TOLERANCE * ref_norm:
             return None, "tolerance"
@@ -442,6 +481,7 @@ def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbo
     # is (e.g. gradients that are exactly 0 but come out as rounding noise from the float64 reference).
     same = dict(run(case.op, inputs, dtype if dtype != torch.float64 else torch.float32, kernel=False, slope=slope))
     floor = run_floor(case.op, inputs, dtype, slope)
+    scales = rounding_scales(case.op, inputs)
     failures = []
     previous = os.environ.get("UXNET_CPU_ISA")
     try:
@@ -463,7 +503,8 @@ def check_case(case: Case, isas: Sequence[str], tallies: Dict[str, Tally], verbo
                                     f"    reproduce: python tests/cpu_fuzz.py --case-seed {case.seed} --isa {isa} -v")
             for name, tensor in got:
                 tally.checks += 1
-                why, clause = compare(tensor, same[name], truth[name], dtype, None if floor is None else floor[name])
+                why, clause = compare(tensor, same[name], truth[name], dtype, None if floor is None else floor[name],
+                                      scales.get(name, 0.0))
                 if why is not None:
                     tally.mismatches += 1
                     failures.append(f"[{isa}] {case.describe()}: {name}: {why}\n"

@@ -14,7 +14,8 @@ def test_info_json_reports_backends(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["torch"]
     assert set(report["backends_cpu"]["would_use"]) == {"dwconv3d", "layer_norm_channels_first", "ux_mlp",
-                                                        "instance_norm_lrelu", "instance_norm_add_lrelu"}
+                                                        "instance_norm_lrelu", "instance_norm_add_lrelu",
+                                                        "conv3d_3x3x3"}
     assert report["backends_cpu"]["backends"]["reference"]["available"] is True
 
 

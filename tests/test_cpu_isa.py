@@ -52,6 +52,12 @@ def _inputs(op, shape, dtype, layout, seed):
         w = (0.2 * torch.randn(c, 1, 7, 5, 3, dtype=torch.float64)).to(dtype)
         b = torch.randn(c, dtype=torch.float64).to(dtype)
         return [x, w, b], to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
+    if op == "conv3d_3x3x3":  # C_out = C_in + 4: other partial channel vectors on the output side
+        n, c = shape[:2]
+        x = to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
+        w = (torch.randn(c + 4, c, 3, 3, 3, dtype=torch.float64) / (27 * c) ** 0.5).to(dtype)
+        b = torch.randn(c + 4, dtype=torch.float64).to(dtype)
+        return [x, w, b], to_layout(torch.randn(n, c + 4, *shape[2:], dtype=torch.float64).to(dtype), layout)
     if op in ("instance_norm_lrelu", "instance_norm_add_lrelu"):
         n, c = shape[:2]
         z = to_layout((torch.randn(shape, dtype=torch.float64) * 1.5 + 0.7).to(dtype), layout)
@@ -72,6 +78,9 @@ def _run(op, args, g):
     if op == "dwconv3d":
         x, w, b = args
         return [ops.dwconv3d(x, w, b), *ops.dwconv3d_backward(g, x, w, [True, True, True])]
+    if op == "conv3d_3x3x3":
+        x, w, b = args
+        return [ops.conv3d_3x3x3(x, w, b), *ops.conv3d_3x3x3_backward(g, x, w, [True, True, True])]
     if op == "layer_norm":
         x, w, b = args
         out, mean, rstd = ops.layer_norm_channels_first(x, w, b, EPS)
@@ -102,7 +111,7 @@ def _bits(t):
 # and 37 give W register blocks of 16 and 13; odd voxel counts leave partial voxel vectors and tiles.
 BITWISE_CASES = [
     (op, shape, dtype, layout)
-    for op in ("dwconv3d", "layer_norm", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
+    for op in ("dwconv3d", "layer_norm", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu", "conv3d_3x3x3")
     for shape in ((2, 13, 3, 5, 16), (1, 19, 4, 3, 37), (1, 33, 2, 7, 9))
     for dtype in (torch.float32, torch.bfloat16, torch.float64)
     for layout in ("contiguous", "channels_last_3d")
@@ -129,7 +138,8 @@ def test_avx512_and_emulation_are_bitwise_identical(op, shape, dtype, layout):
 @pytest.mark.parametrize("name", CPU_ISAS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 def test_every_variant_matches_the_reference(name, layout):
-    """LayerNorm and UX MLP forward + backward on each variant (dwconv3d: test_cpu_dwconv3d.py's `isa` fixture)."""
+    """LayerNorm and UX MLP forward + backward on each variant (dwconv3d, conv3d_3x3x3: the `isa` fixture of their
+    tests in tests/ops/)."""
     why = cpu_isa_unavailable(name)
     if why is not None:
         pytest.skip(f"this machine cannot run the variant ({why})")
@@ -154,7 +164,7 @@ def test_every_variant_matches_the_reference(name, layout):
         assert_close_rel(g, r, reference_dtype(torch.float32), f"{name} output/grad {i}")
 
 
-@pytest.mark.parametrize("op", ["dwconv3d", "layer_norm", "ux_mlp"])
+@pytest.mark.parametrize("op", ["dwconv3d", "layer_norm", "ux_mlp", "conv3d_3x3x3"])
 def test_unknown_variant_is_a_clear_error_naming_the_op(op):
     with use_cpu_isa("avx1024"):
         with pytest.raises(RuntimeError, match=r"uxnet::\w+: uxnet CPU kernels: UXNET_CPU_ISA must be one of auto, "
@@ -201,7 +211,8 @@ def test_concurrent_python_threads_give_bitwise_identical_results():
     import concurrent.futures
 
     cases = [(op, (2, 19, 3, 5, 16), torch.float32, layout)
-             for op in ("dwconv3d", "layer_norm", "ux_mlp") for layout in ("contiguous", "channels_last_3d")]
+             for op in ("dwconv3d", "layer_norm", "ux_mlp", "conv3d_3x3x3")
+             for layout in ("contiguous", "channels_last_3d")]
     inputs = [_inputs(*case, seed=99) for case in cases]
     alone = [[_bits(t) for t in _run(case[0], *inp)] for case, inp in zip(cases, inputs)]
 

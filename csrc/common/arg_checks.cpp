@@ -63,6 +63,23 @@ void dwconv3d_inputs(const char* op, const at::Tensor& x, const at::Tensor& weig
   }
 }
 
+void conv3d_3x3x3_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias) {
+  five_dim(op, x, "x");
+  floating(op, x, "x");
+  TORCH_CHECK(weight.dim() == 5 && weight.size(1) == x.size(1) && weight.size(2) == 3 && weight.size(3) == 3 &&
+                  weight.size(4) == 3,
+              op, ": expected weight of shape (C_out, ", x.size(1), ", 3, 3, 3), got ", weight.sizes());
+  same_dtype(op, weight, "weight", x, "x");
+  same_device(op, weight, "weight", x);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": expected bias of shape (",
+                weight.size(0), "), got ", bias->sizes());
+    same_dtype(op, *bias, "bias", x, "x");
+    same_device(op, *bias, "bias", x);
+  }
+}
+
 void channels_first_input(const char* op, const at::Tensor& x, const char* name) {
   five_dim(op, x, name);
   floating(op, x, name);

@@ -36,6 +36,10 @@ void positive_eps(const char* op, double eps);
 // all of x's dtype and device.
 void dwconv3d_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias);
+// conv3d_3x3x3: x (N, C_in, D, H, W) floating; weight (C_out, C_in, 3, 3, 3); bias (C_out,) or absent; all of x's
+// dtype and device.
+void conv3d_3x3x3_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias);
 // The channels-first ops (LayerNorm, UX MLP): x (N, C, D, H, W) floating.
 void channels_first_input(const char* op, const at::Tensor& x, const char* name);
 // A per-channel parameter of a channels-first op: C rows along dim 0, x's dtype and device.

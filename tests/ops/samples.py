@@ -135,6 +135,18 @@ def dwconv3d_reference(x, w, b=None):
     return reference.dwconv3d(x, w, b)
 
 
+# conv3d_3x3x3(x, weight, bias) ----------------------------------------------------------------------------------------
+
+
+def conv3d_3x3x3_args(shape=SHAPE, out_channels=4, dtype=torch.float32, layout="contiguous", bias=True, grad=False):
+    """[x (N, C_in, D, H, W), weight (C_out, C_in, 3, 3, 3) scaled to keep outputs O(1), bias (C_out,) or None]."""
+    c = shape[1]
+    x = tensor(shape, dtype, layout, grad=grad)
+    w = tensor((out_channels, c, 3, 3, 3), dtype, scale=(27 * max(c, 1)) ** -0.5, grad=grad)
+    b = tensor((out_channels,), dtype, grad=grad) if bias else None
+    return [x, w, b]
+
+
 # layer_norm_channels_first(x, weight, bias, eps) ----------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
-"""The op cases of the benchmarks: dwconv3d, layer_norm_channels_first, ux_mlp, and the decoder's
-instance_norm_lrelu and instance_norm_add_lrelu with a residual, per shape, mode, dtype, layout and
+"""The op cases of the benchmarks: dwconv3d, layer_norm_channels_first, ux_mlp, the decoder's
+instance_norm_lrelu and instance_norm_add_lrelu with a residual, and conv3d_3x3x3 (C -> C), per shape, mode, dtype, layout and
 implementation, and how each one is built, counted (FLOPs, bytes floor) and run.
 
 Every case belongs to a comparison ``group`` (same op, mode, shape, kernel and dtype) in which the PyTorch reference
@@ -36,6 +36,7 @@ _MIN_TENSOR_PASSES = {
     # times the activation's slope, a tensor of its own)
     ("instance_norm_lrelu", "fwd"): 2, ("instance_norm_lrelu", "fwd+bwd"): 5,
     ("instance_norm_add_lrelu", "fwd"): 3, ("instance_norm_add_lrelu", "fwd+bwd"): 7,
+    ("conv3d_3x3x3", "fwd"): 2, ("conv3d_3x3x3", "fwd+bwd"): 5,
 }
 
 
@@ -137,6 +138,8 @@ def _op_args(case: OpCase, device: str) -> Tuple[torch.Tensor, ...]:
         return act(), par(c, 1, k, k, k, scale=k ** -1.5), par(c, scale=0.1)
     if case.op == "layer_norm_channels_first":
         return act(), par(c, scale=0.1, offset=1.0), par(c, scale=0.1)
+    if case.op == "conv3d_3x3x3":
+        return act(), par(c, c, 3, 3, 3, scale=(27 * c) ** -0.5), par(c, scale=0.1)
     if case.op == "instance_norm_lrelu":
         return (act(),)
     if case.op == "instance_norm_add_lrelu":

@@ -9,9 +9,10 @@ import torch
 
 from .flops import DEFAULT_MODEL
 
-OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu")
+OPS = ("dwconv3d", "layer_norm_channels_first", "ux_mlp", "instance_norm_lrelu", "instance_norm_add_lrelu",
+       "conv3d_3x3x3")
 ENCODER_NORM_OPS = OPS[1:3]
-DECODER_OPS = OPS[3:]
+DECODER_OPS = OPS[3:5]
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 MODEL_CASE_KINDS = ("inference", "train_step", "reparam_inference")
@@ -89,6 +90,11 @@ def _decoder_ops(shapes):
     return [OpSpec(op, mode, s) for op in DECODER_OPS for mode in MODES for s in shapes]
 
 
+def _conv3d(shapes):
+    """The UNETR blocks' dense 3x3x3 convolution, C -> C (not in the model's path yet)."""
+    return [OpSpec("conv3d_3x3x3", mode, s) for mode in MODES for s in shapes]
+
+
 def _dedupe(specs):
     return tuple(dict.fromkeys(specs))
 
@@ -108,19 +114,22 @@ SIZES: Dict[str, Size] = {
                 + _dw("fwd+bwd", stage_shapes(32, 1), (3, 7))
                 + _dw("fwd+bwd", stage_shapes(16, 1), (13, 21))
                 + _dw("fwd", _DW_FWD_STAGES_96, (7,)) + _dw("fwd+bwd", _DW_FWDBWD_FIRST_STAGES, (7,))
-                + _norm_ops(stage_shapes(64, 1)) + _decoder_ops([(1, 48, 64, 64, 64)])),
+                + _norm_ops(stage_shapes(64, 1)) + _decoder_ops([(1, 48, 64, 64, 64)])
+                + _conv3d(stage_shapes(32, 1)[:2])),
         (model_spec("uxnet-small", 32, 1, **SMALL_MODEL),),
         ("float32",), budget_s=0.5, min_rounds=3, max_rounds=20,
         slow_references=(("dwconv3d", "fwd+bwd", (1, 48, 32, 32, 32), 7, "ncdhw"),),
         note="UX-Net stage shapes of a 32^3 patch (dwconv3d fwd+bwd at k>=13: of a 16^3 patch); decoder ops at "
-             "48x64^3; model: UXNet feat_size (12,24,48,96), hidden 192 at 32^3",
+             "48x64^3; conv3d_3x3x3 C -> C at the first two stage shapes; model: UXNet feat_size (12,24,48,96), "
+             "hidden 192 at 32^3",
     ),
     # The paper's sizes (96^3 patches, batch 2) for a GPU machine.
     "paper": Size(
         "paper",
         _dedupe(_dw("fwd", stage_shapes(96, 2), (3, 7, 13, 21)) + _dw("fwd+bwd", stage_shapes(96, 2), (3, 7, 13, 21))
                 + _dw("fwd", _DW_FWD_STAGES_96, (7,)) + _dw("fwd+bwd", _DW_FWDBWD_FIRST_STAGES, (7,))
-                + _norm_ops(stage_shapes(96, 2)) + _decoder_ops([(2, 48, 96, 96, 96)])),
+                + _norm_ops(stage_shapes(96, 2)) + _decoder_ops([(2, 48, 96, 96, 96)])
+                + _conv3d(stage_shapes(96, 2))),
         (model_spec("uxnet", 96, 2, **DEFAULT_MODEL),),
         ("float32", "bfloat16"), budget_s=1.0, min_rounds=5, max_rounds=100,
         note="UX-Net stage shapes of a 96^3 patch, batch 2; model: the default UXNet at 96^3, batch 2",

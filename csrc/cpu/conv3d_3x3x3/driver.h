@@ -1,0 +1,40 @@
+// Torch side of the CPU 3x3x3 convolution: the Winograd driver shared by the forward and the input gradient.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+namespace uxnet {
+namespace cpu {
+namespace conv3d_3x3x3 {
+
+// F.conv3d(x, weight, bias, padding=1) for x channels-last (float32 or float64; weight and bias of x's dtype),
+// returned channels-last in x's dtype (few tiles with large filters: ATen's convolution, in x's layout). Tiles whose input window holds a NaN or an Inf, and every tile when a weight
+// is non-finite, are computed directly (see KernelTable::direct_tile for multiply_padding).
+at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool multiply_padding);
+
+// Few tiles with large filters, where ATen's direct convolution (oneDNN) is faster (forward.cpp).
+bool prefers_direct(const at::Tensor& x, const at::Tensor& weight);
+// Whether every element of a dense float32 / float64 tensor is finite.
+bool all_finite(const at::Tensor& t);
+
+// The compute dtype of the kernels for an input dtype: float64 stays, everything else computes in float32.
+at::ScalarType compute_dtype(at::ScalarType input);
+
+// `result` (channels-last, compute dtype) in `dtype` and `format`, copying only when either differs.
+at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryFormat format);
+
+// The ops (forward.cpp, backward.cpp), registered in op.cpp.
+at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const at::Tensor& grad_out,
+                                                                         const at::Tensor& x,
+                                                                         const at::Tensor& weight,
+                                                                         std::array<bool, 3> output_mask);
+
+}  // namespace conv3d_3x3x3
+}  // namespace cpu
+}  // namespace uxnet

@@ -1,0 +1,240 @@
+// uxnet::conv3d_3x3x3 on the CPU, and the Winograd driver (driver.h) it shares with the input gradient.
+//
+// Per call: transform the weights (u, kPoints x C_in x C_out, packed in the micro-kernel's column panels), then for
+// each block of tiles sized to stay in L2: input transform into v, the kPoints matrix products m = v u (the ISA's
+// register-blocked micro-kernel), output transform into the output (+ bias). Blocks run in parallel; volumes with
+// few blocks run as one block whose transforms are split across threads by tiles and whose products by points.
+// Every output element is computed by the same operations whatever the thread count (bitwise reproducible).
+// (Measured against one batched at::bmm_out per block, MKL sgemm, on the same blocks: the micro-kernel was faster
+// at every shape of docs/PERFORMANCE.md; MKL repacked u for every block and ran small-M products slowly.)
+#include <ATen/Parallel.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "common/arg_checks.h"
+#include "cpu/common/isa_check.h"
+#include "cpu/conv3d_3x3x3/driver.h"
+#include "cpu/conv3d_3x3x3/params.h"
+#include "uxnet_ops.h"
+
+namespace uxnet {
+namespace cpu {
+namespace conv3d_3x3x3 {
+namespace {
+
+constexpr const char* kOp = "uxnet::conv3d_3x3x3";
+// v and m of one block together: about the L2 of one core (1 MiB on Zen 4).
+constexpr int64_t kBlockBytes = 1 << 20;
+constexpr int64_t kMinBlockTiles = 16;
+constexpr int64_t kMaxBlockTiles = 256;
+// Fewer blocks than this: one block, threaded inside (a function of the shapes only, never of the thread count).
+constexpr int64_t kMinParallelBlocks = 16;
+
+// Scratch memory the calling thread keeps between calls, grow-only: the transformed weights and one-block volumes
+// buffers are tens of MB for the wide layers (u is 151 MB for 768 -> 768 channels), and fresh memory of that size
+// costs a page fault per 4 KiB on every call (measured: as long as the products themselves at 384 channels).
+class Scratch {
+ public:
+  enum Slot { kU, kV, kM, kSlots };
+  template <typename T>
+  static T* get(Slot slot, int64_t count) {
+    thread_local Scratch scratch;
+    Buffer& b = scratch.buffers_[slot];
+    const size_t bytes = static_cast<size_t>(count) * sizeof(T);
+    if (bytes > b.bytes) {
+      b.data.reset(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+      TORCH_CHECK(b.data != nullptr, kOp, ": out of memory for ", bytes, " bytes of scratch");
+      b.bytes = bytes;
+    }
+    return reinterpret_cast<T*>(b.data.get());
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<char, Free> data;
+    size_t bytes = 0;
+  };
+  Buffer buffers_[kSlots];
+};
+
+template <typename T>
+int64_t block_tiles(const Geometry& g) {
+  const int64_t per_tile = kPoints * (g.Cin + g.cout_padded()) * static_cast<int64_t>(sizeof(T));
+  return std::clamp<int64_t>(kBlockBytes / per_tile, kMinBlockTiles, kMaxBlockTiles);
+}
+
+Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3), t.stride(4)}; }
+
+// The weights as transformed points u [kPoints][C_in][C_out]. Hook for an eval-mode cache: u depends on the weight
+// alone, so a caller that knows the weight is unchanged could keep it between calls.
+template <typename T>
+const T* transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
+  const at::Tensor w = weight.permute({1, 2, 3, 4, 0}).contiguous();  // [C_in][kd][kh][kw][C_out]
+  T* u = Scratch::get<T>(Scratch::kU, kPoints * g.Cin * g.cout_padded());
+  const T* wp = w.data_ptr<T>();
+  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, u, begin, end); });
+  return u;
+}
+
+template <typename T>
+void run_block(const KernelTable<T>& kernels, const Geometry& g, const T* x, Strides xs, const T* u, const T* bias,
+               T* v, T* m, int64_t first, int64_t count, bool threaded, uint8_t* nonfinite, T* out, Strides os) {
+  const Block<T> block{first, count, v, m};
+  const auto split = [&](int64_t n, auto&& fn) {
+    if (threaded) {
+      at::parallel_for(0, n, 1, fn);
+    } else {
+      fn(0, n);
+    }
+  };
+  split(count, [&](int64_t begin, int64_t end) {
+    kernels.transform_input(g, x, xs, block, begin, end, nonfinite + first);
+  });
+  split(kPoints, [&](int64_t begin, int64_t end) { kernels.multiply(g, block, u, begin, end); });
+  split(count, [&](int64_t begin, int64_t end) { kernels.transform_output(g, block, bias, begin, end, out, os); });
+}
+
+template <typename T>
+void direct_tiles(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& x, const at::Tensor& weight,
+                  const T* bias, bool multiply_padding, const std::vector<int64_t>& tiles, at::Tensor& out) {
+  const at::Tensor w_direct = weight.permute({2, 3, 4, 1, 0}).contiguous();  // [kd][kh][kw][C_in][C_out]
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w_direct.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const Strides xs = strides_of(x), os = strides_of(out);
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) kernels.direct_tile(g, xp, xs, wp, bias, multiply_padding, tiles[i], op, os);
+  });
+}
+
+template <typename T>
+void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias, bool multiply_padding,
+                    at::Tensor& out) {
+  const KernelTable<T>& kernels = kernels_for<T>(selected_isa_for(kOp));
+  const Geometry g =
+      make_geometry(x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4), kernels.cols);
+  const int64_t tiles = g.tiles();
+  std::vector<int64_t> direct;
+  if (!all_finite(weight)) {  // every transformed tap of that filter is polluted: all direct
+    direct.resize(static_cast<size_t>(tiles));
+    for (int64_t t = 0; t < tiles; ++t) direct[t] = t;
+    direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
+    return;
+  }
+  const T* up = transformed_weight(kernels, g, weight);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const Strides xs = strides_of(x), os = strides_of(out);
+  std::vector<uint8_t> nonfinite(static_cast<size_t>(tiles));
+  const int64_t per_block = block_tiles<T>(g);
+  const int64_t blocks = (tiles + per_block - 1) / per_block;
+  if (blocks < kMinParallelBlocks) {
+    T* v = Scratch::get<T>(Scratch::kV, kPoints * tiles * g.Cin);
+    T* m = Scratch::get<T>(Scratch::kM, kPoints * tiles * g.cout_padded());
+    run_block(kernels, g, xp, xs, up, bias, v, m, 0, tiles, /*threaded=*/true, nonfinite.data(), op, os);
+  } else {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<T[]> v(new T[kPoints * per_block * g.Cin]);
+      std::unique_ptr<T[]> m(new T[kPoints * per_block * g.cout_padded()]);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t first = b * per_block;
+        run_block(kernels, g, xp, xs, up, bias, v.get(), m.get(), first, std::min(per_block, tiles - first),
+                  /*threaded=*/false, nonfinite.data(), op, os);
+      }
+    });
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    if (nonfinite[t]) direct.push_back(t);
+  }
+  if (!direct.empty()) direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
+}
+
+}  // namespace
+
+// Few tiles and large filters: the transformed weights (64 / 27 times the filter) cost more to build and stream than
+// the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
+// docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 2-3x slower than oneDNN, 384 -> 384 at
+// 12^3 (216 tiles) faster. Small filters always run the Winograd kernels (the tests' shapes among them).
+constexpr int64_t kFewTiles = 64;
+constexpr int64_t kLargeFilterBytes = 8 << 20;
+
+// Whether every element of a dense float / double tensor is finite (one parallel pass, no temporaries).
+bool all_finite(const at::Tensor& t) {
+  std::atomic<bool> finite{true};
+  const auto scan = [&](const auto* data) {
+    at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      bool ok = true;
+      for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(data[i]);
+      if (!ok) finite = false;
+    });
+  };
+  if (t.scalar_type() == at::kDouble) {
+    scan(t.data_ptr<double>());
+  } else {
+    scan(t.data_ptr<float>());
+  }
+  return finite;
+}
+
+bool prefers_direct(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t tiles = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2);
+  const int64_t u_bytes = kPoints * weight.size(0) * weight.size(1) * static_cast<int64_t>(weight.element_size());
+  return tiles < kFewTiles && u_bytes >= kLargeFilterBytes;
+}
+
+at::ScalarType compute_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryFormat format) {
+  if (result.scalar_type() == dtype && result.is_contiguous(format)) return result;
+  return at::empty(result.sizes(), result.options().dtype(dtype).memory_format(format)).copy_(result);
+}
+
+at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool multiply_padding) {
+  if (prefers_direct(x_in, weight) && all_finite(weight.contiguous())) {  // non-finite filters: the direct kernels
+    return at::convolution(x_in, weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1}, {1, 1, 1}, {1, 1, 1},
+                           false, {0, 0, 0}, 1);  // in the input's layout: oneDNN's own choice
+  }
+  const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor x = x_in.contiguous(cl);
+  const int64_t cout = weight.size(0);
+  at::Tensor out = at::empty({x.size(0), cout, x.size(2), x.size(3), x.size(4)}, x.options().memory_format(cl));
+  if (out.numel() == 0) return out;
+  if (x.size(1) == 0) {  // no input channels: the bias alone
+    if (bias.has_value()) return out.copy_(bias->view({1, cout, 1, 1, 1}).expand_as(out));
+    return out.zero_();
+  }
+  TORCH_INTERNAL_ASSERT(x.size(1) == 1 || x.stride(1) == 1, kOp, ": expected a channels-last input");
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (x.scalar_type() == at::kDouble) {
+    winograd_typed<double>(x, w, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, out);
+  } else {
+    winograd_typed<float>(x, w, b.defined() ? b.data_ptr<float>() : nullptr, multiply_padding, out);
+  }
+  return out;
+}
+
+at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  checks::conv3d_3x3x3_inputs(kOp, x, weight, bias);
+  const at::ScalarType compute = compute_dtype(x.scalar_type());
+  const c10::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(compute)) : c10::nullopt;
+  const at::Tensor result = winograd_conv(x.to(compute), weight.to(compute), b, /*multiply_padding=*/true);
+  return to_output(result, x.scalar_type(), suggested_memory_format(x));
+}
+
+}  // namespace conv3d_3x3x3
+}  // namespace cpu
+}  // namespace uxnet

@@ -1,0 +1,308 @@
+// The Winograd F(2x2x2, 3x3x3) transforms and the direct fallback of the 3x3x3 convolution, written once over the
+// SIMD layer and compiled once per ISA variant (params.h describes the data).
+//
+// NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per variant, inside that
+// variant's namespace, after simd/vec.h. Only raw pointers, int64 offsets and Vec operations here.
+//
+// A Vec holds kLanes<T> consecutive channels of one point; the last vector of a channel row is partial.
+// One-dimensional F(2, 3) matrices, applied along w, then h, then d:
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+//   A^T = [1 1 1 0; 0 1 -1 -1]
+
+namespace conv3d_3x3x3_kernels {
+
+using ::uxnet::cpu::conv3d_3x3x3::Block;
+using ::uxnet::cpu::conv3d_3x3x3::Geometry;
+using ::uxnet::cpu::conv3d_3x3x3::KernelTable;
+using ::uxnet::cpu::conv3d_3x3x3::kPoints;
+using ::uxnet::cpu::conv3d_3x3x3::kTaps;
+using ::uxnet::cpu::conv3d_3x3x3::Strides;
+
+template <typename V>
+UXNET_SIMD_INLINE V load_lanes(const Scalar<V>* p, int64_t n) {
+  return n == kLanesOf<V> ? load<V>(p) : load_partial<V>(p, n);
+}
+
+template <typename V>
+UXNET_SIMD_INLINE void store_lanes(Scalar<V>* p, V v, int64_t n) {
+  if (n == kLanesOf<V>) {
+    store(p, v);
+  } else {
+    store_partial(p, v, n);
+  }
+}
+
+// B^T applied to the four values a[0], a[s], a[2s], a[3s] in place.
+template <typename V>
+UXNET_SIMD_INLINE void input_1d(V* a, int s) {
+  const V x0 = a[0], x1 = a[s], x2 = a[2 * s], x3 = a[3 * s];
+  a[0] = x0 - x2;
+  a[s] = x1 + x2;
+  a[2 * s] = x2 - x1;
+  a[3 * s] = x1 - x3;
+}
+
+// G applied to three filter values, giving four.
+template <typename V>
+UXNET_SIMD_INLINE void weight_1d(V w0, V w1, V w2, V* out, int s) {
+  const V half = broadcast<V>(Scalar<V>(0.5));
+  const V outer = w0 + w2;
+  out[0] = w0;
+  out[s] = (outer + w1) * half;
+  out[2 * s] = (outer - w1) * half;
+  out[3 * s] = w2;
+}
+
+// A^T applied to a[0], a[s], a[2s], a[3s]: the two results in a[0] and a[s].
+template <typename V>
+UXNET_SIMD_INLINE void output_1d(V* a, int s) {
+  const V m0 = a[0], m1 = a[s], m2 = a[2 * s], m3 = a[3 * s];
+  a[0] = m0 + m1 + m2;
+  a[s] = m1 - m2 - m3;
+}
+
+// The micro-kernel's register block: kRows tiles x kPanelVectors vectors of output channels, accumulated over C_in
+// (6 x 4 = 24 accumulators + 4 u vectors + 1 broadcast of 32 registers; 6 x 2 + 2 + 1 of 16).
+constexpr int kRows = 6;
+constexpr int kPanelVectors = kVectorRegisters >= 32 ? 4 : 2;
+template <typename T>
+constexpr int64_t kCols = kPanelVectors * kLanes<T>;
+
+template <typename T>
+void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t point_stride = g.Cin * g.cout_padded();
+  for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
+    const T* wc = w + ci * kTaps * g.Cout;
+    for (int64_t co = 0; co < g.cout_padded(); co += L) {  // past C_out: zero columns
+      const int64_t n = std::clamp<int64_t>(g.Cout - co, 0, L);
+      V taps[kTaps];
+      for (int64_t t = 0; t < kTaps; ++t) taps[t] = n > 0 ? load_lanes<V>(wc + t * g.Cout + co, n) : zero<V>();
+      V along_w[3][3][4], along_h[3][4][4], pts[kPoints];
+      for (int d = 0; d < 3; ++d)
+        for (int h = 0; h < 3; ++h)
+          weight_1d(taps[(d * 3 + h) * 3], taps[(d * 3 + h) * 3 + 1], taps[(d * 3 + h) * 3 + 2], along_w[d][h], 1);
+      for (int d = 0; d < 3; ++d)
+        for (int k = 0; k < 4; ++k) weight_1d(along_w[d][0][k], along_w[d][1][k], along_w[d][2][k], &along_h[d][0][k], 4);
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k)
+          weight_1d(along_h[0][j][k], along_h[1][j][k], along_h[2][j][k], &pts[j * 4 + k], 16);
+      T* dst = u + (co / kCols<T>) * g.Cin * kCols<T> + ci * kCols<T> + co % kCols<T>;
+      for (int64_t p = 0; p < kPoints; ++p) store(dst + p * point_stride, pts[p]);
+    }
+  }
+}
+
+// Tile index -> (n, first output d, h, w).
+struct TileOrigin {
+  int64_t n, d, h, w;
+};
+
+inline TileOrigin tile_origin(const Geometry& g, int64_t tile) {
+  const int64_t tw = tile % g.TW;
+  int64_t rest = tile / g.TW;
+  const int64_t th = rest % g.TH;
+  rest /= g.TH;
+  const int64_t td = rest % g.TD;
+  return TileOrigin{rest / g.TD, 2 * td, 2 * th, 2 * tw};
+}
+
+template <typename T>
+void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& block, int64_t begin, int64_t end,
+                     uint8_t* nonfinite) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t t = begin; t < end; ++t) {
+    const TileOrigin o = tile_origin(g, block.first + t);
+    // The window starts one voxel before the output tile (padding 1).
+    bool inside[3][4];
+    for (int i = 0; i < 4; ++i) {
+      inside[0][i] = o.d - 1 + i >= 0 && o.d - 1 + i < g.D;
+      inside[1][i] = o.h - 1 + i >= 0 && o.h - 1 + i < g.H;
+      inside[2][i] = o.w - 1 + i >= 0 && o.w - 1 + i < g.W;
+    }
+    const T* base = x + o.n * xs.n + (o.d - 1) * xs.d + (o.h - 1) * xs.h + (o.w - 1) * xs.w;
+    // The next tile along W reads two new columns of the window: fetch them while this tile is transformed.
+    if (o.w + 2 < g.W) {  // (a prefetch never faults: columns past the volume need no clipping)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          if (!(inside[0][i] && inside[1][j])) continue;
+          const char* next = reinterpret_cast<const char*>(base + i * xs.d + j * xs.h + 4 * xs.w);
+          for (int64_t byte = 0; byte < g.Cin * static_cast<int64_t>(sizeof(T)); byte += 64) {
+            __builtin_prefetch(next + byte, 0, 3);
+            __builtin_prefetch(next + byte + xs.w * static_cast<int64_t>(sizeof(T)), 0, 3);
+          }
+        }
+    }
+    V poison = zero<V>();
+    for (int64_t c = 0; c < g.Cin; c += L) {
+      const int64_t n = std::min<int64_t>(L, g.Cin - c);
+      V a[kPoints];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          V* row = a + (i * 4 + j) * 4;
+          for (int k = 0; k < 4; ++k) {
+            row[k] = inside[0][i] && inside[1][j] && inside[2][k]
+                         ? load_lanes<V>(base + i * xs.d + j * xs.h + k * xs.w + c, n)
+                         : zero<V>();
+          }
+          input_1d(row, 1);
+        }
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; k < 4; ++k) input_1d(a + i * 16 + k, 4);
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k) input_1d(a + j * 4 + k, 16);
+      T* dst = block.v + t * kPoints * g.Cin + c;
+      for (int64_t p = 0; p < kPoints; ++p) {
+        poison = poison + a[p] * zero<V>();  // NaN in a lane once any transformed value is NaN or infinite
+        store_lanes(dst + p * g.Cin, a[p], n);
+      }
+    }
+    const T probe = hsum(poison);
+    nonfinite[t] = probe == probe ? 0 : 1;
+  }
+}
+
+// m[r][0 .. NV vectors) = sum over ci of v[r][ci] * panel[ci][0 .. NV vectors) for R rows, one fma per term in ci
+// order.
+template <typename T, int R, int NV>
+UXNET_SIMD_INLINE void multiply_rows(const T* v, int64_t v_stride, int64_t cin, const T* panel, T* m,
+                                     int64_t m_stride) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = zero<V>();
+  for (int64_t k = 0; k < cin; ++k) {
+    V b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = load<V>(panel + k * kCols<T> + j * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V a = broadcast<V>(v[r * v_stride + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = fma(a, b[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) store(m + r * m_stride + j * L, acc[r][j]);
+}
+
+// One panel of output channels (NV of its vectors hold channels < C_out) for every row of the block.
+template <typename T, int NV>
+void multiply_panel(int64_t rows, const T* v, int64_t v_stride, int64_t cin, const T* panel, T* m, int64_t m_stride) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    multiply_rows<T, kRows, NV>(v + r * v_stride, v_stride, cin, panel, m + r * m_stride, m_stride);
+  }
+  v += r * v_stride;
+  m += r * m_stride;
+  switch (rows - r) {  // the last rows of the block
+    case 5: return multiply_rows<T, 5, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 4: return multiply_rows<T, 4, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 3: return multiply_rows<T, 3, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 2: return multiply_rows<T, 2, NV>(v, v_stride, cin, panel, m, m_stride);
+    case 1: return multiply_rows<T, 1, NV>(v, v_stride, cin, panel, m, m_stride);
+    default: return;
+  }
+}
+
+template <typename T>
+void multiply(const Geometry& g, const Block<T>& block, const T* u, int64_t p_begin, int64_t p_end) {
+  static_assert(kRows == 6 && kPanelVectors <= 4, "multiply_panel's row tails and the NV switch below");
+  constexpr int64_t L = kLanes<T>;
+  const int64_t cout = g.cout_padded();
+  const int64_t v_stride = kPoints * g.Cin, m_stride = kPoints * cout;  // tile-major: [tile][point][channel]
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const T* v = block.v + p * g.Cin;
+    T* m = block.m + p * cout;
+    for (int64_t panel = 0; panel < g.panels(); ++panel) {
+      const T* up = u + (p * g.panels() + panel) * g.Cin * kCols<T>;
+      T* mp = m + panel * kCols<T>;
+      // Vectors of the panel that hold output channels (the last panel of a C_out that is not a multiple of
+      // kCols skips its zero columns).
+      const int64_t vectors = std::min<int64_t>(kPanelVectors, (g.Cout - panel * kCols<T> + L - 1) / L);
+      switch (vectors) {
+        case 1: multiply_panel<T, 1>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
+        case 2: multiply_panel<T, 2>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
+        case 3: multiply_panel<T, kPanelVectors >= 3 ? 3 : 1>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
+        default: multiply_panel<T, kPanelVectors>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
+      }
+    }
+  }
+}
+
+template <typename T>
+void transform_output(const Geometry& g, const Block<T>& block, const T* bias, int64_t begin, int64_t end, T* out,
+                      Strides os) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t cout = g.cout_padded();
+  for (int64_t t = begin; t < end; ++t) {
+    const TileOrigin o = tile_origin(g, block.first + t);
+    const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
+    const int nw = std::min<int64_t>(2, g.W - o.w);
+    T* base = out + o.n * os.n + o.d * os.d + o.h * os.h + o.w * os.w;
+    const T* src = block.m + t * kPoints * cout;
+    for (int64_t c = 0; c < g.Cout; c += L) {
+      const int64_t n = std::min<int64_t>(L, g.Cout - c);
+      V a[kPoints];
+      for (int64_t p = 0; p < kPoints; ++p) a[p] = load_lanes<V>(src + p * cout + c, n);
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) output_1d(a + (i * 4 + j) * 4, 1);
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; k < 2; ++k) output_1d(a + i * 16 + k, 4);
+      for (int j = 0; j < 2; ++j)
+        for (int k = 0; k < 2; ++k) output_1d(a + j * 4 + k, 16);
+      const V b = bias ? load_lanes<V>(bias + c, n) : zero<V>();
+      for (int i = 0; i < nd; ++i)
+        for (int j = 0; j < nh; ++j)
+          for (int k = 0; k < nw; ++k) {
+            store_lanes(base + i * os.d + j * os.h + k * os.w + c, a[(i * 4 + j) * 4 + k] + b, n);
+          }
+    }
+  }
+}
+
+template <typename T>
+void direct_tile(const Geometry& g, const T* x, Strides xs, const T* w_direct, const T* bias, bool multiply_padding,
+                 int64_t tile, T* out, Strides os) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const TileOrigin o = tile_origin(g, tile);
+  for (int64_t d = o.d; d < std::min<int64_t>(o.d + 2, g.D); ++d)
+    for (int64_t h = o.h; h < std::min<int64_t>(o.h + 2, g.H); ++h)
+      for (int64_t w = o.w; w < std::min<int64_t>(o.w + 2, g.W); ++w) {
+        for (int64_t co = 0; co < g.Cout; co += L) {
+          const int64_t n = std::min<int64_t>(L, g.Cout - co);
+          V acc = bias ? load_lanes<V>(bias + co, n) : zero<V>();
+          for (int64_t tap = 0; tap < kTaps; ++tap) {
+            const int64_t sd = d + tap / 9 - 1, sh = h + (tap / 3) % 3 - 1, sw = w + tap % 3 - 1;
+            const bool inside = sd >= 0 && sd < g.D && sh >= 0 && sh < g.H && sw >= 0 && sw < g.W;
+            if (!inside && !multiply_padding) continue;
+            const T* src = x + o.n * xs.n + sd * xs.d + sh * xs.h + sw * xs.w;
+            const T* wt = w_direct + tap * g.Cin * g.Cout + co;
+            for (int64_t ci = 0; ci < g.Cin; ++ci) {
+              const V xv = broadcast<V>(inside ? src[ci] : T(0));
+              acc = fma(xv, load_lanes<V>(wt + ci * g.Cout, n), acc);
+            }
+          }
+          store_lanes(out + o.n * os.n + d * os.d + h * os.h + w * os.w + co, acc, n);
+        }
+      }
+}
+
+template <typename T>
+const KernelTable<T>& table() {
+  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>,        kCols<T>,
+                                      &transform_weight<T>,                   &transform_input<T>, &multiply<T>,
+                                      &transform_output<T>,                   &direct_tile<T>};
+  return kernels;
+}
+
+}  // namespace conv3d_3x3x3_kernels

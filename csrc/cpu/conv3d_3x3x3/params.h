@@ -1,0 +1,93 @@
+// Raw-pointer parameters and kernel tables of the CPU 3x3x3 convolution (stride 1, padding 1, groups 1), computed
+// with Winograd's F(2x2x2, 3x3x3) minimal filtering (no torch headers).
+//
+// The output is cut into 2x2x2 tiles; tile t reads the 4x4x4 input window starting one voxel before it. Per tile
+// and channel the input window becomes 64 transformed values, the 3x3x3 filter 64 transformed taps, and output
+// tile = A^T [ (B^T x B) . (G w G^T) ] A (each product along all three axes). For a block of tiles the elementwise
+// products summed over input channels are 64 matrix products, one per transformed point p:
+//   m[tile][p][co] = sum over ci of v[tile][p][ci] * u[p][ci][co]
+// The products run on the ISA's own register-blocked micro-kernel over u packed per point in column panels of
+// `cols` output channels ([p][panel][ci][cols], zero past C_out); m rows are C_out rounded up to whole panels.
+// Activations are channels-last (channel stride 1) with int64 strides for n, d, h, w; every offset is int64_t.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/simd/isa.h"
+
+namespace uxnet {
+namespace cpu {
+namespace conv3d_3x3x3 {
+
+constexpr int64_t kTaps = 27;    // 3x3x3 filter
+constexpr int64_t kPoints = 64;  // 4x4x4 transformed points per tile and channel
+
+// Element (n, c, d, h, w) of a channels-last activation is at n * n + d * d + h * h + w * w + c.
+struct Strides {
+  int64_t n, d, h, w;
+};
+
+struct Geometry {
+  int64_t N, Cin, Cout, D, H, W;
+  int64_t TD, TH, TW;  // tiles along each axis: ceil(size / 2)
+  int64_t cols;        // output channels per column panel of the micro-kernel (KernelTable::cols)
+  int64_t tiles() const { return N * TD * TH * TW; }
+  int64_t panels() const { return (Cout + cols - 1) / cols; }
+  int64_t cout_padded() const { return panels() * cols; }
+};
+
+inline Geometry make_geometry(int64_t N, int64_t Cin, int64_t Cout, int64_t D, int64_t H, int64_t W,
+                              int64_t cols) {
+  return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2, cols};
+}
+
+// One block of tiles [first, first + count) and its buffers, tile-major: v [count][kPoints][Cin],
+// m [count][kPoints][cout_padded] (a tile's transform reads or writes one contiguous run).
+template <typename T>
+struct Block {
+  int64_t first, count;
+  T* v;
+  T* m;
+};
+
+// One ISA's kernels for compute type T (float or double). Ranges [begin, end) index tiles of the block (or, for
+// transform_weight, input channels), so a block can be split across threads.
+template <typename T>
+struct KernelTable {
+  const char* isa;
+  int64_t lanes;
+  int64_t cols;  // output channels per column panel
+  // u[p][co / cols][ci][co % cols] = (G w G^T)[p] of the filter w[ci][tap][co] (taps in kd, kh, kw order), 0 for
+  // the padding columns past C_out.
+  void (*transform_weight)(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end);
+  // block.v[t][p][ci] = (B^T x B)[p] of tile first + t's input window (zero outside the volume);
+  // nonfinite[t] = 1 where that window holds a NaN or an Inf (or the transform overflowed), else 0.
+  void (*transform_input)(const Geometry& g, const T* x, Strides xs, const Block<T>& block, int64_t begin,
+                          int64_t end, uint8_t* nonfinite);
+  // block.m[p] = block.v[p] u[p] for the points [p_begin, p_end).
+  void (*multiply)(const Geometry& g, const Block<T>& block, const T* u, int64_t p_begin, int64_t p_end);
+  // The output voxels of tiles first + [begin, end) (those inside the volume) = A^T m A (+ bias[co] unless null).
+  void (*transform_output)(const Geometry& g, const Block<T>& block, const T* bias, int64_t begin, int64_t end,
+                           T* out, Strides os);
+  // The output voxels of one tile by direct summation over ci and the 27 taps; w_direct[tap][ci][co].
+  // multiply_padding: taps outside the volume add 0 * w (the forward's zero padding, NaN for an infinite w);
+  // otherwise they are skipped (the input gradient, whose reference scatters only in-range contributions).
+  void (*direct_tile)(const Geometry& g, const T* x, Strides xs, const T* w_direct, const T* bias,
+                      bool multiply_padding, int64_t tile, T* out, Strides os);
+};
+
+const KernelTable<float>& kernels_f32(simd::Isa isa);
+const KernelTable<double>& kernels_f64(simd::Isa isa);
+
+template <typename T>
+const KernelTable<T>& kernels_for(simd::Isa isa) {
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return kernels_f64(isa);
+  } else {
+    return kernels_f32(isa);
+  }
+}
+
+}  // namespace conv3d_3x3x3
+}  // namespace cpu
+}  // namespace uxnet

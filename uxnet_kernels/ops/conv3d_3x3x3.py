@@ -1,0 +1,131 @@
+"""conv3d_3x3x3: the dense 3x3x3 convolution of the UNETR blocks, stride 1, padding 1, groups 1.
+
+Operators: ``uxnet::conv3d_3x3x3`` / ``uxnet::conv3d_3x3x3_backward`` (C++: csrc/cpu/conv3d_3x3x3, Winograd
+F(2x2x2, 3x3x3) on the CPU). No CUDA or Triton implementation: CUDA tensors run the reference.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension, autocast, dispatch, validation
+from ..backends import BACKENDS
+from .common import EMPTY_GRAD_SHAPE, grad_or_empty, output_memory_format, refuse_double_backward
+
+OP = "conv3d_3x3x3"
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """3D convolution with a 3x3x3 kernel, stride 1, padding 1. x: (N, C_in, D, H, W); weight: (C_out, C_in, 3, 3,
+    3)."""
+    return F.conv3d(x, weight, bias, padding=1)
+
+
+def check_args(x, weight, bias) -> None:
+    validation.check_tensor(OP, "x", x, 5, "(N, C_in, D, H, W)")
+    validation.check_tensor(OP, "weight", weight, 5, "(C_out, C_in, 3, 3, 3)")
+    if tuple(weight.shape[2:]) != (3, 3, 3):
+        validation.fail(OP, f"expected a 3x3x3 kernel, got weight of shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        validation.fail(OP, f"expected weight of shape (C_out, {x.shape[1]}, 3, 3, 3) for x with {x.shape[1]} "
+                            f"channels, got {tuple(weight.shape)}")
+    if bias is not None:
+        validation.check_tensor(OP, "bias", bias, 1, f"({weight.shape[0]},)")
+        if bias.shape[0] != weight.shape[0]:
+            validation.fail(OP, f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    validation.check_same_dtype_device(OP, "x", x, weight=weight, bias=bias)
+
+
+def autograd_rule(backward_op):
+    """(backward, setup_context) for a forward ``(x, weight, bias?) -> out`` whose ``backward_op(grad_out, x, weight,
+    output_mask) -> (grad_x, grad_weight, grad_bias)`` has the schema of ``uxnet::conv3d_3x3x3_backward``."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        refuse_double_backward(OP, grad_out, x, weight)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = backward_op(grad_out, x, weight, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+    return backward, setup_context
+
+
+def _output_shape(x, weight):
+    return (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
+
+
+def _register_compiled() -> None:
+    @torch.library.register_fake("uxnet::conv3d_3x3x3")
+    def _fake(x, weight, bias):
+        return torch.empty(_output_shape(x, weight), dtype=x.dtype, device=x.device,
+                           memory_format=output_memory_format(x))
+
+    @torch.library.register_fake("uxnet::conv3d_3x3x3_backward")
+    def _backward_fake(grad_out, x, weight, output_mask):
+        grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(grad_out))
+                  if output_mask[0] else x.new_empty(EMPTY_GRAD_SHAPE))
+        grad_bias = x.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty(EMPTY_GRAD_SHAPE)
+        return grad_x, grad_or_empty(output_mask[1], weight), grad_bias
+
+    backward, setup = autograd_rule(torch.ops.uxnet.conv3d_3x3x3_backward)
+    torch.library.register_autograd("uxnet::conv3d_3x3x3", backward, setup_context=setup)
+
+
+def _compiled(x, weight, bias):
+    return torch.ops.uxnet.conv3d_3x3x3(x, weight, bias)
+
+
+if _extension.LOADED:
+    _register_compiled()
+
+FAMILY = dispatch.register(dispatch.OpFamily(OP, [
+    dispatch.Implementation("reference", reference),
+    dispatch.Implementation("cpu", _compiled, BACKENDS["cpu"].has_kernel(OP)),
+]))
+
+
+def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense 3D convolution with a 3x3x3 kernel, stride 1, padding 1 (groups 1).
+
+    Equal to ``F.conv3d(x, weight, bias, padding=1)``. On the CPU backend it runs Winograd F(2x2x2, 3x3x3) (float32
+    error like a direct convolution; bfloat16 inputs are computed in float32 and the output rounded once). Under
+    ``torch.autocast`` it is a convolution: inputs cast to the autocast dtype, output in that dtype.
+
+    Args:
+        x: (N, C_in, D, H, W), float32 / bfloat16 / float16 / float64, contiguous or channels_last_3d.
+        weight: (C_out, C_in, 3, 3, 3); same dtype and device as x.
+        bias: (C_out,) or None.
+
+    Returns:
+        (N, C_out, D, H, W) in x's dtype (and, on the compiled backend, x's memory format).
+
+    Raises:
+        ValueError: wrong rank, a kernel other than 3x3x3, weight/bias not matching the channels, dtype or device
+            mismatch, non-floating dtypes.
+    """
+    amp_dtype = autocast.active_dtype(x)
+    if amp_dtype is None:
+        return _run(x, weight, bias)
+    with autocast.disabled(x):
+        return _run(autocast.cast(amp_dtype, x), autocast.cast(amp_dtype, weight), autocast.cast(amp_dtype, bias))
+
+
+def _zero_size_result(x, weight, bias):
+    """No input values or no filters: the bias alone (0 without one), connected to every input for autograd."""
+    out = x.new_zeros(_output_shape(x, weight)) + (x.sum() + weight.sum()) * 0
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1, 1)
+    return out.contiguous(memory_format=output_memory_format(x))
+
+
+def _run(x, weight, bias):
+    check_args(x, weight, bias)
+    if x.numel() == 0 or weight.numel() == 0:
+        return _zero_size_result(x, weight, bias)
+    return dispatch.select(FAMILY, x).run(x, weight, bias)
