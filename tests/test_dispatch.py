@@ -1,6 +1,7 @@
 """Backend selection, reporting and fallback warnings of the public ops (one op's numbers are in tests/ops/), and
 that every compiled schema has an opcheck sample in its op family's tests."""
 
+import importlib
 import warnings
 
 import pytest
@@ -9,13 +10,10 @@ import torch
 import uxnet_kernels as uk
 from uxnet_kernels import dispatch, reference
 from conftest import TOLERANCES, assert_close_rel, require_compiled
-from ops import (test_conv3d_3x3x3, test_dwconv3d, test_instance_norm_add_lrelu, test_instance_norm_lrelu,
-                 test_layer_norm_channels_first, test_ux_mlp)
 from ops.checks import DEVICES, DTYPES
-from ops.samples import LAYOUTS, dwconv3d_args
+from ops.samples import LAYOUTS, OP_TEST_MODULES, dwconv3d_args
 
-OP_FAMILIES = (test_dwconv3d, test_layer_norm_channels_first, test_ux_mlp, test_instance_norm_lrelu,
-               test_instance_norm_add_lrelu, test_conv3d_3x3x3)
+OP_FAMILIES = tuple(importlib.import_module(f"ops.{name}") for name in OP_TEST_MODULES.values())
 
 
 def test_auto_uses_compiled_cpu_backend():
@@ -57,8 +55,7 @@ def test_backend_report_lists_every_backend(device):
         warnings.simplefilter("ignore")
         report = uk.backend_report(device)
     assert set(report["backends"]) == {"reference", "cpu", "cuda", "triton"}
-    assert set(report["would_use"]) == {"dwconv3d", "layer_norm_channels_first", "ux_mlp",
-                                        "instance_norm_lrelu", "instance_norm_add_lrelu", "conv3d_3x3x3"}
+    assert set(report["would_use"]) == set(OP_TEST_MODULES)
     assert report["backends"]["reference"]["available"]
 
 

@@ -11,6 +11,7 @@ column of a bigger tensor) and "permuted_view" (H and W swapped in memory): neit
 """
 
 import importlib
+from pathlib import Path
 import importlib.util
 
 import pytest
@@ -62,6 +63,11 @@ def triton_internals(module: str = "launch"):
         pytest.fail("uxnet_kernels.triton kernels were imported without TRITON_INTERPRET=1; on a machine without "
                     "CUDA they cannot run (tests/conftest.py sets it before uxnet_kernels is imported)")
     return importlib.import_module(f"uxnet_kernels.triton.{module}")
+
+
+# The op families, by the test module of each (tests/ops/test_<op>.py): an op is known to the tests by having one.
+OP_TEST_MODULES = {path.stem[len("test_"):]: path.stem
+                   for path in sorted(Path(__file__).parent.glob("test_*.py"))}
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The op cases of the benchmarks: dwconv3d, layer_norm_channels_first, ux_mlp, the decoder's
-instance_norm_lrelu and instance_norm_add_lrelu with a residual, and conv3d_3x3x3 (C -> C), per shape, mode, dtype, layout and
-implementation, and how each one is built, counted (FLOPs, bytes floor) and run.
+instance_norm_lrelu and instance_norm_add_lrelu with a residual, and conv3d_3x3x3 (C -> C), per shape, mode, dtype,
+layout and implementation, and how each one is built, counted (FLOPs, bytes floor) and run.
 
 Every case belongs to a comparison ``group`` (same op, mode, shape, kernel and dtype) in which the PyTorch reference
 rows (``is_reference``) are what speedups are measured against, in the same run. Implementations: ``"torch"`` is
