@@ -56,3 +56,23 @@ def refuse_double_backward(op: str, *tensors) -> None:
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError(f"uxnet_kernels.{op}: double backward (create_graph=True through this op) is not "
                            "supported; use the reference backend (uxnet_kernels.use_backend('reference')) for it")
+
+
+def convolution_autograd_rule(op: str, backward_op):
+    """(backward, setup_context) for a convolution ``(x, weight, bias?) -> out`` whose ``backward_op(grad_out, x,
+    weight, output_mask) -> (grad_x, grad_weight, grad_bias)`` returns (0,) placeholders for gradients not asked
+    for. Saves x and weight."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        refuse_double_backward(op, grad_out, x, weight)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = backward_op(grad_out, x, weight, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+    return backward, setup_context

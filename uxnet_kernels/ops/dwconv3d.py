@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import _extension, autocast, dispatch, validation
 from ..backends import BACKENDS
-from .common import EMPTY_GRAD_SHAPE, empty_like, empty_result, grad_or_empty, refuse_double_backward
+from .common import EMPTY_GRAD_SHAPE, convolution_autograd_rule, empty_like, empty_result, grad_or_empty
 
 OP = "dwconv3d"
 
@@ -40,22 +40,9 @@ def check_args(x, weight, bias) -> None:
 
 
 def autograd_rule(backward_op):
-    """(backward, setup_context) for a forward ``(x, weight, bias?) -> out`` whose ``backward_op(grad_out, x, weight,
-    output_mask) -> (grad_x, grad_weight, grad_bias)`` has the schema of ``uxnet::dwconv3d_backward``."""
-
-    def setup_context(ctx, inputs, output):
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        refuse_double_backward(OP, grad_out, x, weight)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grads = backward_op(grad_out, x, weight, mask)
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
-
-    return backward, setup_context
+    """(backward, setup_context) for the forward ``(x, weight, bias?) -> out``; ``backward_op`` has the schema of
+    ``uxnet::dwconv3d_backward``."""
+    return convolution_autograd_rule(OP, backward_op)
 
 
 def _register_compiled() -> None:
