@@ -8,6 +8,8 @@
 #ifdef UXNET_PYTHON_EXTENSION
 #include <Python.h>
 
+#include "cpu/conv3d_3x3x3/driver.h"
+#include "cpu/conv3d_3x3x3/params.h"
 #include "cpu/simd/isa.h"
 
 namespace {
@@ -41,8 +43,34 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   return result;
 }
 
+// _C.conv3d_3x3x3_columns(float64: bool) -> int: the column-panel width of conv3d_3x3x3's packed weights on the
+// selected ISA (the last dimension of uxnet::conv3d_3x3x3_pack_weight's result).
+PyObject* conv3d_3x3x3_columns(PyObject*, PyObject* float64) {
+  namespace conv = uxnet::cpu::conv3d_3x3x3;
+  try {
+    const uxnet::cpu::simd::Isa isa = uxnet::cpu::simd::selected_isa();
+    return PyLong_FromLongLong(PyObject_IsTrue(float64) ? conv::kernels_f64(isa).cols : conv::kernels_f32(isa).cols);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+// _C.conv3d_3x3x3_prefers_direct(n, d, h, w, c_out, c_in, element_size) -> bool: whether the CPU op runs ATen's
+// direct convolution instead of Winograd for these shapes (few tiles with large filters), where a packed weight
+// would go unused.
+PyObject* conv3d_3x3x3_prefers_direct(PyObject*, PyObject* args) {
+  long long n, d, h, w, cout, cin, element_size;
+  if (!PyArg_ParseTuple(args, "LLLLLLL", &n, &d, &h, &w, &cout, &cin, &element_size)) return nullptr;
+  return PyBool_FromLong(uxnet::cpu::conv3d_3x3x3::prefers_direct(n, d, h, w, cout, cin, element_size));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernels' ISA variants: requested, selected, available."},
+    {"conv3d_3x3x3_columns", conv3d_3x3x3_columns, METH_O,
+     "Column-panel width of conv3d_3x3x3's packed weights on the selected ISA (argument: float64 weights)."},
+    {"conv3d_3x3x3_prefers_direct", conv3d_3x3x3_prefers_direct, METH_VARARGS,
+     "Whether the CPU conv3d_3x3x3 runs ATen's direct convolution for (n, d, h, w, c_out, c_in, element_size)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -78,6 +106,8 @@ TORCH_LIBRARY(uxnet, m) {
       "dwconv3d_backward(Tensor grad_out, Tensor x, Tensor weight, bool[3] output_mask)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def("conv3d_3x3x3(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("conv3d_3x3x3_pack_weight(Tensor weight) -> Tensor");
+  m.def("conv3d_3x3x3_packed(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias) -> Tensor");
   m.def(
       "conv3d_3x3x3_backward(Tensor grad_out, Tensor x, Tensor weight, bool[3] output_mask)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");

@@ -50,6 +50,24 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert model["peak_bytes"] is None or model["peak_bytes"] > 0
 
 
+def test_bench_inference_runs_the_deployment_routes(tmp_path, capsys):
+    """A small model at 32^3, one round: every route that needs no optional package runs (or says why not), the
+    uxnet routes agree with the float64 official run, and the optional ones say why they were skipped."""
+    pytest.importorskip("uxnet_kernels._C")
+    path = tmp_path / "deploy.json"
+    argv = ["bench", "--inference", "--device", "cpu", "--inference-size", "32", "--feat-size", "16", "16", "32",
+            "32", "--hidden-size", "32", "--rounds", "1", "--routes", "uxnet eager,onnxruntime", "--json", str(path)]
+    assert cli.main(argv) == 0
+    assert "| uxnet eager fp32 |" in capsys.readouterr().out
+    rows = {r["route"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"official eager fp32", "official onnxruntime fp32", "uxnet eager fp32",
+                         "uxnet eager fp32, oneDNN 3x3x3", "uxnet eager bf16 autocast"}
+    for name in ("official eager fp32", "uxnet eager fp32", "uxnet eager fp32, oneDNN 3x3x3"):
+        assert rows[name]["median_ms"] > 0 and rows[name]["max_abs_error_vs_fp64"] < 1e-3, rows[name]
+    ort = rows["official onnxruntime fp32"]
+    assert "median_ms" in ort or "not installed" in ort["skipped"] or ort["error"]
+
+
 def test_bench_cli_rejects_unknown_values(capsys):
     with pytest.raises(SystemExit, match="unknown or invalid values"):
         cli.main(["bench", "--size", "tiny", "--ops", "conv2d"])

@@ -22,6 +22,9 @@ def test_info_text_runs_as_console_module():
     result = subprocess.run([sys.executable, "-m", "uxnet.cli", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "dwconv3d" in result.stdout and "backends for cpu" in result.stdout
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("UXNet's UNETR 3x3x3 convolutions on cpu"))
+    compiled = "compiled extension: loaded" in result.stdout
+    assert ("Winograd" in line) == compiled and ("conv3d_3x3x3" in line)
 
 
 def test_unknown_command_exits_with_usage():

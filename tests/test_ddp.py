@@ -43,15 +43,22 @@ def _train(model, batches, rank=None):
         opt.step()
 
 
+def _train_ddp(rank: int, out_path: str, backend: str) -> None:
+    with uk.use_backend(backend):
+        model = DistributedDataParallel(_model())
+        _train(model, _batches(), rank)
+    if rank == 0:
+        torch.save(model.module.state_dict(), out_path)
+
+
 def _worker(rank: int, init_file: str, out_path: str, backend: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
-        with uk.use_backend(backend):
-            model = DistributedDataParallel(_model())
-            _train(model, _batches(), rank)
-        if rank == 0:
-            torch.save(model.module.state_dict(), out_path)
+        # The DDP model (its Reducer) dies inside _train_ddp, while the process group is still registered: dropped
+        # last by the Reducer, with the GIL held, the gloo group's destructor joins its worker threads, which may
+        # be waiting for the GIL to free a Python object (seen once as a hang; pytorch/pytorch#56297).
+        _train_ddp(rank, out_path, backend)
     finally:
         dist.destroy_process_group()
 

@@ -1,6 +1,6 @@
-"""The CPU kernels (dwconv3d, LayerNorm, UX MLP, the decoder's instance norm + LeakyReLU) on a volume past 2**31
-elements (a 512x512x300 CT at 48 channels has 3.8e9): the last depth planes of the second batch item lie at
-offsets that wrap in int32. Each case checks those planes against the reference ops on a slice. The parameter
+"""The CPU kernels (dwconv3d, LayerNorm, UX MLP, the decoder's instance norm + LeakyReLU, conv3d_3x3x3) on a
+volume past 2**31 elements (a 512x512x300 CT at 48 channels has 3.8e9): the last depth planes of the second batch
+item lie at offsets that wrap in int32. Each case checks those planes against the reference ops on a slice. The parameter
 gradients (dwconv3d grad_weight / grad_bias, the UX MLP's) and the instance norm's plane sums are sums over every
 voxel; their cases use an input that is zero except on those last planes, so the reference on the slice gives the
 whole sum.
@@ -173,3 +173,21 @@ def test_instance_norm_lrelu_past_2_31(layout):
     sum_gx = (g * xhat).sum((2, 3, 4), keepdim=True) / voxels
     want = want_rstd[1:, :, None, None, None] * (g - sum_g - xhat * sum_gx)
     assert_close_rel(tail(grad_x), want, torch.bfloat16, "instance_norm_lrelu grad_x, item 1's last planes")
+
+
+def test_conv3d_3x3x3_forward_past_2_31():
+    """The Winograd convolution (forward; grad_x is the same driver on grad_out): item 1's last planes, whose tiles
+    read and write offsets past 2**31. channels_last_3d only: the kernels compute in float32, and an NCDHW input
+    would add an 8.6 GB channels-last copy to the 13 GB this case holds. Both paths run: the one for the whole
+    volume (blocks of tiles in parallel) and the packed weight's."""
+    x = big_input("channels_last_3d")
+    weight = (0.2 * torch.randn(3, SHAPE[1], 3, 3, 3)).to(torch.bfloat16)
+    bias = torch.randn(3).to(torch.bfloat16)
+    # Output plane p needs input planes p-1..p+1: the reference on the last TAIL planes is exact but for its first.
+    want = reference.conv3d_3x3x3(tail(x), weight.float(), bias.float())[:, :, 1:]
+    out = torch.ops.uxnet.conv3d_3x3x3(x, weight, bias)
+    assert_close_rel(tail(out, TAIL - 1), want, torch.bfloat16, "conv3d_3x3x3 forward, item 1's last planes")
+    del out
+    packed = torch.ops.uxnet.conv3d_3x3x3_pack_weight(weight)
+    out = torch.ops.uxnet.conv3d_3x3x3_packed(x, weight, packed, bias)
+    assert_close_rel(tail(out, TAIL - 1), want, torch.bfloat16, "conv3d_3x3x3 packed, item 1's last planes")

@@ -9,7 +9,7 @@ selection: :func:`use_backend`, :func:`set_backend`, :func:`get_backend`, :func:
 
 from . import reference
 from .dispatch import backend_report, get_backend, recording_backends, set_backend, use_backend
-from .ops.conv3d_3x3x3 import conv3d_3x3x3
+from .ops.conv3d_3x3x3 import conv3d_3x3x3, conv3d_3x3x3_pack_weight
 from .ops.dwconv3d import dwconv3d
 from .ops.instance_norm_add_lrelu import instance_norm_add_lrelu
 from .ops.instance_norm_lrelu import instance_norm_lrelu
@@ -25,6 +25,7 @@ __all__ = [
     "instance_norm_lrelu",
     "instance_norm_add_lrelu",
     "conv3d_3x3x3",
+    "conv3d_3x3x3_pack_weight",
     "use_backend",
     "set_backend",
     "get_backend",

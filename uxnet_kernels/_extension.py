@@ -42,3 +42,14 @@ def registered_ops(dispatch_key: str) -> list:
         return []
     return [name for name in torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key)
             if name.startswith("uxnet::")]
+
+
+def conv3d_3x3x3_columns(float64: bool) -> int:
+    """The column-panel width of ``uxnet::conv3d_3x3x3_pack_weight``'s result on the ISA selected now."""
+    return _C.conv3d_3x3x3_columns(bool(float64))
+
+
+def conv3d_3x3x3_prefers_direct(x_shape, weight_shape, element_size: int) -> bool:
+    """Whether the CPU ``uxnet::conv3d_3x3x3`` runs ATen's direct convolution for these shapes (no Winograd)."""
+    n, _, d, h, w = (int(s) for s in x_shape)
+    return _C.conv3d_3x3x3_prefers_direct(n, d, h, w, int(weight_shape[0]), int(weight_shape[1]), int(element_size))

@@ -213,6 +213,18 @@ def select(family: OpFamily, x: torch.Tensor) -> Implementation:
     return family.implementations["reference"]
 
 
+def would_select(family: OpFamily, x: torch.Tensor) -> str:
+    """The backend ``select(family, x)`` would pick now, without recording or announcing the choice."""
+    if _state.backend == "auto" and exporting():
+        return "reference"
+    for name in _candidates(x.device.type):
+        if name == "reference":
+            break
+        if family.verdict(name, x)[0]:
+            return name
+    return "reference"
+
+
 @contextlib.contextmanager
 def recording_backends() -> Iterator[Dict[str, str]]:
     """``with recording_backends() as used:`` collects ``"op@device" -> backend`` for every eager op call inside the

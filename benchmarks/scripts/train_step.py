@@ -10,7 +10,8 @@ op), uxnet (the default UXNet on the fast backend), uxnet-ckpt (activation_check
 uxnet-ckpt-full ("full"), uxnet-cl (uxnet with the model and input in channels_last_3d), uxnet-unfused
 (fused_decoder=False on the fast backend), uxnet-cat (the up blocks concatenate the skip connection instead of
 splitting conv1/conv3 over the two halves), uxnet-nofold (conv1 of the full-resolution up block reads the upsampled
-tensor instead of folding the transposed conv into its kernel). Peak memory needs fresh processes:
+tensor instead of folding the transposed conv into its kernel), uxnet-onednn (``winograd=False``: the UNETR blocks'
+3x3x3 convolutions on oneDNN instead of the Winograd kernel). Peak memory needs fresh processes:
 `python examples/training_memory.py`.
 
 Printed per variant: the median and fastest step, the ratio of the medians to the first variant's, and the paired
@@ -36,6 +37,7 @@ VARIANTS = {
     "uxnet-unfused": ("auto", dict(fused_decoder=False), False),
     "uxnet-cat": ("auto", {}, False),  # the up blocks concatenate instead of splitting conv1/conv3 (split_concat)
     "uxnet-nofold": ("auto", {}, False),  # conv1 reads the upsampled tensor (no fold_upsample)
+    "uxnet-onednn": ("auto", dict(winograd=False), False),  # the UNETR 3x3x3 convolutions on oneDNN, not Winograd
 }
 
 

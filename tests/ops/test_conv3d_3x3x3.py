@@ -93,6 +93,11 @@ def opcheck_samples(layout):
     g = to_layout(torch.randn(2, 4, 4, 5, 3), layout)
     yield "conv3d_3x3x3_backward", (g, x, w, [True, True, True])
     yield "conv3d_3x3x3_backward", (g, x, w, [False, True, False])
+    yield "conv3d_3x3x3_pack_weight", (w,)
+    yield "conv3d_3x3x3_pack_weight", (torch.randn(70, 3, 3, 3, 3, dtype=torch.float64),)  # two panels
+    packed = torch.ops.uxnet.conv3d_3x3x3_pack_weight(w)
+    yield "conv3d_3x3x3_packed", (x, w, packed, torch.randn(4))
+    yield "conv3d_3x3x3_packed", (x, w, packed, None)
 
 
 @cpu_kernel
@@ -441,3 +446,88 @@ def test_kernel_isas_agree():
             assert_close_rel(cpp_op("conv3d_3x3x3")(x, w, b), want, torch.float32, isa_name)
         checked.append(isa_name)
     assert "generic" in checked
+
+
+# ---- packed weights: the weight transform done once (uxnet::conv3d_3x3x3_pack_weight / _packed) -------------------
+
+
+@cpu_kernel_poisoned
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+def test_packed_weight_gives_the_unpacked_result(isa, layout, dtype):
+    """Same kernels, same order of operations: the packed path is bitwise the per-call transform, on both the
+    one-block and the parallel-blocks path, with a partial column panel (C_out 19)."""
+    for shape in [(2, 21, 5, 6, 7), (1, 17, 31, 32, 34)]:
+        x, w, b = conv3d_3x3x3_args(shape, 19, dtype, layout)
+        with torch.no_grad():
+            packed = uk.conv3d_3x3x3_pack_weight(w)
+            got = uk.conv3d_3x3x3(x, w, b, packed_weight=packed)
+        assert packed.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert packed.shape[0] == 64 and packed.shape[2] == 17 + 4 * (shape[1] == 21)
+        assert got.is_contiguous(memory_format=expected_format(x))
+        assert torch.equal(got, cpp_op("conv3d_3x3x3")(x, w, b))
+    if dtype == torch.float64:
+        assert rel_error(got, reference.conv3d_3x3x3(x, w, b)) <= 1e-10
+
+
+@cpu_kernel_poisoned
+def test_packed_weight_keeps_non_finite_semantics():
+    """A NaN in x: the tiles around it are computed directly from the weight, as without a packed weight."""
+    x, w, b = conv3d_3x3x3_args((1, 20, 7, 6, 5), 4)
+    x[0, 3, 2, 2, 2] = float("nan")
+    with torch.no_grad():
+        got = uk.conv3d_3x3x3(x, w, b, packed_weight=uk.conv3d_3x3x3_pack_weight(w))
+    want = reference.conv3d_3x3x3(x.double(), w.double(), b.double())
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+
+
+@cpu_kernel
+def test_packed_weight_bad_input():
+    x, w, b = conv3d_3x3x3_args((1, 20, 5, 4, 6), 7)
+    packed = uk.conv3d_3x3x3_pack_weight(w)
+    with pytest.raises(RuntimeError, match="packed_weight does not belong"):
+        torch.ops.uxnet.conv3d_3x3x3_packed(x, w, packed[..., :8].contiguous(), b)
+    with pytest.raises(RuntimeError, match="packed_weight does not belong"):
+        torch.ops.uxnet.conv3d_3x3x3_packed(x, w, packed.double(), b)
+    with pytest.raises(RuntimeError, match="packed_weight does not belong"):
+        torch.ops.uxnet.conv3d_3x3x3_packed(x, torch.randn(9, 20, 3, 3, 3), packed, None)
+    with pytest.raises(RuntimeError, match="packed_weight does not belong"):
+        torch.ops.uxnet.conv3d_3x3x3_packed(x, w[:5], packed, None)
+    with pytest.raises(ValueError, match="for inference"):
+        uk.conv3d_3x3x3(x, w.requires_grad_(), b, packed_weight=packed)
+    with pytest.raises(ValueError, match="for inference"):
+        uk.conv3d_3x3x3_pack_weight(w)
+    with pytest.raises(ValueError, match="3x3x3 kernel"):
+        uk.conv3d_3x3x3_pack_weight(torch.randn(4, 4, 3, 3, 1))
+
+
+@cpu_kernel
+def test_packed_weight_of_another_isa_is_refused():
+    """A packed layout belongs to the ISA selected when it was packed: another column width is an error, never a
+    silent wrong answer."""
+    x, w, _ = conv3d_3x3x3_args((1, 20, 5, 4, 6), 7)
+    widths = {}
+    for isa_name in CPU_ISAS:
+        if cpu_isa_unavailable(isa_name) is None:
+            with use_cpu_isa(isa_name):
+                widths[isa_name] = uk.conv3d_3x3x3_pack_weight(w)
+    for packed_on, packed in widths.items():
+        for run_on, other in widths.items():
+            with use_cpu_isa(run_on):
+                if packed.shape == other.shape:
+                    assert torch.equal(torch.ops.uxnet.conv3d_3x3x3_packed(x, w, packed, None),
+                                       torch.ops.uxnet.conv3d_3x3x3_packed(x, w, other, None))
+                else:
+                    with pytest.raises(RuntimeError, match="packed_weight does not belong"):
+                        torch.ops.uxnet.conv3d_3x3x3_packed(x, w, packed, None)
+    assert len({p.shape for p in widths.values()}) > 1, "expected ISA variants with different column widths"
+
+
+@cpu_kernel
+def test_packed_weight_is_ignored_where_the_cpu_kernel_does_not_run():
+    x, w, b = conv3d_3x3x3_args((1, 20, 5, 4, 6), 7)
+    packed = uk.conv3d_3x3x3_pack_weight(w)
+    with uk.use_backend("reference"), dispatch.recording_backends() as used:
+        got = uk.conv3d_3x3x3(x, w, b, packed_weight=packed)
+    assert used == {"conv3d_3x3x3@cpu": "reference"}
+    assert torch.equal(got, reference.conv3d_3x3x3(x, w, b))

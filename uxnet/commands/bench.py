@@ -3,6 +3,10 @@
 Prints a table (case, implementation, median time, speedup vs the reference of the same layout and vs the
 fastest reference, GFLOP/s, GB/s over the bytes floor, peak memory), optionally writes JSON (with the FLOPs and
 parameter count of the default model at 96^3) and a PNG chart of the speedups.
+
+``uxnet bench --inference``: the CPU deployment routes instead (``uxnet.bench.deploy``): the official model in
+eager, ``torch.compile``, ONNX Runtime and OpenVINO (fp32, bf16) next to uxnet fp32 and bf16 and its AOTInductor
+package, one 96^3 window by default, with argmax agreement and max error against a float64 official run.
 """
 
 import datetime
@@ -53,6 +57,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--paper-table", action="store_true",
                         help="also count the paper's Table 3 kernel ablation (FLOPs and parameters at 96^3)")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    inference = parser.add_argument_group("--inference: the CPU deployment routes (uxnet.bench.deploy)")
+    inference.add_argument("--inference", action="store_true",
+                           help="run the deployment benchmark instead of the op and model cases")
+    from uxnet.bench import deploy
+
+    deploy.add_arguments(inference, prefix="inference-")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the speedups (needs matplotlib)")
 
 
@@ -103,6 +113,12 @@ def run(args) -> int:
     from uxnet.commands.info import collect
     from uxnet.progress import Progress
 
+    if args.inference:
+        from uxnet.bench import deploy
+
+        if _device(args.device) != "cpu":
+            raise SystemExit("uxnet bench --inference measures CPU deployment routes; use --device cpu")
+        return deploy.run(args, size=args.inference_size)
     _validate(args)
     device = _device(args.device)
     size = tiny_size() if args.size == "tiny" else SIZES[args.size]

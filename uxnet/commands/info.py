@@ -48,6 +48,8 @@ def collect() -> dict:
     import uxnet_kernels
     from uxnet_kernels import _extension, cpu_isa
 
+    from ..networks.blocks import conv3x3x3
+
     try:
         import triton
 
@@ -67,6 +69,7 @@ def collect() -> dict:
         "cpu_kernels_isa": cpu_isa.report(),
         "gpus": gpus,
         "backends_cpu": uxnet_kernels.backend_report("cpu"),
+        "model_3x3x3_convolutions_cpu": conv3x3x3.describe("cpu"),
     }
     if gpus:
         report["backends_cuda"] = uxnet_kernels.backend_report("cuda")
@@ -114,4 +117,5 @@ def run(args) -> int:
             # A backend that is unavailable as a whole is explained once above; only op-specific reasons here.
             why = [f"{b}: {r}" for b, r in declined.items() if rep["backends"][b]["available"]]
             print(f"  {op:26s} -> {name}" + (f"  (declined: {'; '.join(why)})" if why else ""))
+    print(f"\nUXNet's UNETR 3x3x3 convolutions on cpu: {report['model_3x3x3_convolutions_cpu']}")
     return 0

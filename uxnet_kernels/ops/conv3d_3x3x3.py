@@ -1,7 +1,9 @@
 """conv3d_3x3x3: the dense 3x3x3 convolution of the UNETR blocks, stride 1, padding 1, groups 1.
 
 Operators: ``uxnet::conv3d_3x3x3`` / ``uxnet::conv3d_3x3x3_backward`` (C++: csrc/cpu/conv3d_3x3x3, Winograd
-F(2x2x2, 3x3x3) on the CPU). No CUDA or Triton implementation: CUDA tensors run the reference.
+F(2x2x2, 3x3x3) on the CPU), and for inference with a weight transformed once, ``uxnet::conv3d_3x3x3_pack_weight``
+and ``uxnet::conv3d_3x3x3_packed`` (no autograd). No CUDA or Triton implementation: CUDA tensors run the reference
+(cuDNN).
 """
 
 from typing import Optional
@@ -60,12 +62,31 @@ def _register_compiled() -> None:
         grad_bias = x.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty(EMPTY_GRAD_SHAPE)
         return grad_x, grad_or_empty(output_mask[1], weight), grad_bias
 
+    @torch.library.register_fake("uxnet::conv3d_3x3x3_pack_weight")
+    def _pack_fake(weight):
+        dtype = _compute_dtype(weight.dtype)
+        cols = _extension.conv3d_3x3x3_columns(dtype == torch.float64)
+        return weight.new_empty((64, -(-weight.shape[0] // cols), weight.shape[1], cols), dtype=dtype)
+
+    @torch.library.register_fake("uxnet::conv3d_3x3x3_packed")
+    def _packed_fake(x, weight, packed_weight, bias):
+        return _fake(x, weight, bias)
+
     backward, setup = autograd_rule(torch.ops.uxnet.conv3d_3x3x3_backward)
     torch.library.register_autograd("uxnet::conv3d_3x3x3", backward, setup_context=setup)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The CPU kernels compute float64 in float64 and every other floating dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _compiled(x, weight, bias):
     return torch.ops.uxnet.conv3d_3x3x3(x, weight, bias)
+
+
+def _compiled_packed(x, weight, bias, packed_weight):
+    return torch.ops.uxnet.conv3d_3x3x3_packed(x, weight, packed_weight, bias)
 
 
 if _extension.LOADED:
@@ -73,11 +94,13 @@ if _extension.LOADED:
 
 FAMILY = dispatch.register(dispatch.OpFamily(OP, [
     dispatch.Implementation("reference", reference),
-    dispatch.Implementation("cpu", _compiled, BACKENDS["cpu"].has_kernel(OP)),
+    dispatch.Implementation("cpu", _compiled, BACKENDS["cpu"].has_kernel(OP),
+                            variants=(("packed", _compiled_packed),)),
 ]))
 
 
-def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 packed_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense 3D convolution with a 3x3x3 kernel, stride 1, padding 1 (groups 1).
 
     Equal to ``F.conv3d(x, weight, bias, padding=1)``. On the CPU backend it runs Winograd F(2x2x2, 3x3x3) (float32
@@ -88,19 +111,57 @@ def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         x: (N, C_in, D, H, W), float32 / bfloat16 / float16 / float64, contiguous or channels_last_3d.
         weight: (C_out, C_in, 3, 3, 3); same dtype and device as x.
         bias: (C_out,) or None.
+        packed_weight: ``conv3d_3x3x3_pack_weight(weight)``, computed once for an unchanged weight (inference: no
+            autograd through it). Used when the CPU kernel runs and x's dtype computes in the packed dtype;
+            otherwise ignored (the result is the same). The caller keeps it in step with ``weight``.
 
     Returns:
         (N, C_out, D, H, W) in x's dtype (and, on the compiled backend, x's memory format).
 
     Raises:
         ValueError: wrong rank, a kernel other than 3x3x3, weight/bias not matching the channels, dtype or device
-            mismatch, non-floating dtypes.
+            mismatch, non-floating dtypes; a packed_weight with autograd recording.
     """
     amp_dtype = autocast.active_dtype(x)
     if amp_dtype is None:
-        return _run(x, weight, bias)
+        return _run(x, weight, bias, packed_weight)
     with autocast.disabled(x):
-        return _run(autocast.cast(amp_dtype, x), autocast.cast(amp_dtype, weight), autocast.cast(amp_dtype, bias))
+        return _run(autocast.cast(amp_dtype, x), autocast.cast(amp_dtype, weight), autocast.cast(amp_dtype, bias),
+                    packed_weight)
+
+
+def conv3d_3x3x3_pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The Winograd-domain weights of ``weight`` (C_out, C_in, 3, 3, 3) for ``conv3d_3x3x3(..., packed_weight=)``:
+    (64, ceil(C_out / cols), C_in, cols) in float32 (float64 for float64 weights), laid out for the CPU kernel of
+    the ISA selected now. 64/27 times the filter's elements. CPU tensors only; no autograd.
+
+    Raises:
+        ValueError: a weight that is not (C_out, C_in, 3, 3, 3), not floating, not on the CPU, or that requires
+            grad while autograd records.
+    """
+    validation.check_tensor(OP, "weight", weight, 5, "(C_out, C_in, 3, 3, 3)")
+    if tuple(weight.shape[2:]) != (3, 3, 3):
+        validation.fail(OP, f"expected a 3x3x3 kernel, got weight of shape {tuple(weight.shape)}")
+    if weight.device.type != "cpu" or not _extension.LOADED or not BACKENDS["cpu"].has_kernel(OP):
+        validation.fail(OP, "conv3d_3x3x3_pack_weight needs a CPU weight and the compiled CPU kernels")
+    _refuse_autograd(weight)
+    return torch.ops.uxnet.conv3d_3x3x3_pack_weight(weight)
+
+
+def runs_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``conv3d_3x3x3(x, weight, packed_weight=)`` would use a packed weight now: the CPU kernel serves x
+    (not while exporting or on another backend) and runs Winograd for these shapes (not ATen's direct convolution,
+    which it picks for few tiles with large filters)."""
+    if dispatch.would_select(FAMILY, x) != "cpu":
+        return False
+    element_size = 8 if x.dtype == torch.float64 else 4
+    return not _extension.conv3d_3x3x3_prefers_direct(x.shape, weight.shape, element_size)
+
+
+def _refuse_autograd(*tensors) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        validation.fail(OP, "packed_weight is for inference: call it under torch.no_grad() or "
+                            "torch.inference_mode(), or pass no packed_weight")
 
 
 def _zero_size_result(x, weight, bias):
@@ -111,8 +172,14 @@ def _zero_size_result(x, weight, bias):
     return out.contiguous(memory_format=output_memory_format(x))
 
 
-def _run(x, weight, bias):
+def _run(x, weight, bias, packed_weight=None):
     check_args(x, weight, bias)
+    if packed_weight is not None:
+        _refuse_autograd(x, weight, bias)
     if x.numel() == 0 or weight.numel() == 0:
         return _zero_size_result(x, weight, bias)
-    return dispatch.select(FAMILY, x).run(x, weight, bias)
+    implementation = dispatch.select(FAMILY, x)
+    packed_run = implementation.variant("packed") if packed_weight is not None else None
+    if packed_run is not None and packed_weight.dtype == _compute_dtype(x.dtype):
+        return packed_run(x, weight, bias, packed_weight)
+    return implementation.run(x, weight, bias)

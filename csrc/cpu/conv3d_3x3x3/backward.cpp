@@ -1,6 +1,7 @@
 // uxnet::conv3d_3x3x3_backward on the CPU.
-//   grad_x      = (few tiles with large filters: ATen's, with grad_weight) the same Winograd convolution of grad_out with the kernel flipped along every axis and its
-//                 channel axes swapped (out-of-volume taps skipped where a weight is non-finite: driver.h);
+//   grad_x      = the same Winograd convolution of grad_out with the kernel flipped along every axis and its
+//                 channel axes swapped, out-of-volume taps skipped where a weight is non-finite (driver.h); few
+//                 tiles with large filters: ATen's, in one call with grad_weight;
 //   grad_weight = ATen's convolution_backward (oneDNN for float32) in the compute dtype (bfloat16 inputs: in float32,
 //                 rounded once; ATen's own bfloat16 path also returned stray Infs under PyTorch's
 //                 fill_uninitialized_memory); a Winograd weight gradient is not written yet;
@@ -49,8 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const a
       grad_x = at::zeros(x.sizes(), x.options().memory_format(format));
     } else {
       const at::Tensor flipped = weight.to(compute).flip({2, 3, 4}).transpose(0, 1);
-      grad_x = to_output(winograd_conv(grad_out.to(compute), flipped, c10::nullopt, /*multiply_padding=*/false),
-                         x.scalar_type(), format);
+      grad_x = to_output(
+          winograd_conv(grad_out.to(compute), flipped, c10::nullopt, /*multiply_padding=*/false, at::Tensor()),
+          x.scalar_type(), format);
     }
   }
   if (mask[1] && nothing_to_sum) grad_weight = at::zeros(weight.sizes(), weight.options());

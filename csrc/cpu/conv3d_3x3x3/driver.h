@@ -6,19 +6,23 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 namespace uxnet {
 namespace cpu {
 namespace conv3d_3x3x3 {
 
-// F.conv3d(x, weight, bias, padding=1) for x channels-last (float32 or float64; weight and bias of x's dtype),
-// returned channels-last in x's dtype (few tiles with large filters: ATen's convolution, in x's layout). Tiles whose input window holds a NaN or an Inf, and every tile when a weight
-// is non-finite, are computed directly (see KernelTable::direct_tile for multiply_padding).
+// F.conv3d(x, weight, bias, padding=1) for x float32 or float64 (weight and bias of x's dtype), returned
+// channels-last in x's dtype (few tiles with large filters: ATen's convolution, in x's layout). Tiles whose input
+// window holds a NaN or an Inf, and every tile when a weight is non-finite, are computed directly (see
+// KernelTable::direct_tile for multiply_padding). `packed`: the weight's transformed points from
+// conv3d_3x3x3_pack_weight (checked by the caller), or undefined to transform them here.
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         bool multiply_padding);
+                         bool multiply_padding, const at::Tensor& packed);
 
 // Few tiles with large filters, where ATen's direct convolution (oneDNN) is faster (forward.cpp).
 bool prefers_direct(const at::Tensor& x, const at::Tensor& weight);
+bool prefers_direct(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin, int64_t element_size);
 // Whether every element of a dense float32 / float64 tensor is finite.
 bool all_finite(const at::Tensor& t);
 
@@ -30,6 +34,11 @@ at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryF
 
 // The ops (forward.cpp, backward.cpp), registered in op.cpp.
 at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// Inference with the weight transformed once (an eval-mode cache): the packed points (kPoints, panels, C_in, cols)
+// of the selected ISA, in the compute dtype, and the forward that reads them.
+at::Tensor conv3d_3x3x3_pack_weight_cpu(const at::Tensor& weight);
+at::Tensor conv3d_3x3x3_packed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed_weight,
+                                   const c10::optional<at::Tensor>& bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const at::Tensor& grad_out,
                                                                          const at::Tensor& x,
                                                                          const at::Tensor& weight,

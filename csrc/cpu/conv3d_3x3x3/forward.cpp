@@ -76,14 +76,19 @@ int64_t block_tiles(const Geometry& g) {
 
 Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3), t.stride(4)}; }
 
-// The weights as transformed points u [kPoints][C_in][C_out]. Hook for an eval-mode cache: u depends on the weight
-// alone, so a caller that knows the weight is unchanged could keep it between calls.
+// The weights as transformed points u [kPoints][panels][C_in][cols] into `u` (kPoints * C_in * cout_padded).
 template <typename T>
-const T* transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
+void transform_weight_into(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight, T* u) {
   const at::Tensor w = weight.permute({1, 2, 3, 4, 0}).contiguous();  // [C_in][kd][kh][kw][C_out]
-  T* u = Scratch::get<T>(Scratch::kU, kPoints * g.Cin * g.cout_padded());
   const T* wp = w.data_ptr<T>();
   at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, u, begin, end); });
+}
+
+// u in this thread's scratch (a packed weight from conv3d_3x3x3_pack_weight skips this).
+template <typename T>
+const T* transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
+  T* u = Scratch::get<T>(Scratch::kU, kPoints * g.Cin * g.cout_padded());
+  transform_weight_into(kernels, g, weight, u);
   return u;
 }
 
@@ -120,7 +125,7 @@ void direct_tiles(const KernelTable<T>& kernels, const Geometry& g, const at::Te
 
 template <typename T>
 void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias, bool multiply_padding,
-                    at::Tensor& out) {
+                    const at::Tensor& packed, at::Tensor& out) {
   const KernelTable<T>& kernels = kernels_for<T>(selected_isa_for(kOp));
   const Geometry g =
       make_geometry(x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4), kernels.cols);
@@ -132,7 +137,7 @@ void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias
     direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
     return;
   }
-  const T* up = transformed_weight(kernels, g, weight);
+  const T* up = packed.defined() ? packed.data_ptr<T>() : transformed_weight(kernels, g, weight);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const Strides xs = strides_of(x), os = strides_of(out);
@@ -187,10 +192,15 @@ bool all_finite(const at::Tensor& t) {
   return finite;
 }
 
-bool prefers_direct(const at::Tensor& x, const at::Tensor& weight) {
-  const int64_t tiles = x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2);
-  const int64_t u_bytes = kPoints * weight.size(0) * weight.size(1) * static_cast<int64_t>(weight.element_size());
+bool prefers_direct(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin, int64_t element_size) {
+  const int64_t tiles = n * ((d + 1) / 2) * ((h + 1) / 2) * ((w + 1) / 2);
+  const int64_t u_bytes = kPoints * cout * cin * element_size;
   return tiles < kFewTiles && u_bytes >= kLargeFilterBytes;
+}
+
+bool prefers_direct(const at::Tensor& x, const at::Tensor& weight) {
+  return prefers_direct(x.size(0), x.size(2), x.size(3), x.size(4), weight.size(0), weight.size(1),
+                        static_cast<int64_t>(weight.element_size()));
 }
 
 at::ScalarType compute_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
@@ -201,7 +211,7 @@ at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryF
 }
 
 at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         bool multiply_padding) {
+                         bool multiply_padding, const at::Tensor& packed) {
   if (prefers_direct(x_in, weight) && all_finite(weight.contiguous())) {  // non-finite filters: the direct kernels
     return at::convolution(x_in, weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1}, {1, 1, 1}, {1, 1, 1},
                            false, {0, 0, 0}, 1);  // in the input's layout: oneDNN's own choice
@@ -219,9 +229,9 @@ at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (x.scalar_type() == at::kDouble) {
-    winograd_typed<double>(x, w, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, out);
+    winograd_typed<double>(x, w, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, packed, out);
   } else {
-    winograd_typed<float>(x, w, b.defined() ? b.data_ptr<float>() : nullptr, multiply_padding, out);
+    winograd_typed<float>(x, w, b.defined() ? b.data_ptr<float>() : nullptr, multiply_padding, packed, out);
   }
   return out;
 }
@@ -231,7 +241,82 @@ at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const at::ScalarType compute = compute_dtype(x.scalar_type());
   const c10::optional<at::Tensor> b =
       bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(compute)) : c10::nullopt;
-  const at::Tensor result = winograd_conv(x.to(compute), weight.to(compute), b, /*multiply_padding=*/true);
+  const at::Tensor result =
+      winograd_conv(x.to(compute), weight.to(compute), b, /*multiply_padding=*/true, at::Tensor());
+  return to_output(result, x.scalar_type(), suggested_memory_format(x));
+}
+
+std::vector<int64_t> packed_weight_shape(const at::Tensor& weight) {
+  const int64_t cols = compute_dtype(weight.scalar_type()) == at::kDouble
+                           ? kernels_for<double>(selected_isa_for(kOp)).cols
+                           : kernels_for<float>(selected_isa_for(kOp)).cols;
+  return {kPoints, (weight.size(0) + cols - 1) / cols, weight.size(1), cols};
+}
+
+// A packed weight's shape gives C_out only up to a panel; where the last panel has padding columns (never read by
+// the output transform), its last column at point 0, input channel 0 holds C_out, so a packed weight of another
+// filter count is refused exactly.
+template <typename T>
+T& c_out_slot(const at::Tensor& packed) {
+  const int64_t panels = packed.size(1), cin = packed.size(2), cols = packed.size(3);
+  return packed.data_ptr<T>()[((panels - 1) * cin) * cols + cols - 1];
+}
+
+template <typename T>
+bool records_c_out(const at::Tensor& packed, int64_t cout) {
+  const int64_t cols = packed.size(3);
+  return cout % cols == 0 || c_out_slot<T>(packed) == static_cast<T>(cout);
+}
+
+at::Tensor conv3d_3x3x3_pack_weight_cpu(const at::Tensor& weight) {
+  constexpr const char* op = "uxnet::conv3d_3x3x3_pack_weight";
+  checks::floating(op, weight, "weight");
+  TORCH_CHECK(weight.dim() == 5 && weight.size(2) == 3 && weight.size(3) == 3 && weight.size(4) == 3, op,
+              ": expected weight of shape (C_out, C_in, 3, 3, 3), got ", weight.sizes());
+  const at::ScalarType compute = compute_dtype(weight.scalar_type());
+  at::Tensor packed = at::empty(packed_weight_shape(weight), weight.options().dtype(compute));
+  if (packed.numel() == 0) return packed;
+  const at::Tensor w = weight.to(compute).contiguous();
+  if (compute == at::kDouble) {
+    const KernelTable<double>& kernels = kernels_for<double>(selected_isa_for(kOp));
+    const Geometry g = make_geometry(1, w.size(1), w.size(0), 1, 1, 1, kernels.cols);
+    transform_weight_into(kernels, g, w, packed.data_ptr<double>());
+  } else {
+    const KernelTable<float>& kernels = kernels_for<float>(selected_isa_for(kOp));
+    const Geometry g = make_geometry(1, w.size(1), w.size(0), 1, 1, 1, kernels.cols);
+    transform_weight_into(kernels, g, w, packed.data_ptr<float>());
+  }
+  if (w.size(0) % packed.size(3) != 0) {
+    if (compute == at::kDouble) {
+      c_out_slot<double>(packed) = static_cast<double>(w.size(0));
+    } else {
+      c_out_slot<float>(packed) = static_cast<float>(w.size(0));
+    }
+  }
+  return packed;
+}
+
+at::Tensor conv3d_3x3x3_packed_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed_weight,
+                                   const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "uxnet::conv3d_3x3x3_packed";
+  checks::conv3d_3x3x3_inputs(op, x, weight, bias);
+  const at::ScalarType compute = compute_dtype(x.scalar_type());
+  checks::same_device(op, packed_weight, "packed_weight", x);
+  const std::vector<int64_t> expected = packed_weight_shape(weight);
+  TORCH_CHECK(packed_weight.scalar_type() == compute && packed_weight.sizes() == at::IntArrayRef(expected) &&
+                  packed_weight.is_contiguous(),
+              op, ": packed_weight does not belong to this weight on this ISA (expected a contiguous ", compute,
+              " tensor of shape ", at::IntArrayRef(expected), ", got ", packed_weight.scalar_type(), " ",
+              packed_weight.sizes(), "); pack it again with conv3d_3x3x3_pack_weight");
+  const bool same_c_out = packed_weight.numel() == 0 || (compute == at::kDouble
+                                                              ? records_c_out<double>(packed_weight, weight.size(0))
+                                                              : records_c_out<float>(packed_weight, weight.size(0)));
+  TORCH_CHECK(same_c_out, op, ": packed_weight does not belong to this weight (packed for another number of output "
+              "channels than ", weight.size(0), "); pack it again with conv3d_3x3x3_pack_weight");
+  const c10::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(compute)) : c10::nullopt;
+  const at::Tensor result =
+      winograd_conv(x.to(compute), weight.to(compute), b, /*multiply_padding=*/true, packed_weight);
   return to_output(result, x.scalar_type(), suggested_memory_format(x));
 }
 

@@ -36,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 import uxnet_kernels as uk
 
+from .conv3x3x3 import WinogradWeightCache, channels_last, conv3x3x3, runs_winograd
+
 NEGATIVE_SLOPE = 0.01
 
 
@@ -77,9 +79,13 @@ class UnetResBlock(nn.Module):
     """conv3x3 -> norm -> lrelu -> conv3x3 -> norm, plus a 1x1x1 conv + norm shortcut when channels change.
 
     ``fused``: with a plain instance norm, run norms and activations as the memory-lean ``uxnet_kernels`` ops (see
-    the module docstring); otherwise, or with another norm, the modules below run as in MONAI."""
+    the module docstring); otherwise, or with another norm, the modules below run as in MONAI.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm_name, fused: bool = False):
+    ``winograd`` (3x3x3 kernels): run conv1, conv2 and conv1's split parts through ``conv3x3x3`` (Winograd on the
+    CPU, block input taken channels-last, packed weights cached in eval without autograd); CUDA keeps cuDNN."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm_name, fused: bool = False,
+                 winograd: bool = False):
         super().__init__()
         pad = (kernel_size - 1) // 2
         self.padding = pad
@@ -94,16 +100,29 @@ class UnetResBlock(nn.Module):
             self.norm3 = _norm(norm_name, out_channels)
         self.fused_eps = fusable_instance_norm_eps(norm_name) if fused else None
         self.recompute_a1 = False
+        self.winograd = winograd and kernel_size == 3
+        self.winograd_cache = WinogradWeightCache()
 
     @property
     def fused(self) -> bool:
         return self.fused_eps is not None
 
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, key: str, module: Optional[nn.Module] = None):
+        """conv1 / conv2 (``module``, or the slice ``weight`` of conv1's weight) of x."""
+        if self.winograd:
+            return conv3x3x3(x, weight, self.winograd_cache, key)
+        return module(x) if module is not None else F.conv3d(x, weight, padding=self.padding)
+
+    def _entry_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x channels-last when conv1 runs Winograd on it, so conv1 and the shortcut read one copy."""
+        return channels_last(x) if self.winograd and runs_winograd(x, self.conv1.conv.weight) else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return self.forward_parts([x])
-        out = self.lrelu(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
+        x = self._entry_layout(x)
+        out = self.lrelu(self.norm1(self._conv(x, self.conv1.conv.weight, "conv1", self.conv1)))
+        out = self.norm2(self._conv(out, self.conv2.conv.weight, "conv2", self.conv2))
         residual = self.norm3(self.conv3(x)) if self.downsample else x
         return self.lrelu(out + residual)
 
@@ -115,7 +134,7 @@ class UnetResBlock(nn.Module):
         conv1 then reads x through the composed kernel instead of reading ``parts[0]``."""
         if not self.fused:
             return self.forward(torch.cat(tuple(parts), dim=1))
-        eps, parts = self.fused_eps, list(parts)
+        eps, parts = self.fused_eps, [self._entry_layout(p) for p in parts]
         conv1_inputs = parts if upsampled_from is None else [upsampled_from[0], *parts[1:]]
         transp = None if upsampled_from is None else upsampled_from[1]
         if self.recompute_a1 and self.training and torch.is_grad_enabled():
@@ -134,17 +153,18 @@ class UnetResBlock(nn.Module):
         """conv2(instance_norm_lrelu(conv1(concat(parts)))) without the concatenation; with ``transp``, inputs[0]
         is the low-resolution tensor that ``transp`` upsamples into the first part."""
         if len(inputs) == 1 and transp is None:
-            z1 = self.conv1(inputs[0])
+            z1 = self._conv(inputs[0], self.conv1.conv.weight, "conv1", self.conv1)
         else:
             w1 = _split_by_channels(self.conv1.conv.weight, part_channels)
             if transp is None:
-                z1 = F.conv3d(inputs[0], w1[0], padding=self.padding)
+                z1 = self._conv(inputs[0], w1[0], "conv1.0")
             else:
                 z1 = F.conv_transpose3d(inputs[0], compose_upsample_conv(transp.weight, w1[0]),
                                         stride=transp.stride, padding=self.padding)
-            for part, w in zip(inputs[1:], w1[1:]):
-                z1 = z1.add_(F.conv3d(part, w, padding=self.padding))  # in place: no conv keeps its output
-        return self.conv2(uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, self.fused_eps))
+            for i, (part, w) in enumerate(zip(inputs[1:], w1[1:]), start=1):
+                z1 = z1.add_(self._conv(part, w, f"conv1.{i}"))  # in place: no conv keeps its output
+        a1 = uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, self.fused_eps)
+        return self._conv(a1, self.conv2.conv.weight, "conv2", self.conv2)
 
 
 def compose_upsample_conv(transp_weight: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
@@ -177,9 +197,9 @@ class UnetrBasicBlock(nn.Module):
     """MONAI ``UnetrBasicBlock(res_block=True)``: a residual block kept under ``.layer``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm_name="instance",
-                 fused: bool = False):
+                 fused: bool = False, winograd: bool = False):
         super().__init__()
-        self.layer = UnetResBlock(in_channels, out_channels, kernel_size, norm_name, fused)
+        self.layer = UnetResBlock(in_channels, out_channels, kernel_size, norm_name, fused, winograd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -197,11 +217,12 @@ class UnetrUpBlock(nn.Module):
     input through ``compose_upsample_conv`` (module docstring)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, upsample_kernel_size: int = 2,
-                 norm_name="instance", fused: bool = False, split_concat: bool = True, fold_upsample: bool = False):
+                 norm_name="instance", fused: bool = False, split_concat: bool = True, fold_upsample: bool = False,
+                 winograd: bool = False):
         super().__init__()
         self.transp_conv = _Conv(nn.ConvTranspose3d(in_channels, out_channels, upsample_kernel_size,
                                                     stride=upsample_kernel_size, bias=False))
-        self.conv_block = UnetResBlock(2 * out_channels, out_channels, kernel_size, norm_name, fused)
+        self.conv_block = UnetResBlock(2 * out_channels, out_channels, kernel_size, norm_name, fused, winograd)
         self.split_concat = split_concat
         self.fold_upsample = fold_upsample
 

@@ -99,6 +99,12 @@ class UXNet(nn.Module):
             instance norm (``norm_name="instance"``, the paper's); any other ``norm_name`` (batch, group, instance
             with affine) runs the MONAI-equivalent modules as before. ``False`` gives the official model's
             computation, op for op. Not part of the state_dict.
+        winograd: run the stride-1 3x3x3 convolutions of the UNETR blocks (conv1, conv2 and the up blocks' split
+            conv1 parts with at least 16 input channels) on CPU tensors as ``uxnet_kernels.conv3d_3x3x3`` (Winograd
+            F(2x2x2, 3x3x3)), with those blocks' activations channels-last; in eval mode without autograd the
+            Winograd-domain weights are computed once and cached (``uxnet.networks.blocks.conv3x3x3``). CUDA tensors
+            keep cuDNN. None (default): on with ``fused_decoder``, off without it (the official computation).
+            Not part of the state_dict.
         deep_supervision: add 1x1x1 output heads on the decoder outputs at 1/2, 1/4 and 1/8 resolution
             (``uxnet.networks.blocks.deep_supervision``; keys ``deep_supervision_heads.*``). In training mode the
             forward then returns a list of logits, full resolution first; train it with ``uxnet.DeepSupervisionLoss``.
@@ -130,6 +136,7 @@ class UXNet(nn.Module):
         activation_checkpointing: Union[bool, str] = False,
         fused_decoder: bool = True,
         deep_supervision: bool = False,
+        winograd: Optional[bool] = None,
     ):
         super().__init__()
         if spatial_dims != 3:
@@ -157,21 +164,25 @@ class UXNet(nn.Module):
             self.config["fused_decoder"] = False
         if deep_supervision:
             self.config["deep_supervision"] = True
+        winograd = fused_decoder if winograd is None else bool(winograd)
+        if winograd != fused_decoder:
+            self.config["winograd"] = winograd
         self.in_chans, self.out_chans = in_chans, out_chans
         f = list(feat_size)
         self.uxnet_3d = UXNetEncoder(in_chans, depths, f, drop_path_rate, layer_scale_init_value, kernel_size,
                                      rep_branches, kernel_prior)
         fused = fused_decoder
-        self.encoder1 = UnetrBasicBlock(in_chans, f[0], 3, norm_name, fused)
-        self.encoder2 = UnetrBasicBlock(f[0], f[1], 3, norm_name, fused)
-        self.encoder3 = UnetrBasicBlock(f[1], f[2], 3, norm_name, fused)
-        self.encoder4 = UnetrBasicBlock(f[2], f[3], 3, norm_name, fused)
-        self.encoder5 = UnetrBasicBlock(f[3], hidden_size, 3, norm_name, fused)
-        self.decoder5 = UnetrUpBlock(hidden_size, f[3], 3, 2, norm_name, fused)
-        self.decoder4 = UnetrUpBlock(f[3], f[2], 3, 2, norm_name, fused)
-        self.decoder3 = UnetrUpBlock(f[2], f[1], 3, 2, norm_name, fused)
-        self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name, fused, fold_upsample=True)
-        self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name, fused)
+        wino = dict(winograd=winograd)
+        self.encoder1 = UnetrBasicBlock(in_chans, f[0], 3, norm_name, fused, **wino)
+        self.encoder2 = UnetrBasicBlock(f[0], f[1], 3, norm_name, fused, **wino)
+        self.encoder3 = UnetrBasicBlock(f[1], f[2], 3, norm_name, fused, **wino)
+        self.encoder4 = UnetrBasicBlock(f[2], f[3], 3, norm_name, fused, **wino)
+        self.encoder5 = UnetrBasicBlock(f[3], hidden_size, 3, norm_name, fused, **wino)
+        self.decoder5 = UnetrUpBlock(hidden_size, f[3], 3, 2, norm_name, fused, **wino)
+        self.decoder4 = UnetrUpBlock(f[3], f[2], 3, 2, norm_name, fused, **wino)
+        self.decoder3 = UnetrUpBlock(f[2], f[1], 3, 2, norm_name, fused, **wino)
+        self.decoder2 = UnetrUpBlock(f[1], f[0], 3, 2, norm_name, fused, fold_upsample=True, **wino)
+        self.decoder1 = UnetrBasicBlock(f[0], f[0], 3, norm_name, fused, **wino)
         self.out = UnetOutBlock(f[0], out_chans, as_matmul=fused)
         self.deep_supervision_heads = DeepSupervisionHeads(f[1:], out_chans) if deep_supervision else None
         self.activation_checkpointing = activation_checkpointing

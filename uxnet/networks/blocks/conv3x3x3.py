@@ -1,0 +1,128 @@
+"""The stride-1 3x3x3 convolutions of the UNETR blocks: Winograd (``uxnet_kernels.conv3d_3x3x3``) on the CPU, with
+the Winograd-domain weights kept between calls in eval mode without autograd.
+
+``conv3x3x3(x, weight, cache, key)`` runs ``F.conv3d(x, weight, padding=1)``. On a CPU tensor with at least
+``MIN_IN_CHANNELS`` input channels it runs the Winograd op on x in channels_last_3d (converted once at a block's
+entry; the op's output stays channels-last, so the next block reads it without a copy); anything else, CUDA tensors
+included (cuDNN), calls ``F.conv3d``. Measured on the CPU (``docs/PERFORMANCE.md``, "CPU conv3d_3x3x3"): forward
+1.6-2.1x oneDNN's faster layout at 48-384 channels on channels-last inputs, forward + backward 1.07-1.63x; the first
+convolution (1 -> 48 channels) stays direct (a transform per input channel pays only with many of them).
+
+``WinogradWeightCache`` holds ``conv3d_3x3x3_pack_weight(weight)`` per key. An entry is used only while the weight
+is the very same storage at the same version: an optimizer step, ``load_state_dict`` (an in-place copy), any
+in-place edit bumps the version counter, and ``.to()`` / ``.data =`` give new storage, so every change repacks.
+The entry keeps a detached alias of the weight it was built from, so a freed weight's address cannot be reused by
+another tensor while the entry exists. Entries live on the block that owns the weights (not in a global table), so
+they go with the model; they are dropped from pickles and deep copies, and ``clear()`` frees them. Weights that are
+inference tensors (a model built under ``torch.inference_mode``) have no version counter: they are transformed on
+every call instead.
+"""
+
+import threading
+from typing import Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+import uxnet_kernels as uk
+from uxnet_kernels import dispatch
+from uxnet_kernels.ops import conv3d_3x3x3 as conv_op
+
+# The first convolution (1 input channel) runs direct; 16 is the smallest input width measured faster.
+MIN_IN_CHANNELS = 16
+
+
+class _Entry(NamedTuple):
+    weight: torch.Tensor  # detached alias of the packed weight: same storage, same version counter
+    version: int
+    packed: torch.Tensor
+
+
+class WinogradWeightCache:
+    """Packed Winograd weights of one block, by key; see the module docstring for when an entry is reused."""
+
+    def __init__(self):
+        self._entries: Dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def packed(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        entry = self._entries.get(key)
+        if entry is not None and _same_weight(entry, weight):
+            return entry.packed
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not _same_weight(entry, weight):
+                self._entries.pop(key, None)  # free the stale one before packing the new one
+                entry = _Entry(weight.detach(), weight._version, uk.conv3d_3x3x3_pack_weight(weight.detach()))
+                self._entries[key] = entry
+            return entry.packed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        """Bytes held by the packed weights."""
+        return sum(e.packed.numel() * e.packed.element_size() for e in list(self._entries.values()))
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def __deepcopy__(self, memo):
+        return WinogradWeightCache()
+
+
+def _same_weight(entry: _Entry, weight: torch.Tensor) -> bool:
+    return (entry.weight.data_ptr() == weight.data_ptr() and entry.version == weight._version
+            and entry.weight.shape == weight.shape and entry.weight.stride() == weight.stride()
+            and entry.weight.dtype == weight.dtype and entry.weight.device == weight.device)
+
+
+def runs_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``conv3x3x3`` runs ``uxnet_kernels.conv3d_3x3x3`` for this input and weight: CPU tensors in float32
+    or float64 with at least ``MIN_IN_CHANNELS`` input channels, outside CPU autocast, and not while an exporter
+    traces the model (graph exports hold ``F.conv3d`` and no layout changes, which the TorchScript ONNX exporter
+    cannot express). Under bfloat16 autocast the kernel would compute in float32: measured no faster than oneDNN's
+    bfloat16 convolution, so oneDNN keeps it."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and weight.shape[1] >= MIN_IN_CHANNELS
+            and not torch.is_autocast_enabled("cpu") and not dispatch.exporting())
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in channels_last_3d (no copy when it already is)."""
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, cache: Optional[WinogradWeightCache] = None,
+              key: str = "") -> torch.Tensor:
+    """``F.conv3d(x, weight, padding=1)`` for a (C_out, C_in, 3, 3, 3) weight, through Winograd where
+    ``runs_winograd``; with ``cache`` (and a ``key`` naming the weight within it), eval-mode calls without autograd
+    reuse the packed weight."""
+    if not runs_winograd(x, weight):
+        return F.conv3d(x, weight, padding=1)
+    x = channels_last(x)
+    # Inference tensors (a model built under inference_mode) have no version counter to tell a change by.
+    if cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+            and not weight.is_inference() and conv_op.runs_packed(x, weight):
+        return uk.conv3d_3x3x3(x, weight, packed_weight=cache.packed(key, weight))
+    return uk.conv3d_3x3x3(x, weight)
+
+
+def describe(device: str = "cpu") -> str:
+    """One line for ``uxnet info``: how the default UXNet runs its UNETR 3x3x3 convolutions on ``device``."""
+    probe = torch.empty((1, MIN_IN_CHANNELS, 1, 1, 1), device=device)
+    if probe.device.type != "cpu":
+        return f"F.conv3d on {probe.device.type} (cuDNN); uxnet_kernels.conv3d_3x3x3 has no GPU kernel"
+    backend = dispatch.would_select(conv_op.FAMILY, probe)
+    if backend != "cpu":
+        return (f"uxnet_kernels.conv3d_3x3x3 on the {backend} backend (F.conv3d: no Winograd kernel here) for "
+                f">= {MIN_IN_CHANNELS} input channels")
+    return (f"uxnet_kernels.conv3d_3x3x3, Winograd F(2x2x2, 3x3x3) on the cpu backend, for >= {MIN_IN_CHANNELS} "
+            "input channels in float32/float64 (channels-last blocks; eval without autograd: packed weights cached "
+            "per block); under bfloat16 autocast and below that width: F.conv3d (oneDNN)")
