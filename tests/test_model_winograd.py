@@ -14,6 +14,7 @@ from conftest import rel_error, require_compiled
 
 import uxnet_kernels as uk
 from uxnet import UXNet
+from uxnet.networks.blocks.conv3x3x3 import narrow_conv3x3x3_channels_last
 from uxnet.networks.blocks.unetr import UnetResBlock
 from uxnet_kernels import dispatch
 
@@ -41,6 +42,18 @@ def _blocks(model):
 
 def _cached(model):
     return sum(len(b.winograd_cache) for b in _blocks(model))
+
+
+def _unpacked(model, x):
+    """The model's inference output with every weight transformed per call (the cache bypassed)."""
+    import uxnet.networks.blocks.conv3x3x3 as module
+    original = module.conv_op.runs_packed
+    module.conv_op.runs_packed = lambda *args: False
+    try:
+        with torch.inference_mode():
+            return model(x)
+    finally:
+        module.conv_op.runs_packed = original
 
 
 def _count_conv_calls(model, x):
@@ -88,8 +101,7 @@ def test_eval_without_grad_packs_each_weight_once_and_gives_the_unpacked_result(
     model, _ = _pair()
     model.eval()
     x = torch.randn(SHAPE)
-    with torch.enable_grad():
-        unpacked = model(x)
+    unpacked = _unpacked(model, x)
     assert _cached(model) == 0
     with torch.inference_mode():
         first, calls = _count_conv_calls(model, x)
@@ -98,7 +110,7 @@ def test_eval_without_grad_packs_each_weight_once_and_gives_the_unpacked_result(
         again = {id(e.packed) for b in _blocks(model) for e in b.winograd_cache._entries.values()}
     assert all(calls) and _cached(model) == len(calls)
     assert packed == again
-    assert torch.equal(first, unpacked.detach()) and torch.equal(second, first)
+    assert torch.equal(first, unpacked) and torch.equal(second, first)
     with torch.no_grad():
         assert torch.equal(model(x), first)
 
@@ -178,8 +190,7 @@ def test_cache_is_thread_safe():
     model, _ = _pair()
     model.eval()
     xs = [torch.randn(SHAPE) for _ in range(4)]
-    with torch.enable_grad():
-        want = [model(x).detach() for x in xs]
+    want = [_unpacked(model, x) for x in xs]
     got, errors = [None] * len(xs), []
 
     def run(i):
@@ -222,3 +233,28 @@ def test_reference_backend_and_exports_pack_nothing():
     exported = torch.export.export(model, (x,))
     assert _cached(model) == 0
     assert rel_error(exported.module()(x), plain(x)) < 1e-5
+
+
+@pytest.mark.parametrize("cin", [1, 3])
+def test_narrow_first_convolution_is_the_convolution_written_channels_last(cin):
+    x = torch.randn(2, cin, 5, 6, 7, dtype=torch.float64)
+    w = torch.randn(8, cin, 3, 3, 3, dtype=torch.float64)
+    got = narrow_conv3x3x3_channels_last(x, w)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert rel_error(got, torch.nn.functional.conv3d(x, w, padding=1)) < 1e-12
+
+
+def test_inference_path_folds_nothing_and_keeps_training_unchanged():
+    """Without autograd the full-resolution up block convolves the upsampled tensor on Winograd (no folded
+    transposed conv) and encoder1's first convolution writes channels-last; with autograd both are as before, and
+    the outputs agree with the plain model either way."""
+    model, plain = _pair()
+    model.eval()
+    plain.eval()
+    x = torch.randn(SHAPE)
+    with torch.inference_mode():
+        _, calls = _count_conv_calls(model, x)
+        assert rel_error(model(x), plain(x)) < 1e-4
+    with torch.enable_grad():
+        _, grad_calls = _count_conv_calls(model, x)
+    assert len(calls) == len(grad_calls) + 1  # decoder2's conv1 upsampled part

@@ -9,7 +9,11 @@ same count for every contender, so GFLOP/s compare as speed. Shapes: the default
 convolutions of a 96^3 patch at batch 1 (encoder blocks C -> C, decoder blocks 2C -> C); the 96^3 ones run as a
 96 x 96 x 32 slab unless --full-depth.
 
-    python benchmarks/scripts/cpu_conv3d.py [--threads 2] [--suite fwd|fwdbwd|all] [--full-depth] [--library PATH]
+    python benchmarks/scripts/cpu_conv3d.py [--threads 2] [--suite fwd|fwdbwd|all|bf16] [--full-depth] [--library PATH]
+
+``--suite bf16`` (inference, channels_last_3d, weights packed once): oneDNN's bfloat16 convolution against the
+Winograd kernel on float32 inputs and on bfloat16 inputs (computed in float32: converted in, rounded out), the
+choice the model makes under bfloat16 autocast.
 """
 
 import argparse
@@ -52,7 +56,25 @@ def layouts(t):
     return t.contiguous(), t.contiguous(memory_format=torch.channels_last_3d)
 
 
+def bench_bf16(ops, full_depth, rounds, round_s):
+    print("| shape (batch 1, channels-last) | oneDNN bf16 ms | Winograd fp32 ms | Winograd, bf16 in/out ms | "
+          "oneDNN bf16 / Winograd fp32 |\n|---|---|---|---|---|", flush=True)
+    for cin, cout, d, h, w in shapes(full_depth):
+        x, wt, b, _ = inputs(cin, cout, d, h, w)
+        x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+        xb, wb, bb = x_cl.bfloat16(), wt.bfloat16(), b.bfloat16()
+        with torch.inference_mode():
+            packed = ops.conv3d_3x3x3_pack_weight(wt)
+            t = side_by_side_ms({"onednn": lambda: F.conv3d(xb, wb, bb, padding=1),
+                                 "fp32": lambda: ops.conv3d_3x3x3_packed(x_cl, wt, packed, b),
+                                 "bf16": lambda: ops.conv3d_3x3x3_packed(xb, wb, packed, bb)}, rounds, round_s)
+        print(f"| {cin}->{cout} @ {d}x{h}x{w} | {t['onednn']:.1f} | {t['fp32']:.1f} | {t['bf16']:.1f} | "
+              f"{t['onednn'] / t['fp32']:.2f}x |", flush=True)
+
+
 def bench(ops, suite, full_depth, rounds, round_s):
+    if suite == "bf16":
+        return bench_bf16(ops, full_depth, rounds, round_s)
     for cin, cout, d, h, w in shapes(full_depth):
         x, wt, b, g = inputs(cin, cout, d, h, w)
         flops = 2 * 27 * cin * cout * d * h * w
@@ -91,7 +113,7 @@ def print_row(kind, shape, layout, t, flops):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--suite", choices=("fwd", "fwdbwd", "all"), default="all")
+    parser.add_argument("--suite", choices=("fwd", "fwdbwd", "all", "bf16"), default="all")
     parser.add_argument("--full-depth", action="store_true", help="96^3 shapes at full depth instead of a slab")
     parser.add_argument("--library", default="")
     parser.add_argument("--rounds", type=int, default=3)
@@ -101,7 +123,8 @@ def main():
     ops = load_ops(args.library)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"UXNET_CPU_ISA={os.environ.get('UXNET_CPU_ISA', 'auto')}")
-    print(HEADER, flush=True)
+    if args.suite != "bf16":
+        print(HEADER, flush=True)
     bench(ops, args.suite, args.full_depth, args.rounds, args.round_seconds)
 
 

@@ -27,7 +27,6 @@ official model, and the one-off setup time (export, compile). The optional packa
 """
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os

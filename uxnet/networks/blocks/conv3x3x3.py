@@ -4,7 +4,9 @@ the Winograd-domain weights kept between calls in eval mode without autograd.
 ``conv3x3x3(x, weight, cache, key)`` runs ``F.conv3d(x, weight, padding=1)``. On a CPU tensor with at least
 ``MIN_IN_CHANNELS`` input channels it runs the Winograd op on x in channels_last_3d (converted once at a block's
 entry; the op's output stays channels-last, so the next block reads it without a copy); anything else, CUDA tensors
-included (cuDNN), calls ``F.conv3d``. Measured on the CPU (``docs/PERFORMANCE.md``, "CPU conv3d_3x3x3"): forward
+included (cuDNN), calls ``F.conv3d``, except the first convolution of a block in inference (at most
+``MAX_IM2COL_IN_CHANNELS`` input channels, no autograd): ``narrow_conv3x3x3_channels_last`` writes it
+channels-last for the Winograd convolution after it. Measured on the CPU (``docs/PERFORMANCE.md``, "CPU conv3d_3x3x3"): forward
 1.6-2.1x oneDNN's faster layout at 48-384 channels on channels-last inputs, forward + backward 1.07-1.63x; the first
 convolution (1 -> 48 channels) stays direct (a transform per input channel pays only with many of them).
 
@@ -30,6 +32,9 @@ from uxnet_kernels.ops import conv3d_3x3x3 as conv_op
 
 # The first convolution (1 input channel) runs direct; 16 is the smallest input width measured faster.
 MIN_IN_CHANNELS = 16
+# Inference with fewer input channels than this (the first convolution of a 1- to 4-modality input): one matrix
+# product of the 27 * C_in shifted copies of x, written channels-last (``narrow_conv3x3x3_channels_last``).
+MAX_IM2COL_IN_CHANNELS = 4
 
 
 class _Entry(NamedTuple):
@@ -84,13 +89,14 @@ def _same_weight(entry: _Entry, weight: torch.Tensor) -> bool:
             and entry.weight.dtype == weight.dtype and entry.weight.device == weight.device)
 
 
-def runs_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``conv3x3x3`` runs ``uxnet_kernels.conv3d_3x3x3`` for this input and weight: CPU tensors in float32
+def runs_winograd(x: torch.Tensor, in_channels: int) -> bool:
+    """Whether ``conv3x3x3`` runs ``uxnet_kernels.conv3d_3x3x3`` on x with a weight of ``in_channels`` input
+    channels: CPU tensors in float32
     or float64 with at least ``MIN_IN_CHANNELS`` input channels, outside CPU autocast, and not while an exporter
     traces the model (graph exports hold ``F.conv3d`` and no layout changes, which the TorchScript ONNX exporter
     cannot express). Under bfloat16 autocast the kernel would compute in float32: measured no faster than oneDNN's
     bfloat16 convolution, so oneDNN keeps it."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and weight.shape[1] >= MIN_IN_CHANNELS
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and in_channels >= MIN_IN_CHANNELS
             and not torch.is_autocast_enabled("cpu") and not dispatch.exporting())
 
 
@@ -99,12 +105,33 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def wants_channels_last(x: torch.Tensor) -> bool:
+    """Whether a block of Winograd convolutions should hand x's next consumer a channels-last tensor: what
+    ``runs_winograd`` asks of x, whatever the width."""
+    return runs_winograd(x, MIN_IN_CHANNELS)
+
+
+def narrow_conv3x3x3_channels_last(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.conv3d(x, weight, padding=1)`` for few input channels, returned channels_last_3d: the (N·D·H·W, 27·C_in)
+    matrix of shifted copies of x times the (27·C_in, C_out) filter. oneDNN's direct convolution of a 1-channel
+    input returns NCDHW, and the copy to channels-last cost as much as the convolution (96³, 48 channels, Zen 4:
+    145 + 118 ms against 164 ms). Inference only: under autograd the product would keep the 27-fold copy."""
+    n, c, d, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1, 1, 1))
+    windows = padded.unfold(2, 3, 1).unfold(3, 3, 1).unfold(4, 3, 1)  # (N, C, D, H, W, 3, 3, 3)
+    columns = windows.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(n * d * h * w, c * 27)
+    out = columns @ weight.reshape(weight.shape[0], c * 27).t()
+    return out.view(n, d, h, w, weight.shape[0]).permute(0, 4, 1, 2, 3)
+
+
 def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, cache: Optional[WinogradWeightCache] = None,
               key: str = "") -> torch.Tensor:
     """``F.conv3d(x, weight, padding=1)`` for a (C_out, C_in, 3, 3, 3) weight, through Winograd where
     ``runs_winograd``; with ``cache`` (and a ``key`` naming the weight within it), eval-mode calls without autograd
     reuse the packed weight."""
-    if not runs_winograd(x, weight):
+    if not runs_winograd(x, weight.shape[1]):
+        if weight.shape[1] <= MAX_IM2COL_IN_CHANNELS and not torch.is_grad_enabled() and wants_channels_last(x):
+            return narrow_conv3x3x3_channels_last(x, weight)
         return F.conv3d(x, weight, padding=1)
     x = channels_last(x)
     # Inference tensors (a model built under inference_mode) have no version counter to tell a change by.

@@ -115,7 +115,7 @@ class UnetResBlock(nn.Module):
 
     def _entry_layout(self, x: torch.Tensor) -> torch.Tensor:
         """x channels-last when conv1 runs Winograd on it, so conv1 and the shortcut read one copy."""
-        return channels_last(x) if self.winograd and runs_winograd(x, self.conv1.conv.weight) else x
+        return channels_last(x) if self.winograd and runs_winograd(x, self.conv1.conv.weight.shape[1]) else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -163,6 +163,10 @@ class UnetResBlock(nn.Module):
                                         stride=transp.stride, padding=self.padding)
             for i, (part, w) in enumerate(zip(inputs[1:], w1[1:]), start=1):
                 z1 = z1.add_(self._conv(part, w, f"conv1.{i}"))  # in place: no conv keeps its output
+        if self.winograd and runs_winograd(z1, z1.shape[1]):
+            # a1 is kept for backward by the norm and by conv2: one channels-last copy serves both (z1 is kept by
+            # nothing, so converting it costs no memory; converting a1 inside conv2 would keep two copies).
+            z1 = channels_last(z1)
         a1 = uk.instance_norm_lrelu(z1, NEGATIVE_SLOPE, self.fused_eps)
         return self._conv(a1, self.conv2.conv.weight, "conv2", self.conv2)
 
@@ -229,7 +233,10 @@ class UnetrUpBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.transp_conv(x)
         if self.conv_block.fused and self.split_concat:
-            fold = self.fold_upsample and x.device.type == "cpu"
+            # Without autograd the Winograd conv of the upsampled tensor beats oneDNN's folded transposed conv
+            # (docs/PERFORMANCE.md); in training the fold stays faster.
+            winograd = self.conv_block.winograd and runs_winograd(up, up.shape[1])
+            fold = self.fold_upsample and x.device.type == "cpu" and (torch.is_grad_enabled() or not winograd)
             return self.conv_block.forward_parts([up, skip], (x, self.transp_conv.conv) if fold else None)
         return self.conv_block(torch.cat((up, skip), dim=1))
 
@@ -242,7 +249,8 @@ class UnetOutBlock(nn.Module):
     """MONAI ``UnetOutBlock``: a 1x1x1 conv with bias.
 
     ``as_matmul`` (set by ``UXNet(fused_decoder=True)``): run it as one batched matrix product of the weight with
-    the (N, C, D*H*W) view of x. The output is NCDHW-contiguous. On CPU, PyTorch's 1x1x1 conv of a full-resolution
+    the (N, C, D*H*W) view of x (for a channels_last_3d x: of its (N*D*H*W, C) rows, so its gradient stays
+    channels-last). The output is NCDHW-contiguous. On CPU, PyTorch's 1x1x1 conv of a full-resolution
     48-channel input runs about 2.5x slower forward and backward (``docs/PERFORMANCE.md``)."""
 
     def __init__(self, in_channels: int, out_channels: int, as_matmul: bool = False):
@@ -256,6 +264,12 @@ class UnetOutBlock(nn.Module):
         conv = self.conv.conv
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"UnetOutBlock: expected {conv.in_channels} input channels, got {x.shape[1]}")
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+            # (N·D·H·W, C) rows: the gradient reaching x is channels-last as well, so the blocks before it get the
+            # layout they computed in (a (N, C, V) product would hand them NCDHW gradients to copy back).
+            n, c, d, h, w = x.shape
+            rows = torch.addmm(conv.bias, x.permute(0, 2, 3, 4, 1).reshape(-1, c), conv.weight.view(-1, c).t())
+            return rows.view(n, d, h, w, -1).permute(0, 4, 1, 2, 3).contiguous()
         weight = conv.weight.view(1, conv.out_channels, conv.in_channels).expand(x.shape[0], -1, -1)
         out = torch.baddbmm(conv.bias.view(1, -1, 1), weight, x.flatten(2))
         return out.view(x.shape[0], conv.out_channels, *x.shape[2:])
