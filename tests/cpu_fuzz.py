@@ -15,9 +15,10 @@ backward ops too) and compares each with the reference ops run in float64 on the
   2 ||torch - truth|| + 2 u ||truth||, "torch" being the reference ops run in the kernel's dtype and u the
   dtype's unit roundoff (the rounding of the result itself, which both must pay). A result whose truth is
   exactly 0 (C = 1 gradients) must then be exactly 0;
-- conv3d_3x3x3 (Winograd) output and input gradient: the rounding term is 2u times the size the result is rounded
-  from (winograd_rounding_scale; tests/ops/test_conv3d_3x3x3.py), where that exceeds ||truth||: a transform mixes a
-  whole tile window and every tap of a filter into each output, in terms that cancel in exact arithmetic;
+- conv3d_3x3x3 (Winograd) output, input and weight gradients: the rounding term is 2u times the size the result is
+  rounded from (winograd_rounding_scale, winograd_weight_grad_rounding_scale; tests/ops/test_conv3d_3x3x3.py), where
+  that exceeds ||truth||: a transform mixes a whole tile window and every tap of a filter into each output, in terms
+  that cancel in exact arithmetic;
 - float64 results: within 1e-10 ||truth||, or 1e-5 x PyTorch float32's error (the ratio of the two tolerances);
 - LayerNorm and UX MLP also pass within twice the statistics floor (see run_floor): their backward ops get the
   forward's mean / rstd in the statistics dtype and not eps, so no implementation can beat the exact gradient
@@ -408,13 +409,26 @@ def winograd_rounding_scale(x: torch.Tensor, w: torch.Tensor) -> float:
     return torch.einsum("ncdhw,oc->nodhw", window, (w64 ** 2).sum((2, 3, 4))).sqrt().norm().item()
 
 
+def winograd_weight_grad_rounding_scale(x: torch.Tensor, grad_out: torch.Tensor) -> float:
+    """||s|| over (co, ci, tap) for s[co, ci] = sqrt(sum over n and p of grad_out[n, co, p]^2 * (sum of x[n, ci]^2 over
+    the 5x5x5 window around p)), the same for the 27 taps: the size of the terms the Winograd weight gradient sums
+    (each tile's transformed window times its transformed output gradient, mixed into every tap)."""
+    x64 = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    g64 = torch.nan_to_num(grad_out.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    c = x64.shape[1]
+    window = torch.nn.functional.conv3d(x64 ** 2, torch.ones(c, 1, 5, 5, 5, dtype=torch.float64), padding=2,
+                                        groups=c)
+    return (27 * torch.einsum("nodhw,ncdhw->oc", g64 ** 2, window).sum()).sqrt().item()
+
+
 def rounding_scales(op: str, inputs) -> Dict[str, float]:
     """Per result name, the size it is rounded from where that is not the result itself (conv3d_3x3x3)."""
     if op != "conv3d_3x3x3":
         return {}
     w = inputs["weight"]
     return {"out": winograd_rounding_scale(inputs["x"], w),
-            "grad_x": winograd_rounding_scale(inputs["grad_out"], w.transpose(0, 1))}
+            "grad_x": winograd_rounding_scale(inputs["grad_out"], w.transpose(0, 1)),
+            "grad_weight": winograd_weight_grad_rounding_scale(inputs["x"], inputs["grad_out"])}
 
 
 # ---- the comparison -------------------------------------------------------------------------------------------

@@ -2,22 +2,81 @@
 //   grad_x      = the same Winograd convolution of grad_out with the kernel flipped along every axis and its
 //                 channel axes swapped, out-of-volume taps skipped where a weight is non-finite (driver.h); few
 //                 tiles with large filters: ATen's, in one call with grad_weight;
-//   grad_weight = ATen's convolution_backward (oneDNN for float32) in the compute dtype (bfloat16 inputs: in float32,
-//                 rounded once; ATen's own bfloat16 path also returned stray Infs under PyTorch's
-//                 fill_uninitialized_memory); a Winograd weight gradient is not written yet;
+//   grad_weight = Winograd as well (winograd_grad_weight below), in the compute dtype (bfloat16 inputs: in float32,
+//                 rounded once); ATen's convolution_backward (oneDNN) for few tiles with large filters and where
+//                 an input window or an output-gradient tile is non-finite (ATen's then places NaN and Inf exactly
+//                 as the reference does; its own bfloat16 path returned stray Infs under PyTorch's
+//                 fill_uninitialized_memory, so it runs in float32 too);
 //   grad_bias   = the sum of grad_out over (N, D, H, W), in float64.
+#include <ATen/Parallel.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "common/arg_checks.h"
+#include "cpu/common/isa_check.h"
 #include "cpu/conv3d_3x3x3/driver.h"
+#include "cpu/conv3d_3x3x3/params.h"
 #include "uxnet_ops.h"
 
 namespace uxnet {
 namespace cpu {
 namespace conv3d_3x3x3 {
+namespace {
+
+// v and m of one block of tiles: about half the L3 share of a core (fewer, longer passes of the tile loop).
+constexpr int64_t kGradBlockBytes = 4 << 20;
+
+Strides cl_strides(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3), t.stride(4)}; }
+
+// dW by Winograd (docs/PERFORMANCE.md): per block of tiles, the input transform v (as the forward), the output
+// gradient's transform m = A dy A^T, and du[p] += v[p]^T m[p] (threads split by points, tiles summed in order:
+// the same bits for any thread count); then dW = G^T du G. Undefined when an input window or an output-gradient
+// tile is non-finite (the caller then runs ATen's, which places NaN and Inf as the reference does).
+template <typename T>
+at::Tensor winograd_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, int64_t cout) {
+  const KernelTable<T>& kernels = kernels_for<T>(selected_isa_for("uxnet::conv3d_3x3x3_backward"));
+  const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
+  const Geometry g = make_geometry(x.size(0), x.size(1), cout, x.size(2), x.size(3), x.size(4), kernels.cols);
+  const int64_t per_tile = kPoints * (g.Cin + g.cout_padded()) * static_cast<int64_t>(sizeof(T));
+  const int64_t per_block = std::clamp<int64_t>(kGradBlockBytes / per_tile, 16, 1024);
+  const int64_t tiles = g.tiles();
+  const int64_t block_tiles = std::min(per_block, tiles);
+  std::vector<T> v(static_cast<size_t>(kPoints * block_tiles * g.Cin));
+  std::vector<T> m(static_cast<size_t>(kPoints * block_tiles * g.cout_padded()));
+  std::vector<uint8_t> bad_x(static_cast<size_t>(block_tiles)), bad_g(static_cast<size_t>(block_tiles));
+  at::Tensor du = at::zeros({kPoints, g.Cin, g.cout_padded()}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  T* dup = du.data_ptr<T>();
+  const T* xp = xc.data_ptr<T>();
+  const T* gp = gc.data_ptr<T>();
+  for (int64_t first = 0; first < tiles; first += block_tiles) {
+    const Block<T> block{first, std::min(block_tiles, tiles - first), v.data(), m.data()};
+    at::parallel_for(0, block.count, 1, [&](int64_t begin, int64_t end) {
+      kernels.transform_input(g, xp, cl_strides(xc), block, begin, end, bad_x.data());
+      kernels.transform_grad_output(g, gp, cl_strides(gc), block, begin, end, bad_g.data());
+    });
+    for (int64_t t = 0; t < block.count; ++t) {
+      if (bad_x[t] || bad_g[t]) return at::Tensor();
+    }
+    at::parallel_for(0, kPoints, 1, [&](int64_t begin, int64_t end) { kernels.multiply_grad(g, block, dup, begin, end); });
+  }
+  at::Tensor dw = at::empty({g.Cin, kTaps, cout}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  T* dwp = dw.data_ptr<T>();
+  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight_grad(g, dup, dwp, begin, end); });
+  return dw.view({g.Cin, 3, 3, 3, cout}).permute({4, 0, 1, 2, 3}).contiguous();
+}
+
+at::Tensor winograd_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, int64_t cout) {
+  return x.scalar_type() == at::kDouble ? winograd_grad_weight<double>(grad_out, x, cout)
+                                        : winograd_grad_weight<float>(grad_out, x, cout);
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const at::Tensor& grad_out,
                                                                          const at::Tensor& x,
@@ -33,17 +92,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const a
 
   const at::ScalarType compute = compute_dtype(x.scalar_type());
   const at::MemoryFormat format = suggested_memory_format(grad_out);
+  const bool direct = prefers_direct(grad_out, weight);
   // ATen's convolution_backward gives grad_weight and, for few tiles with large filters, grad_x in one call.
-  const bool aten_grad_x =
-      mask[0] && !nothing_to_sum && prefers_direct(grad_out, weight) && all_finite(weight.to(compute).contiguous());
+  const bool aten_grad_x = mask[0] && !nothing_to_sum && direct && all_finite(weight.to(compute).contiguous());
   at::Tensor grad_x = empty_grad();
   at::Tensor grad_weight = empty_grad();
-  if (!nothing_to_sum && (mask[1] || aten_grad_x)) {
+  bool aten_grad_weight = mask[1] && !nothing_to_sum;
+  if (aten_grad_weight && !direct) {
+    const at::Tensor dw = winograd_grad_weight(grad_out.to(compute), x.to(compute), weight.size(0));
+    if (dw.defined()) {
+      grad_weight = dw.to(x.scalar_type());
+      aten_grad_weight = false;
+    }
+  }
+  if (aten_grad_weight || aten_grad_x) {
     const auto grads = at::convolution_backward(grad_out.to(compute), x.to(compute), weight.to(compute), c10::nullopt,
                                                 {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, false, {0, 0, 0}, 1,
-                                                {aten_grad_x, mask[1], false});
+                                                {aten_grad_x, aten_grad_weight, false});
     if (aten_grad_x) grad_x = to_output(std::get<0>(grads), x.scalar_type(), format);
-    if (mask[1]) grad_weight = std::get<1>(grads).to(x.scalar_type()).contiguous();
+    if (aten_grad_weight) grad_weight = std::get<1>(grads).to(x.scalar_type()).contiguous();
   }
   if (mask[0] && !aten_grad_x) {
     if (nothing_to_sum) {

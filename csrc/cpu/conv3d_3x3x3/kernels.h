@@ -1,4 +1,5 @@
-// The Winograd F(2x2x2, 3x3x3) transforms and the direct fallback of the 3x3x3 convolution, written once over the
+// The Winograd F(2x2x2, 3x3x3) transforms (forward and weight gradient) and the direct fallback of the 3x3x3
+// convolution, written once over the
 // SIMD layer and compiled once per ISA variant (params.h describes the data).
 //
 // NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per variant, inside that
@@ -59,6 +60,26 @@ UXNET_SIMD_INLINE void output_1d(V* a, int s) {
   const V m0 = a[0], m1 = a[s], m2 = a[2 * s], m3 = a[3 * s];
   a[0] = m0 + m1 + m2;
   a[s] = m1 - m2 - m3;
+}
+
+// A applied to the two values a[0], a[s] (the adjoint of output_1d), giving four in a[0], a[s], a[2s], a[3s].
+template <typename V>
+UXNET_SIMD_INLINE void grad_output_1d(V* a, int s) {
+  const V y0 = a[0], y1 = a[s];
+  a[0] = y0;
+  a[s] = y0 + y1;
+  a[2 * s] = y0 - y1;
+  a[3 * s] = zero<V>() - y1;
+}
+
+// G^T applied to four transformed-tap gradients (the adjoint of weight_1d), giving three.
+template <typename V>
+UXNET_SIMD_INLINE void weight_grad_1d(V d0, V d1, V d2, V d3, V* out, int s) {
+  const V half = broadcast<V>(Scalar<V>(0.5));
+  const V inner = (d1 + d2) * half;
+  out[0] = d0 + inner;
+  out[s] = (d1 - d2) * half;
+  out[2 * s] = d3 + inner;
 }
 
 // The micro-kernel's register block: kRows tiles x kPanelVectors vectors of output channels, accumulated over C_in
@@ -269,6 +290,146 @@ void transform_output(const Geometry& g, const Block<T>& block, const T* bias, i
   }
 }
 
+// The weight gradient. block.m[t][p][co] = (A dy A^T)[p] of tile first + t's output gradient (zero outside the
+// volume and in the padding columns past C_out); nonfinite[t] as for transform_input.
+template <typename T>
+void transform_grad_output(const Geometry& g, const T* dy, Strides ys, const Block<T>& block, int64_t begin,
+                           int64_t end, uint8_t* nonfinite) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t cout = g.cout_padded();
+  for (int64_t t = begin; t < end; ++t) {
+    const TileOrigin o = tile_origin(g, block.first + t);
+    const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
+    const int nw = std::min<int64_t>(2, g.W - o.w);
+    const T* base = dy + o.n * ys.n + o.d * ys.d + o.h * ys.h + o.w * ys.w;
+    T* dst = block.m + t * kPoints * cout;
+    V poison = zero<V>();
+    for (int64_t c = 0; c < cout; c += L) {
+      const int64_t n = std::clamp<int64_t>(g.Cout - c, 0, L);
+      V a[kPoints];
+      for (int64_t p = 0; p < kPoints; ++p) a[p] = zero<V>();
+      if (n > 0) {
+        for (int i = 0; i < nd; ++i)
+          for (int j = 0; j < nh; ++j)
+            for (int k = 0; k < nw; ++k) a[(i * 4 + j) * 4 + k] = load_lanes<V>(base + i * ys.d + j * ys.h + k * ys.w + c, n);
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) grad_output_1d(a + (i * 4 + j) * 4, 1);
+      for (int i = 0; i < 2; ++i)
+        for (int k = 0; k < 4; ++k) grad_output_1d(a + i * 16 + k, 4);
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k) grad_output_1d(a + j * 4 + k, 16);
+      for (int64_t p = 0; p < kPoints; ++p) {
+        poison = poison + a[p] * zero<V>();
+        store(dst + p * cout + c, a[p]);
+      }
+    }
+    const T probe = hsum(poison);
+    nonfinite[t] = probe == probe ? 0 : 1;
+  }
+}
+
+// du[p][ci][co] += sum over the block's tiles t, in order, of v[t][p][ci] * m[t][p][co], for R rows of ci and NV
+// vectors of one panel of co.
+template <typename T, int R, int NV>
+UXNET_SIMD_INLINE void accumulate_rows(int64_t tiles, const T* v, int64_t v_stride, const T* m, int64_t m_stride,
+                                       T* du, int64_t du_stride) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = load<V>(du + r * du_stride + j * L);
+  for (int64_t t = 0; t < tiles; ++t) {
+    V b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = load<V>(m + t * m_stride + j * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V a = broadcast<V>(v[t * v_stride + r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = fma(a, b[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) store(du + r * du_stride + j * L, acc[r][j]);
+}
+
+template <typename T, int NV>
+void accumulate_panel(const Geometry& g, int64_t tiles, const T* v, int64_t v_stride, const T* m, int64_t m_stride,
+                      T* du, int64_t du_stride) {
+  int64_t ci = 0;
+  for (; ci + kRows <= g.Cin; ci += kRows) {
+    accumulate_rows<T, kRows, NV>(tiles, v + ci, v_stride, m, m_stride, du + ci * du_stride, du_stride);
+  }
+  v += ci;
+  du += ci * du_stride;
+  switch (g.Cin - ci) {  // the last rows of C_in
+    case 5: return accumulate_rows<T, 5, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
+    case 4: return accumulate_rows<T, 4, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
+    case 3: return accumulate_rows<T, 3, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
+    case 2: return accumulate_rows<T, 2, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
+    case 1: return accumulate_rows<T, 1, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
+    default: return;
+  }
+}
+
+// du[p] (C_in x cout_padded, row-major) += v[p]^T m[p] over the block's tiles, for the points [p_begin, p_end).
+// One thread owns a point for the whole call, and tiles are summed in order: bitwise the same for any thread count.
+template <typename T>
+void multiply_grad(const Geometry& g, const Block<T>& block, T* du, int64_t p_begin, int64_t p_end) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t cout = g.cout_padded();
+  const int64_t v_stride = kPoints * g.Cin, m_stride = kPoints * cout;
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    for (int64_t panel = 0; panel < g.panels(); ++panel) {
+      const T* v = block.v + p * g.Cin;
+      const T* m = block.m + p * cout + panel * kCols<T>;
+      T* dup = du + p * g.Cin * cout + panel * kCols<T>;
+      const int64_t vectors = std::min<int64_t>(kPanelVectors, (g.Cout - panel * kCols<T> + L - 1) / L);
+      switch (vectors) {
+        case 1: accumulate_panel<T, 1>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
+        case 2: accumulate_panel<T, 2>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
+        case 3: accumulate_panel<T, kPanelVectors >= 3 ? 3 : 1>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
+        default: accumulate_panel<T, kPanelVectors>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
+      }
+    }
+  }
+}
+
+// dw[ci][tap][co] = (G^T du G)[tap] of du[p][ci][co] (taps in kd, kh, kw order), for ci in [ci_begin, ci_end).
+template <typename T>
+void transform_weight_grad(const Geometry& g, const T* du, T* dw, int64_t ci_begin, int64_t ci_end) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t cout = g.cout_padded();
+  const int64_t point_stride = g.Cin * cout;
+  for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
+    for (int64_t co = 0; co < g.Cout; co += L) {
+      const int64_t n = std::min<int64_t>(L, g.Cout - co);
+      V pts[kPoints], along_d[3][4][4], along_h[3][3][4], taps[kTaps];
+      for (int64_t p = 0; p < kPoints; ++p) pts[p] = load<V>(du + p * point_stride + ci * cout + co);
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k)
+          weight_grad_1d(pts[j * 4 + k], pts[16 + j * 4 + k], pts[32 + j * 4 + k], pts[48 + j * 4 + k],
+                         &along_d[0][j][k], 16);
+      for (int d = 0; d < 3; ++d)
+        for (int k = 0; k < 4; ++k)
+          weight_grad_1d(along_d[d][0][k], along_d[d][1][k], along_d[d][2][k], along_d[d][3][k], &along_h[d][0][k], 4);
+      for (int d = 0; d < 3; ++d)
+        for (int h = 0; h < 3; ++h)
+          weight_grad_1d(along_h[d][h][0], along_h[d][h][1], along_h[d][h][2], along_h[d][h][3],
+                         &taps[(d * 3 + h) * 3], 1);
+      T* dst = dw + ci * kTaps * g.Cout + co;
+      for (int64_t t = 0; t < kTaps; ++t) store_lanes(dst + t * g.Cout, taps[t], n);
+    }
+  }
+}
+
 template <typename T>
 void direct_tile(const Geometry& g, const T* x, Strides xs, const T* w_direct, const T* bias, bool multiply_padding,
                  int64_t tile, T* out, Strides os) {
@@ -299,9 +460,17 @@ void direct_tile(const Geometry& g, const T* x, Strides xs, const T* w_direct, c
 
 template <typename T>
 const KernelTable<T>& table() {
-  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>,        kCols<T>,
-                                      &transform_weight<T>,                   &transform_input<T>, &multiply<T>,
-                                      &transform_output<T>,                   &direct_tile<T>};
+  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa),
+                                      kLanes<T>,
+                                      kCols<T>,
+                                      &transform_weight<T>,
+                                      &transform_input<T>,
+                                      &multiply<T>,
+                                      &transform_output<T>,
+                                      &direct_tile<T>,
+                                      &transform_grad_output<T>,
+                                      &multiply_grad<T>,
+                                      &transform_weight_grad<T>};
   return kernels;
 }
 

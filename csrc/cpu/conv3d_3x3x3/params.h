@@ -74,6 +74,16 @@ struct KernelTable {
   // otherwise they are skipped (the input gradient, whose reference scatters only in-range contributions).
   void (*direct_tile)(const Geometry& g, const T* x, Strides xs, const T* w_direct, const T* bias,
                       bool multiply_padding, int64_t tile, T* out, Strides os);
+  // The weight gradient dW = sum over tiles of G^T [ (B^T x B) (A dy A^T) ] G, per (ci, co):
+  // block.m[t][p][co] = (A dy A^T)[p] of tile first + t's output gradient dy (C_out channels; zero outside the
+  // volume and past C_out); nonfinite[t] as for transform_input.
+  void (*transform_grad_output)(const Geometry& g, const T* dy, Strides ys, const Block<T>& block, int64_t begin,
+                                int64_t end, uint8_t* nonfinite);
+  // du[p][ci][co] (row stride cout_padded) += sum over the block's tiles, in order, of v[t][p][ci] m[t][p][co], for
+  // the points [p_begin, p_end).
+  void (*multiply_grad)(const Geometry& g, const Block<T>& block, T* du, int64_t p_begin, int64_t p_end);
+  // dw[ci][tap][co] = (G^T du G)[tap] for ci in [ci_begin, ci_end).
+  void (*transform_weight_grad)(const Geometry& g, const T* du, T* dw, int64_t ci_begin, int64_t ci_end);
 };
 
 const KernelTable<float>& kernels_f32(simd::Isa isa);
