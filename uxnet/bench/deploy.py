@@ -40,6 +40,7 @@ import torch
 
 import uxnet_kernels as uk
 from uxnet.memory.step import DEFAULT_CONFIG, build_model
+from uxnet.memory.tracker import peak_memory
 from uxnet.networks.reparam import reparameterize
 from uxnet.timing import interleaved
 
@@ -237,6 +238,7 @@ def run(args, size: int = None) -> int:
             out = route.run().double()
             quality[route.name] = ((out.argmax(1) == labels).double().mean().item(), (out - want).abs().max().item())
         timings = interleaved({r.name: r.run for r in ready}, rounds=args.rounds, warmup=1)
+        peaks = {r.name: peak_memory(r.run, (), torch.device("cpu")).bytes for r in ready}
 
     base = timings["official eager fp32"].median_s if "official eager fp32" in timings else float("nan")
     rows = []
@@ -245,23 +247,36 @@ def run(args, size: int = None) -> int:
         if route.name in timings:
             t = timings[route.name]
             row.update(median_ms=1e3 * t.median_s, speedup_vs_official_eager=base / t.median_s, spread=t.spread,
-                       argmax_agreement=quality[route.name][0], max_abs_error_vs_fp64=quality[route.name][1])
+                       argmax_agreement=quality[route.name][0], max_abs_error_vs_fp64=quality[route.name][1],
+                       peak_bytes=peaks[route.name])
         rows.append(row)
+    cached = winograd_cache_bytes(plain)
 
     print(f"\nsize {size}^3, batch 1, {args.threads} threads, {args.rounds} interleaved rounds, torch "
           f"{torch.__version__}, {platform.processor() or platform.machine()}; official model config {config}")
-    print("| route | median ms | vs official eager | argmax agreement vs fp64 | max abs err vs fp64 | setup s |")
-    print("|---|---|---|---|---|---|")
+    print("| route | median ms | vs official eager | argmax agreement vs fp64 | max abs err vs fp64 | setup s | "
+          "peak MiB of a call |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         if "median_ms" not in row:
-            print(f"| {row['route']} | skipped: {row['skipped'] or row['error']} | | | | |")
+            print(f"| {row['route']} | skipped: {row['skipped'] or row['error']} | | | | | |")
             continue
+        peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"
         print(f"| {row['route']} | {row['median_ms']:.0f} | {row['speedup_vs_official_eager']:.2f}x | "
-              f"{100 * row['argmax_agreement']:.3f}% | {row['max_abs_error_vs_fp64']:.2e} | {row['setup_s']:.0f} |")
+              f"{100 * row['argmax_agreement']:.3f}% | {row['max_abs_error_vs_fp64']:.2e} | {row['setup_s']:.0f} | "
+              f"{peak} |")
+    print(f"peak: rise of the resident set's high-water mark over one call, after the timed rounds (uxnet.memory."
+          f"tracker; weights, compiled code and caches held before the call excluded). uxnet eager fp32 holds "
+          f"{cached / 2**20:.0f} MiB of packed Winograd weights between calls.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "size": size, "threads": args.threads, "rounds": args.rounds,
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+                       "torch": torch.__version__, "rows": rows, "winograd_cache_bytes": cached}, f, indent=1)
     return 0
+
+
+def winograd_cache_bytes(model) -> int:
+    """Bytes of packed Winograd weights the model's UNETR blocks hold (``uxnet.networks.blocks.conv3x3x3``)."""
+    return sum(m.winograd_cache.nbytes() for m in model.modules() if hasattr(m, "winograd_cache"))
 
 

@@ -106,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3d_3x3x3_backward_cpu(const a
     }
   }
   if (aten_grad_weight || aten_grad_x) {
-    const auto grads = at::convolution_backward(grad_out.to(compute), x.to(compute), weight.to(compute), c10::nullopt,
+    // NCDHW, as the forward's direct path (oneDNN's faster layout for the few-tiles shapes).
+    const auto grads = at::convolution_backward(grad_out.to(compute).contiguous(), x.to(compute).contiguous(),
+                                                weight.to(compute), c10::nullopt,
                                                 {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, false, {0, 0, 0}, 1,
                                                 {aten_grad_x, aten_grad_weight, false});
     if (aten_grad_x) grad_x = to_output(std::get<0>(grads), x.scalar_type(), format);

@@ -13,7 +13,7 @@ namespace cpu {
 namespace conv3d_3x3x3 {
 
 // F.conv3d(x, weight, bias, padding=1) for x float32 or float64 (weight and bias of x's dtype), returned
-// channels-last in x's dtype (few tiles with large filters: ATen's convolution, in x's layout). Tiles whose input
+// channels-last in x's dtype (few tiles with large filters: ATen's convolution, NCDHW). Tiles whose input
 // window holds a NaN or an Inf, and every tile when a weight is non-finite, are computed directly (see
 // KernelTable::direct_tile for multiply_padding). `packed`: the weight's transformed points from
 // conv3d_3x3x3_pack_weight (checked by the caller), or undefined to transform them here.

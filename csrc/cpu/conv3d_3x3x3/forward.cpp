@@ -213,8 +213,10 @@ at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryF
 at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool multiply_padding, const at::Tensor& packed) {
   if (prefers_direct(x_in, weight) && all_finite(weight.contiguous())) {  // non-finite filters: the direct kernels
-    return at::convolution(x_in, weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1}, {1, 1, 1}, {1, 1, 1},
-                           false, {0, 0, 0}, 1);  // in the input's layout: oneDNN's own choice
+    // NCDHW: oneDNN's faster layout for these shapes (768 -> 768 @ 6^3: 52 against 85 ms channels-last, forward);
+    // the caller returns the result in x's layout.
+    return at::convolution(x_in.contiguous(), weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1}, {1, 1, 1},
+                           {1, 1, 1}, false, {0, 0, 0}, 1);
   }
   const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast3d;
   const at::Tensor x = x_in.contiguous(cl);
