@@ -112,8 +112,8 @@ def print_row(kind, shape, layout, t, flops):
     """One table row; ``t["packed"]`` (forward only): the op with the weight transformed once (eval-mode cache)."""
     best = min(t["nc"], t["cl"])
     packed = f"{t['packed']:.1f}, {best / t['packed']:.2f}x" if "packed" in t else "-"
-    print(f"| {kind} | {shape} | {layout} | {t['ux']:.1f} | {t['nc']:.1f} | {t['cl']:.1f} | {flops / t['ux'] / 1e6:.0f} "
-          f"| {flops / best / 1e6:.0f} | {best / t['ux']:.2f}x | {packed} |", flush=True)
+    print(f"| {kind} | {shape} | {layout} | {t['ux']:.1f} | {t['nc']:.1f} | {t['cl']:.1f} "
+          f"| {flops / t['ux'] / 1e6:.0f} | {flops / best / 1e6:.0f} | {best / t['ux']:.2f}x | {packed} |", flush=True)
 
 
 def main():

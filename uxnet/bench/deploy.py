@@ -158,9 +158,10 @@ def build_routes(official, plain, plain_onednn, x, threads, workdir):
                 return runner(x)
         return run
 
-    onnx_skip = "" if have["onnx"] and have["onnxscript"] else "onnx/onnxscript not installed (pip install uxnet[deploy])"
-    ort_skip = onnx_skip or ("" if have["onnxruntime"] else "onnxruntime not installed (pip install uxnet[deploy])")
-    ov_skip = onnx_skip or ("" if have["openvino"] else "openvino not installed (pip install uxnet[deploy])")
+    missing = "not installed (pip install uxnet[deploy])"
+    onnx_skip = "" if have["onnx"] and have["onnxscript"] else f"onnx/onnxscript {missing}"
+    ort_skip = onnx_skip or ("" if have["onnxruntime"] else f"onnxruntime {missing}")
+    ov_skip = onnx_skip or ("" if have["openvino"] else f"openvino {missing}")
     return [
         Route("official eager fp32", official_eager),
         Route("official torch.compile fp32 (freezing)", official_compile),

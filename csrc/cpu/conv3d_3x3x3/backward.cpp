@@ -63,11 +63,13 @@ at::Tensor winograd_grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
     for (int64_t t = 0; t < block.count; ++t) {
       if (bad_x[t] || bad_g[t]) return at::Tensor();
     }
-    at::parallel_for(0, kPoints, 1, [&](int64_t begin, int64_t end) { kernels.multiply_grad(g, block, dup, begin, end); });
+    at::parallel_for(0, kPoints, 1,
+                     [&](int64_t begin, int64_t end) { kernels.multiply_grad(g, block, dup, begin, end); });
   }
   at::Tensor dw = at::empty({g.Cin, kTaps, cout}, x.options().memory_format(at::MemoryFormat::Contiguous));
   T* dwp = dw.data_ptr<T>();
-  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight_grad(g, dup, dwp, begin, end); });
+  at::parallel_for(0, g.Cin, 1,
+                   [&](int64_t begin, int64_t end) { kernels.transform_weight_grad(g, dup, dwp, begin, end); });
   return dw.view({g.Cin, 3, 3, 3, cout}).permute({4, 0, 1, 2, 3}).contiguous();
 }
 

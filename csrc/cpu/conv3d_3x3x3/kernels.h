@@ -312,7 +312,9 @@ void transform_grad_output(const Geometry& g, const T* dy, Strides ys, const Blo
       if (n > 0) {
         for (int i = 0; i < nd; ++i)
           for (int j = 0; j < nh; ++j)
-            for (int k = 0; k < nw; ++k) a[(i * 4 + j) * 4 + k] = load_lanes<V>(base + i * ys.d + j * ys.h + k * ys.w + c, n);
+            for (int k = 0; k < nw; ++k) {
+              a[(i * 4 + j) * 4 + k] = load_lanes<V>(base + i * ys.d + j * ys.h + k * ys.w + c, n);
+            }
       }
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) grad_output_1d(a + (i * 4 + j) * 4, 1);
@@ -394,7 +396,9 @@ void multiply_grad(const Geometry& g, const Block<T>& block, T* du, int64_t p_be
       switch (vectors) {
         case 1: accumulate_panel<T, 1>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
         case 2: accumulate_panel<T, 2>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
-        case 3: accumulate_panel<T, kPanelVectors >= 3 ? 3 : 1>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
+        case 3:
+          accumulate_panel<T, kPanelVectors >= 3 ? 3 : 1>(g, block.count, v, v_stride, m, m_stride, dup, cout);
+          break;
         default: accumulate_panel<T, kPanelVectors>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
       }
     }

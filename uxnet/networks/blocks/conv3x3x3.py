@@ -3,12 +3,13 @@ the Winograd-domain weights kept between calls in eval mode without autograd.
 
 ``conv3x3x3(x, weight, cache, key)`` runs ``F.conv3d(x, weight, padding=1)``. On a CPU tensor with at least
 ``MIN_IN_CHANNELS`` input channels it runs the Winograd op on x in channels_last_3d (converted once at a block's
-entry; the op's output stays channels-last, so the next block reads it without a copy); anything else, CUDA tensors
+entry; the op's output stays channels-last, so the next block reads it without a copy). Anything else, CUDA tensors
 included (cuDNN), calls ``F.conv3d``, except the first convolution of a block in inference (at most
-``MAX_IM2COL_IN_CHANNELS`` input channels, no autograd): ``narrow_conv3x3x3_channels_last`` writes it
-channels-last for the Winograd convolution after it. Measured on the CPU (``docs/PERFORMANCE.md``, "CPU conv3d_3x3x3"): forward
-1.6-2.1x oneDNN's faster layout at 48-384 channels on channels-last inputs, forward + backward 1.07-1.63x; the first
-convolution (1 -> 48 channels) stays direct (a transform per input channel pays only with many of them).
+``MAX_IM2COL_IN_CHANNELS`` input channels, no autograd): ``narrow_conv3x3x3_channels_last`` writes it channels-last
+for the Winograd convolution after it. Measured on the CPU (``docs/PERFORMANCE.md``, "CPU conv3d_3x3x3", channels-last
+inputs at the default model's shapes): forward 1.85-2.66x oneDNN's faster layout with packed weights, forward +
+backward 1.19-2.29x; with one input channel a transform per channel does not pay, so the first convolution stays
+direct.
 
 ``WinogradWeightCache`` holds ``conv3d_3x3x3_pack_weight(weight)`` per key. An entry is used only while the weight
 is the very same storage at the same version: an optimizer step, ``load_state_dict`` (an in-place copy), any
@@ -91,11 +92,10 @@ def _same_weight(entry: _Entry, weight: torch.Tensor) -> bool:
 
 def runs_winograd(x: torch.Tensor, in_channels: int) -> bool:
     """Whether ``conv3x3x3`` runs ``uxnet_kernels.conv3d_3x3x3`` on x with a weight of ``in_channels`` input
-    channels: CPU tensors in float32
-    or float64 with at least ``MIN_IN_CHANNELS`` input channels, outside CPU autocast, and not while an exporter
-    traces the model (graph exports hold ``F.conv3d`` and no layout changes, which the TorchScript ONNX exporter
-    cannot express). Under bfloat16 autocast the kernel would compute in float32: measured no faster than oneDNN's
-    bfloat16 convolution, so oneDNN keeps it."""
+    channels: CPU tensors in float32 or float64 with at least ``MIN_IN_CHANNELS`` input channels, outside CPU
+    autocast, and not while an exporter traces the model (graph exports hold ``F.conv3d`` and no layout changes,
+    which the TorchScript ONNX exporter cannot express). Under bfloat16 autocast the kernel would compute in float32:
+    measured no faster than oneDNN's bfloat16 convolution, so oneDNN keeps it."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and in_channels >= MIN_IN_CHANNELS
             and not torch.is_autocast_enabled("cpu") and not dispatch.exporting())
 

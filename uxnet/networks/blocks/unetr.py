@@ -114,8 +114,9 @@ class UnetResBlock(nn.Module):
         return module(x) if module is not None else F.conv3d(x, weight, padding=self.padding)
 
     def _entry_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """x channels-last when conv1 runs Winograd on it, so conv1 and the shortcut read one copy."""
-        return channels_last(x) if self.winograd and runs_winograd(x, self.conv1.conv.weight.shape[1]) else x
+        """x (the block input, or one part of it) channels-last when conv1 runs Winograd on it, so conv1 and the
+        shortcut read one copy."""
+        return channels_last(x) if self.winograd and runs_winograd(x, x.shape[1]) else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
