@@ -525,6 +525,15 @@ def test_packed_weight_of_another_isa_is_refused():
 
 
 @cpu_kernel
+def test_packed_weight_is_ignored_under_autocast():
+    """Autocast rounds the weight to bfloat16 before the convolution; a weight packed in float32 would skip that."""
+    x, w, b = conv3d_3x3x3_args((1, 20, 5, 4, 6), 7)
+    packed = uk.conv3d_3x3x3_pack_weight(w)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(uk.conv3d_3x3x3(x, w, b, packed_weight=packed), uk.conv3d_3x3x3(x, w, b))
+
+
+@cpu_kernel
 def test_packed_weight_is_ignored_where_the_cpu_kernel_does_not_run():
     x, w, b = conv3d_3x3x3_args((1, 20, 5, 4, 6), 7)
     packed = uk.conv3d_3x3x3_pack_weight(w)

@@ -113,7 +113,8 @@ def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         bias: (C_out,) or None.
         packed_weight: ``conv3d_3x3x3_pack_weight(weight)``, computed once for an unchanged weight (inference: no
             autograd through it). Used when the CPU kernel runs and x's dtype computes in the packed dtype;
-            otherwise ignored (the result is the same). The caller keeps it in step with ``weight``.
+            otherwise ignored (the result is the same), and under autocast, which rounds the weight to the autocast
+            dtype first. The caller keeps it in step with ``weight``.
 
     Returns:
         (N, C_out, D, H, W) in x's dtype (and, on the compiled backend, x's memory format).
@@ -126,8 +127,7 @@ def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if amp_dtype is None:
         return _run(x, weight, bias, packed_weight)
     with autocast.disabled(x):
-        return _run(autocast.cast(amp_dtype, x), autocast.cast(amp_dtype, weight), autocast.cast(amp_dtype, bias),
-                    packed_weight)
+        return _run(autocast.cast(amp_dtype, x), autocast.cast(amp_dtype, weight), autocast.cast(amp_dtype, bias))
 
 
 def conv3d_3x3x3_pack_weight(weight: torch.Tensor) -> torch.Tensor:
