@@ -40,7 +40,10 @@ def test_training_mode_returns_every_scale_eval_mode_one_tensor():
     model.eval()
     with torch.no_grad():
         full = model(x)
-    assert isinstance(full, torch.Tensor) and torch.allclose(full, outs[0].detach(), atol=1e-6)
+    # Without autograd the model takes its inference path (packed Winograd weights, no folded upsampling, a
+    # channels-last first convolution): the same map, rounded differently in float32.
+    assert isinstance(full, torch.Tensor)
+    torch.testing.assert_close(full, outs[0].detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_heads_are_1x1x1_convs_on_the_decoder_outputs():
