@@ -33,9 +33,13 @@ SCRIPT = textwrap.dedent("""
         with uk.recording_backends() as used:
             ref = model(x)
         ref_grads = torch.autograd.grad(ref.square().sum(), [x, *model.parameters()])
+    # Each gradient's error relative to its own size, floored at 1e-3 of the largest gradient's: some gradients
+    # are 0 in exact arithmetic up to the norms' eps (encoder1's 1x1x1 shortcut from a single input channel feeds an
+    # instance norm, which cancels its scale), so both runs give rounding noise there, 1e-7 of the others.
+    floor = 1e-3 * max(r.abs().max().item() for r in ref_grads)
     print(json.dumps({
         "out": (out - ref).abs().max().item() / ref.abs().max().item(),
-        "grad": max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(grads, ref_grads)),
+        "grad": max((g - r).abs().max().item() / max(r.abs().max().item(), floor) for g, r in zip(grads, ref_grads)),
         "backends": sorted(set(used.values())),
     }))
 """)
