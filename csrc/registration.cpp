@@ -65,10 +65,23 @@ PyObject* conv3d_3x3x3_prefers_direct(PyObject*, PyObject* args) {
   return PyBool_FromLong(uxnet::cpu::conv3d_3x3x3::prefers_direct(n, d, h, w, cout, cin, element_size));
 }
 
+// _C.conv3d_3x3x3_bf16_products() -> bool: whether bfloat16 inputs run bf16 products (vdpbf16ps, or its emulation
+// on avx512-emulated) on the selected ISA; their packed weights are then bf16 pairs.
+PyObject* conv3d_3x3x3_bf16_products(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(uxnet::cpu::conv3d_3x3x3::bf16_products());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernels' ISA variants: requested, selected, available."},
     {"conv3d_3x3x3_columns", conv3d_3x3x3_columns, METH_O,
      "Column-panel width of conv3d_3x3x3's packed weights on the selected ISA (argument: float64 weights)."},
+    {"conv3d_3x3x3_bf16_products", conv3d_3x3x3_bf16_products, METH_NOARGS,
+     "Whether bfloat16 inputs of the CPU conv3d_3x3x3 run bf16 products on the selected ISA."},
     {"conv3d_3x3x3_prefers_direct", conv3d_3x3x3_prefers_direct, METH_VARARGS,
      "Whether the CPU conv3d_3x3x3 runs ATen's direct convolution for (n, d, h, w, c_out, c_in, element_size)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -1,6 +1,7 @@
 """UXNet's stride-1 3x3x3 convolutions on the Winograd op (uxnet.networks.blocks.conv3x3x3): which convolutions
 take it, equality with the oneDNN model, the eval-mode packed-weight cache (reuse, every way a weight changes, no
-memory kept past the model, threads), and where it stays off (CUDA is not here; bfloat16 autocast; exporting)."""
+memory kept past the model, threads), bfloat16 autocast inference (bf16 products), and where it stays off (CUDA is
+not here; autocast training; exporting)."""
 
 import copy
 import gc
@@ -17,6 +18,7 @@ from uxnet import UXNet
 from uxnet.networks.blocks.conv3x3x3 import narrow_conv3x3x3_channels_last
 from uxnet.networks.blocks.unetr import UnetResBlock
 from uxnet_kernels import dispatch
+from uxnet_kernels.ops import conv3d_3x3x3 as conv_op
 
 # Every UNETR convolution but encoder1's first (1 input channel) has >= 16 input channels: all take Winograd.
 CONFIG = dict(in_chans=1, out_chans=3, depths=(1, 1, 1, 1), feat_size=(16, 16, 32, 32), hidden_size=32)
@@ -209,12 +211,37 @@ def test_cache_is_thread_safe():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_winograd_stays_off_under_bfloat16_autocast_and_on_narrow_convolutions():
-    model, _ = _pair()
+def test_bfloat16_autocast_inference_runs_packed_bf16_products():
+    """Under bfloat16 autocast without autograd, where the ISA has bf16 products, every wide convolution runs the op
+    with a packed bf16 weight (cached apart from the float32 one); autocast training keeps oneDNN, as do ISAs
+    without bf16 products."""
+    model, plain = _pair()
+    x = torch.randn(SHAPE)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, training_calls = _count_conv_calls(model, x)
+    assert training_calls == []
     model.eval()
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
-        _, calls = _count_conv_calls(model, torch.randn(SHAPE))
-    assert calls == []
+    plain.eval()
+    with torch.inference_mode():
+        _, float_calls = _count_conv_calls(model, x)
+        with torch.autocast("cpu", torch.bfloat16):
+            out, calls = _count_conv_calls(model, x)
+            want = plain(x)
+    assert out.dtype == want.dtype == torch.bfloat16
+    if not conv_op.bf16_products():
+        assert calls == []
+        return
+    assert calls == float_calls and all(calls)
+    assert {p.dtype for b in _blocks(model) for p in (e.packed for e in b.winograd_cache._entries.values())} == {
+        torch.float32, torch.bfloat16}
+    assert _cached(model) == 2 * len(calls)
+    # bf16 against bf16 (oneDNN): both within bfloat16 rounding of the float32 model
+    with torch.inference_mode():
+        exact = plain.float()(x)
+    assert rel_error(out.float(), exact) < 2e-2 and rel_error(want.float(), exact) < 2e-2
+
+
+def test_winograd_stays_off_on_narrow_convolutions():
     narrow = UXNet(in_chans=1, out_chans=2, depths=(1, 1, 1, 1), feat_size=(8, 8, 16, 16), hidden_size=16).eval()
     with torch.inference_mode():
         _, calls = _count_conv_calls(narrow, torch.randn(SHAPE))

@@ -49,6 +49,12 @@ def conv3d_3x3x3_columns(float64: bool) -> int:
     return _C.conv3d_3x3x3_columns(bool(float64))
 
 
+def conv3d_3x3x3_bf16_products() -> bool:
+    """Whether bfloat16 inputs of the CPU ``uxnet::conv3d_3x3x3`` run bf16 products (AVX512_BF16's vdpbf16ps, or
+    its exact emulation on avx512-emulated) on the ISA selected now; their packed weights are bf16 pairs."""
+    return bool(_C.conv3d_3x3x3_bf16_products())
+
+
 def conv3d_3x3x3_prefers_direct(x_shape, weight_shape, element_size: int) -> bool:
     """Whether the CPU ``uxnet::conv3d_3x3x3`` runs ATen's direct convolution for these shapes (no Winograd)."""
     n, _, d, h, w = (int(s) for s in x_shape)

@@ -11,9 +11,10 @@ convolutions of a 96^3 patch at batch 1 (encoder blocks C -> C, decoder blocks 2
 
     python benchmarks/scripts/cpu_conv3d.py [--threads 2] [--suite fwd|fwdbwd|all|bf16] [--full-depth] [--library PATH]
 
-``--suite bf16`` (inference, channels_last_3d, weights packed once): oneDNN's bfloat16 convolution against the
-Winograd kernel on float32 inputs and on bfloat16 inputs (computed in float32: converted in, rounded out), the
-choice the model makes under bfloat16 autocast.
+``--suite bf16`` (inference): oneDNN's bfloat16 convolution (NCDHW and channels_last_3d) against the Winograd
+kernel on channels-last bfloat16 inputs (bf16 products where the CPU has AVX512_BF16, else computed in float32) with
+the weight packed once (what the model does under bfloat16 autocast) and transformed per call, and on float32 inputs;
+and the norm error against the float64 convolution of the float32 inputs, over PyTorch bfloat16's.
 """
 
 import argparse
@@ -57,19 +58,27 @@ def layouts(t):
 
 
 def bench_bf16(ops, full_depth, rounds, round_s):
-    print("| shape (batch 1, channels-last) | oneDNN bf16 ms | Winograd fp32 ms | Winograd, bf16 in/out ms | "
-          "oneDNN bf16 / Winograd fp32 |\n|---|---|---|---|---|", flush=True)
+    print("| shape (batch 1) | oneDNN bf16 NCDHW ms | oneDNN bf16 CL ms | uxnet bf16 packed ms | uxnet bf16 per-call ms "
+          "| uxnet fp32 packed ms | packed vs faster oneDNN bf16 | error vs PyTorch bf16 |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     for cin, cout, d, h, w in shapes(full_depth):
         x, wt, b, _ = inputs(cin, cout, d, h, w)
         x_cl = x.contiguous(memory_format=torch.channels_last_3d)
         xb, wb, bb = x_cl.bfloat16(), wt.bfloat16(), b.bfloat16()
+        xb_ncdhw = xb.contiguous()
         with torch.inference_mode():
-            packed = ops.conv3d_3x3x3_pack_weight(wt)
-            t = side_by_side_ms({"onednn": lambda: F.conv3d(xb, wb, bb, padding=1),
-                                 "fp32": lambda: ops.conv3d_3x3x3_packed(x_cl, wt, packed, b),
-                                 "bf16": lambda: ops.conv3d_3x3x3_packed(xb, wb, packed, bb)}, rounds, round_s)
-        print(f"| {cin}->{cout} @ {d}x{h}x{w} | {t['onednn']:.1f} | {t['fp32']:.1f} | {t['bf16']:.1f} | "
-              f"{t['onednn'] / t['fp32']:.2f}x |", flush=True)
+            packed, packed_fp32 = ops.conv3d_3x3x3_pack_weight(wb), ops.conv3d_3x3x3_pack_weight(wt)
+            t = side_by_side_ms({"ncdhw": lambda: F.conv3d(xb_ncdhw, wb, bb, padding=1),
+                                 "cl": lambda: F.conv3d(xb, wb, bb, padding=1),
+                                 "packed": lambda: ops.conv3d_3x3x3_packed(xb, wb, packed, bb),
+                                 "call": lambda: ops.conv3d_3x3x3(xb, wb, bb),
+                                 "fp32": lambda: ops.conv3d_3x3x3_packed(x_cl, wt, packed_fp32, b)}, rounds, round_s)
+            truth = F.conv3d(x.double(), wt.double(), b.double(), padding=1)
+            ours = (ops.conv3d_3x3x3_packed(xb, wb, packed, bb).double() - truth).norm()
+            torchs = (F.conv3d(xb, wb, bb, padding=1).double() - truth).norm()
+        faster = min(t["ncdhw"], t["cl"])
+        print(f"| {cin}->{cout} @ {d}x{h}x{w} | {t['ncdhw']:.1f} | {t['cl']:.1f} | {t['packed']:.1f} | "
+              f"{t['call']:.1f} | {t['fp32']:.1f} | {faster / t['packed']:.2f}x | {ours / torchs:.2f}x |", flush=True)
 
 
 def bench(ops, suite, full_depth, rounds, round_s):

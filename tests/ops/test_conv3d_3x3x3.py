@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import uxnet_kernels as uk
 from uxnet_kernels import dispatch, reference
+from uxnet_kernels.ops import conv3d_3x3x3 as conv_op
 
 from . import bad_input
 from .bad_input import Bad
@@ -388,13 +389,51 @@ def test_kernel_float64_is_exact(layout):
     assert rel_error(cpp_op("conv3d_3x3x3")(x, w, b), reference.conv3d_3x3x3(x, w, b)) <= 1e-13
 
 
+# bf16 products: norm error against the float64 truth over PyTorch's bfloat16 convolution's, measured over random
+# shapes on the Zen 4 box (docs/PERFORMANCE.md): <= 2.1 at >= 16 channels and >= 8^3, <= 2.6 on tiny volumes that are
+# mostly padding (rounding the transformed values adds errors of the size of the terms, not of the output).
+BF16_PRODUCTS_ERROR_RATIO = 3.0
+
+
 @cpu_kernel_poisoned
-def test_kernel_bfloat16_rounds_a_float32_result_once():
-    x, w, b = conv3d_3x3x3_args((1, 6, 4, 5, 6), 5, torch.bfloat16)
+@pytest.mark.parametrize("shape, cout", [((1, 6, 4, 5, 6), 5), ((2, 17, 5, 9, 3), 19), ((1, 48, 8, 8, 8), 70)],
+                         ids=str)
+def test_kernel_bfloat16(isa, shape, cout):
+    """With bf16 products (conv3d_3x3x3.bf16_products() on this ISA): no further from the float64 truth than
+    BF16_PRODUCTS_ERROR_RATIO times PyTorch's own bfloat16 convolution of the same rounded inputs. Without: the
+    float32 result, rounded once."""
+    x32, w32, b32 = conv3d_3x3x3_args(shape, cout, torch.float32)
+    x, w, b = x32.bfloat16(), w32.bfloat16(), b32.bfloat16()
     got = cpp_op("conv3d_3x3x3")(x, w, b)
-    want = reference.conv3d_3x3x3(x.float(), w.float(), b.float())
     assert got.dtype == torch.bfloat16
-    assert torch.equal(got, want.to(torch.bfloat16)) or rel_error(got, want) <= TOLERANCES[torch.bfloat16] / 4
+    if conv_op.bf16_products():
+        truth = reference.conv3d_3x3x3(x32.double(), w32.double(), b32.double())
+        torchs = (reference.conv3d_3x3x3(x, w, b).double() - truth).norm().item()
+        ours = (got.double() - truth).norm().item()
+        assert ours <= BF16_PRODUCTS_ERROR_RATIO * torchs, f"{isa}: {ours:.3e} vs PyTorch bf16 {torchs:.3e}"
+    else:
+        want = reference.conv3d_3x3x3(x.float(), w.float(), b.float())
+        assert torch.equal(got, want.to(torch.bfloat16)) or rel_error(got, want) <= TOLERANCES[torch.bfloat16] / 4
+
+
+@cpu_kernel
+@pytest.mark.parametrize("scale", [1.0, 1e-36], ids=["normal", "denormal products"])
+def test_bf16_products_native_equal_the_emulation(scale):
+    """vdpbf16ps (avx512 on an AVX512_BF16 CPU) and its emulation (avx512-emulated: same 16-lane kernels) give the
+    same bits, also where products and sums underflow (denormals flushed as the instruction does)."""
+    if cpu_isa_unavailable("avx512") is not None or cpu_isa_unavailable("avx512-emulated") is not None:
+        pytest.skip("needs a CPU that runs the avx512 variant")
+    with use_cpu_isa("avx512"):
+        if not conv_op.bf16_products():
+            pytest.skip("this CPU has no AVX512_BF16 (the avx512 variant computes bf16 in float32 here)")
+    x, w, b = conv3d_3x3x3_args((2, 33, 7, 6, 9), 21, torch.float32)
+    x, w, b = (x * scale).bfloat16(), w.bfloat16(), (b * scale).bfloat16()
+    results = {}
+    for isa_name in ("avx512", "avx512-emulated"):
+        with use_cpu_isa(isa_name):
+            results[isa_name] = cpp_op("conv3d_3x3x3")(x, w, b)
+    assert torch.equal(results["avx512"], results["avx512-emulated"])
+    assert results["avx512"].abs().max() > 0
 
 
 @cpu_kernel
@@ -463,8 +502,9 @@ def test_packed_weight_gives_the_unpacked_result(isa, layout, dtype):
         with torch.no_grad():
             packed = uk.conv3d_3x3x3_pack_weight(w)
             got = uk.conv3d_3x3x3(x, w, b, packed_weight=packed)
-        assert packed.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert packed.shape[0] == 64 and packed.shape[2] == 17 + 4 * (shape[1] == 21)
+        pairs = dtype == torch.bfloat16 and conv_op.bf16_products()
+        assert packed.dtype == (dtype if dtype == torch.float64 or pairs else torch.float32)
+        assert packed.shape[0] == 64 and packed.shape[2] == (17 + 4 * (shape[1] == 21) + pairs) // (1 + pairs)
         assert got.is_contiguous(memory_format=expected_format(x))
         assert torch.equal(got, cpp_op("conv3d_3x3x3")(x, w, b))
     if dtype == torch.float64:
@@ -525,12 +565,22 @@ def test_packed_weight_of_another_isa_is_refused():
 
 
 @cpu_kernel
-def test_packed_weight_is_ignored_under_autocast():
-    """Autocast rounds the weight to bfloat16 before the convolution; a weight packed in float32 would skip that."""
+def test_packed_weight_under_autocast():
+    """Autocast rounds the weight to bfloat16 before the convolution: a weight packed in float32 would skip that and
+    is ignored; a bfloat16 weight packed for the bf16 products (what autocast rounds to) is used. (Packing another
+    weight of the same shape tells used from ignored.)"""
     x, w, b = conv3d_3x3x3_args((1, 20, 5, 4, 6), 7)
-    packed = uk.conv3d_3x3x3_pack_weight(w)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        assert torch.equal(uk.conv3d_3x3x3(x, w, b, packed_weight=packed), uk.conv3d_3x3x3(x, w, b))
+        want = uk.conv3d_3x3x3(x, w, b)
+        doubled = uk.conv3d_3x3x3(x, 2 * w, b)
+        assert torch.equal(uk.conv3d_3x3x3(x, w, b, packed_weight=uk.conv3d_3x3x3_pack_weight(2 * w)), want)
+        packed = uk.conv3d_3x3x3_pack_weight((2 * w).bfloat16())
+        got = uk.conv3d_3x3x3(x, w, b, packed_weight=packed)
+    assert want.dtype == got.dtype == torch.bfloat16
+    if conv_op.bf16_products():
+        assert packed.dtype == torch.bfloat16 and torch.equal(got, doubled)
+    else:
+        assert packed.dtype == torch.float32 and torch.equal(got, want)
 
 
 @cpu_kernel

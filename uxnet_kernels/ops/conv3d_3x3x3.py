@@ -4,6 +4,11 @@ Operators: ``uxnet::conv3d_3x3x3`` / ``uxnet::conv3d_3x3x3_backward`` (C++: csrc
 F(2x2x2, 3x3x3) on the CPU), and for inference with a weight transformed once, ``uxnet::conv3d_3x3x3_pack_weight``
 and ``uxnet::conv3d_3x3x3_packed`` (no autograd). No CUDA or Triton implementation: CUDA tensors run the reference
 (cuDNN).
+
+bfloat16 forwards run bf16 products where the selected ISA has them (``bf16_products()``: avx512 on CPUs with
+AVX512_BF16, and avx512-emulated): transformed inputs and weights rounded to bf16, products summed in float32 by
+``vdpbf16ps``, the output rounded once; error within about 2x PyTorch's own bfloat16 convolution error against
+float64 (tests/ops/test_conv3d_3x3x3.py). Elsewhere, and for every gradient, bfloat16 computes in float32.
 """
 
 from typing import Optional
@@ -64,8 +69,10 @@ def _register_compiled() -> None:
 
     @torch.library.register_fake("uxnet::conv3d_3x3x3_pack_weight")
     def _pack_fake(weight):
-        dtype = _compute_dtype(weight.dtype)
+        dtype = _packed_dtype(weight.dtype)
         cols = _extension.conv3d_3x3x3_columns(dtype == torch.float64)
+        if dtype == torch.bfloat16:  # pairs of input channels
+            return weight.new_empty((64, -(-weight.shape[0] // cols), -(-weight.shape[1] // 2), 2 * cols), dtype=dtype)
         return weight.new_empty((64, -(-weight.shape[0] // cols), weight.shape[1], cols), dtype=dtype)
 
     @torch.library.register_fake("uxnet::conv3d_3x3x3_packed")
@@ -77,8 +84,20 @@ def _register_compiled() -> None:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The CPU kernels compute float64 in float64 and every other floating dtype in float32."""
+    """The CPU kernels compute float64 in float64 and every other floating dtype in float32 (the products of bf16
+    pairs, where ``bf16_products()``, accumulate in float32 too)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bf16_products() -> bool:
+    """Whether bfloat16 inputs run bf16 products on the CPU kernels' ISA selected now (see the module docstring)."""
+    return _extension.LOADED and _extension.conv3d_3x3x3_bf16_products()
+
+
+def _packed_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``conv3d_3x3x3_pack_weight`` for a weight (and an x) of ``dtype``: bf16 pairs for the bf16
+    products, else the compute dtype."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and bf16_products() else _compute_dtype(dtype)
 
 
 def _compiled(x, weight, bias):
@@ -104,17 +123,19 @@ def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """Dense 3D convolution with a 3x3x3 kernel, stride 1, padding 1 (groups 1).
 
     Equal to ``F.conv3d(x, weight, bias, padding=1)``. On the CPU backend it runs Winograd F(2x2x2, 3x3x3) (float32
-    error like a direct convolution; bfloat16 inputs are computed in float32 and the output rounded once). Under
-    ``torch.autocast`` it is a convolution: inputs cast to the autocast dtype, output in that dtype.
+    error like a direct convolution; bfloat16 inputs run bf16 products where ``bf16_products()``, else they are
+    computed in float32, and the output is rounded once). Under ``torch.autocast`` it is a convolution: inputs cast
+    to the autocast dtype, output in that dtype.
 
     Args:
         x: (N, C_in, D, H, W), float32 / bfloat16 / float16 / float64, contiguous or channels_last_3d.
         weight: (C_out, C_in, 3, 3, 3); same dtype and device as x.
         bias: (C_out,) or None.
         packed_weight: ``conv3d_3x3x3_pack_weight(weight)``, computed once for an unchanged weight (inference: no
-            autograd through it). Used when the CPU kernel runs and x's dtype computes in the packed dtype;
-            otherwise ignored (the result is the same), and under autocast, which rounds the weight to the autocast
-            dtype first. The caller keeps it in step with ``weight``.
+            autograd through it). Used when the CPU kernel runs and its dtype is the one x's dtype packs to
+            (``conv3d_3x3x3_pack_weight`` of a weight in x's dtype); otherwise ignored (the result is the same).
+            Under autocast, x's dtype is the autocast dtype: pack ``weight.to(autocast dtype)``, which is what
+            autocast rounds the weight to. The caller keeps it in step with ``weight``.
 
     Returns:
         (N, C_out, D, H, W) in x's dtype (and, on the compiled backend, x's memory format).
@@ -127,13 +148,15 @@ def conv3d_3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if amp_dtype is None:
         return _run(x, weight, bias, packed_weight)
     with autocast.disabled(x):
-        return _run(autocast.cast(amp_dtype, x), autocast.cast(amp_dtype, weight), autocast.cast(amp_dtype, bias))
+        return _run(autocast.cast(amp_dtype, x), autocast.cast(amp_dtype, weight), autocast.cast(amp_dtype, bias),
+                    packed_weight)
 
 
 def conv3d_3x3x3_pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """The Winograd-domain weights of ``weight`` (C_out, C_in, 3, 3, 3) for ``conv3d_3x3x3(..., packed_weight=)``:
     (64, ceil(C_out / cols), C_in, cols) in float32 (float64 for float64 weights), laid out for the CPU kernel of
-    the ISA selected now. 64/27 times the filter's elements. CPU tensors only; no autograd.
+    the ISA selected now; for a bfloat16 weight where ``bf16_products()``, (64, ceil(C_out / cols), ceil(C_in / 2),
+    2 * cols) bfloat16 pairs of input channels. 64/27 times the filter's elements. CPU tensors only; no autograd.
 
     Raises:
         ValueError: a weight that is not (C_out, C_in, 3, 3, 3), not floating, not on the CPU, or that requires
@@ -148,13 +171,14 @@ def conv3d_3x3x3_pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.uxnet.conv3d_3x3x3_pack_weight(weight)
 
 
-def runs_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``conv3d_3x3x3(x, weight, packed_weight=)`` would use a packed weight now: the CPU kernel serves x
-    (not while exporting or on another backend) and runs Winograd for these shapes (not ATen's direct convolution,
-    which it picks for few tiles with large filters)."""
+def runs_packed(x: torch.Tensor, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether ``conv3d_3x3x3(x, weight, packed_weight=)`` would use a packed weight now, with x and weight in
+    ``dtype`` (default x's; under autocast, the autocast dtype): the CPU kernel serves x (not while exporting or on
+    another backend) and runs Winograd for these shapes (not ATen's direct convolution, which it picks for few
+    tiles with large filters)."""
     if dispatch.would_select(FAMILY, x) != "cpu":
         return False
-    element_size = 8 if x.dtype == torch.float64 else 4
+    element_size = torch.empty((), dtype=dtype or x.dtype).element_size()  # as the C++ side reads the weight
     return not _extension.conv3d_3x3x3_prefers_direct(x.shape, weight.shape, element_size)
 
 
@@ -180,6 +204,6 @@ def _run(x, weight, bias, packed_weight=None):
         return _zero_size_result(x, weight, bias)
     implementation = dispatch.select(FAMILY, x)
     packed_run = implementation.variant("packed") if packed_weight is not None else None
-    if packed_run is not None and packed_weight.dtype == _compute_dtype(x.dtype):
+    if packed_run is not None and packed_weight.dtype == _packed_dtype(x.dtype):
         return packed_run(x, weight, bias, packed_weight)
     return implementation.run(x, weight, bias)

@@ -23,7 +23,9 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c1
 // Few tiles with large filters, where ATen's direct convolution (oneDNN) is faster (forward.cpp).
 bool prefers_direct(const at::Tensor& x, const at::Tensor& weight);
 bool prefers_direct(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin, int64_t element_size);
-// Whether every element of a dense float32 / float64 tensor is finite.
+// Whether bfloat16 inputs run bf16 products on the selected ISA (PairKernelTable; else they compute in float32).
+bool bf16_products();
+// Whether every element of a dense float32 / float64 / bfloat16 tensor is finite.
 bool all_finite(const at::Tensor& t);
 
 // The compute dtype of the kernels for an input dtype: float64 stays, everything else computes in float32.

@@ -68,9 +68,11 @@ class Scratch {
   Buffer buffers_[kSlots];
 };
 
-template <typename T>
+// v of VT, m of T.
+template <typename VT, typename T>
 int64_t block_tiles(const Geometry& g) {
-  const int64_t per_tile = kPoints * (g.Cin + g.cout_padded()) * static_cast<int64_t>(sizeof(T));
+  const int64_t per_tile = kPoints * (g.cin_row * static_cast<int64_t>(sizeof(VT)) +
+                                      g.cout_padded() * static_cast<int64_t>(sizeof(T)));
   return std::clamp<int64_t>(kBlockBytes / per_tile, kMinBlockTiles, kMaxBlockTiles);
 }
 
@@ -92,10 +94,10 @@ const T* transformed_weight(const KernelTable<T>& kernels, const Geometry& g, co
   return u;
 }
 
-template <typename T>
-void run_block(const KernelTable<T>& kernels, const Geometry& g, const T* x, Strides xs, const T* u, const T* bias,
-               T* v, T* m, int64_t first, int64_t count, bool threaded, uint8_t* nonfinite, T* out, Strides os) {
-  const Block<T> block{first, count, v, m};
+// Kernels: a KernelTable<T> or the PairKernelTable; x of X, u of U, v of VT, m and bias of T, out of O.
+template <typename Kernels, typename X, typename U, typename T, typename VT, typename O>
+void run_block(const Kernels& kernels, const Geometry& g, const X* x, Strides xs, const U* u, const T* bias,
+               const Block<T, VT>& block, bool threaded, uint8_t* nonfinite, O* out, Strides os) {
   const auto split = [&](int64_t n, auto&& fn) {
     if (threaded) {
       at::parallel_for(0, n, 1, fn);
@@ -103,11 +105,38 @@ void run_block(const KernelTable<T>& kernels, const Geometry& g, const T* x, Str
       fn(0, n);
     }
   };
-  split(count, [&](int64_t begin, int64_t end) {
-    kernels.transform_input(g, x, xs, block, begin, end, nonfinite + first);
+  split(block.count, [&](int64_t begin, int64_t end) {
+    kernels.transform_input(g, x, xs, block, begin, end, nonfinite + block.first);
   });
   split(kPoints, [&](int64_t begin, int64_t end) { kernels.multiply(g, block, u, begin, end); });
-  split(count, [&](int64_t begin, int64_t end) { kernels.transform_output(g, block, bias, begin, end, out, os); });
+  split(block.count,
+        [&](int64_t begin, int64_t end) { kernels.transform_output(g, block, bias, begin, end, out, os); });
+}
+
+// Every tile through the blocked Winograd pass; returns which tiles hold non-finite input windows.
+template <typename VT, typename Kernels, typename X, typename U, typename T, typename O>
+std::vector<uint8_t> winograd_tiles(const Kernels& kernels, const Geometry& g, const X* xp, Strides xs, const U* up,
+                                    const T* bias, O* op, Strides os) {
+  const int64_t tiles = g.tiles();
+  std::vector<uint8_t> nonfinite(static_cast<size_t>(tiles));
+  const int64_t per_block = block_tiles<VT, T>(g);
+  const int64_t blocks = (tiles + per_block - 1) / per_block;
+  if (blocks < kMinParallelBlocks) {
+    const Block<T, VT> block{0, tiles, Scratch::get<VT>(Scratch::kV, kPoints * tiles * g.cin_row),
+                             Scratch::get<T>(Scratch::kM, kPoints * tiles * g.cout_padded())};
+    run_block(kernels, g, xp, xs, up, bias, block, /*threaded=*/true, nonfinite.data(), op, os);
+  } else {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<VT[]> v(new VT[kPoints * per_block * g.cin_row]);
+      std::unique_ptr<T[]> m(new T[kPoints * per_block * g.cout_padded()]);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t first = b * per_block;
+        const Block<T, VT> block{first, std::min(per_block, tiles - first), v.get(), m.get()};
+        run_block(kernels, g, xp, xs, up, bias, block, /*threaded=*/false, nonfinite.data(), op, os);
+      }
+    });
+  }
+  return nonfinite;
 }
 
 template <typename T>
@@ -138,27 +167,8 @@ void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias
     return;
   }
   const T* up = packed.defined() ? packed.data_ptr<T>() : transformed_weight(kernels, g, weight);
-  const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const Strides xs = strides_of(x), os = strides_of(out);
-  std::vector<uint8_t> nonfinite(static_cast<size_t>(tiles));
-  const int64_t per_block = block_tiles<T>(g);
-  const int64_t blocks = (tiles + per_block - 1) / per_block;
-  if (blocks < kMinParallelBlocks) {
-    T* v = Scratch::get<T>(Scratch::kV, kPoints * tiles * g.Cin);
-    T* m = Scratch::get<T>(Scratch::kM, kPoints * tiles * g.cout_padded());
-    run_block(kernels, g, xp, xs, up, bias, v, m, 0, tiles, /*threaded=*/true, nonfinite.data(), op, os);
-  } else {
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<T[]> v(new T[kPoints * per_block * g.Cin]);
-      std::unique_ptr<T[]> m(new T[kPoints * per_block * g.cout_padded()]);
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t first = b * per_block;
-        run_block(kernels, g, xp, xs, up, bias, v.get(), m.get(), first, std::min(per_block, tiles - first),
-                  /*threaded=*/false, nonfinite.data(), op, os);
-      }
-    });
-  }
+  const std::vector<uint8_t> nonfinite =
+      winograd_tiles<T>(kernels, g, x.data_ptr<T>(), strides_of(x), up, bias, out.data_ptr<T>(), strides_of(out));
   for (int64_t t = 0; t < tiles; ++t) {
     if (nonfinite[t]) direct.push_back(t);
   }
@@ -186,6 +196,13 @@ bool all_finite(const at::Tensor& t) {
   };
   if (t.scalar_type() == at::kDouble) {
     scan(t.data_ptr<double>());
+  } else if (t.scalar_type() == at::kBFloat16) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+    at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      bool ok = true;
+      for (int64_t i = begin; i < end; ++i) ok &= (bits[i] & 0x7f80u) != 0x7f80u;  // exponent all ones: Inf, NaN
+      if (!ok) finite = false;
+    });
   } else {
     scan(t.data_ptr<float>());
   }
@@ -209,6 +226,67 @@ at::Tensor to_output(const at::Tensor& result, at::ScalarType dtype, at::MemoryF
   if (result.scalar_type() == dtype && result.is_contiguous(format)) return result;
   return at::empty(result.sizes(), result.options().dtype(dtype).memory_format(format)).copy_(result);
 }
+
+namespace {
+
+const PairKernelTable* selected_pair_kernels() { return pair_kernels(selected_isa_for(kOp)); }
+
+Geometry pair_geometry(const PairKernelTable& kernels, int64_t n, int64_t cin, int64_t cout, int64_t d, int64_t h,
+                       int64_t w) {
+  Geometry g = make_geometry(n, cin, cout, d, h, w, kernels.cols);
+  g.cin_row = cin + (cin & 1);
+  return g;
+}
+
+// u of the bf16 products: [kPoints][panels][C_in / 2 rounded up][cols] pairs.
+void transform_weight_pairs_into(const PairKernelTable& kernels, const Geometry& g, const at::Tensor& weight,
+                                 uint32_t* u) {
+  const at::Tensor w = weight.to(at::kFloat).permute({1, 2, 3, 4, 0}).contiguous();  // [C_in][kd][kh][kw][C_out]
+  const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, g.cin_row / 2, 1,
+                   [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, u, begin, end); });
+}
+
+// Whether a bfloat16 x and weight run the bf16 products (pairs: the selected ISA's kernels, or null): Winograd
+// shapes with channels and a finite filter. Anything else computes as before (in float32, few tiles with large
+// filters by ATen's convolution).
+bool runs_pairs(const PairKernelTable* pairs, const at::Tensor& x, const at::Tensor& weight) {
+  return pairs != nullptr && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+         x.numel() > 0 && weight.numel() > 0 && !prefers_direct(x, weight) && all_finite(weight.contiguous());
+}
+
+// F.conv3d(x, weight, bias, padding=1) with bf16 products; x, weight bf16; the result channels-last bf16. A tile with
+// a non-finite input window: the whole convolution in float32 (which computes such tiles directly), rounded once.
+at::Tensor pair_conv(const PairKernelTable& kernels, const at::Tensor& x_in, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& packed) {
+  const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor x = x_in.contiguous(cl);
+  const Geometry g = pair_geometry(kernels, x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4));
+  at::Tensor out = at::empty({g.N, g.Cout, g.D, g.H, g.W}, x.options().memory_format(cl));
+  const uint32_t* up = nullptr;
+  if (packed.defined()) {
+    up = reinterpret_cast<const uint32_t*>(packed.data_ptr<at::BFloat16>());
+  } else {
+    uint32_t* u = Scratch::get<uint32_t>(Scratch::kU, kPoints * (g.cin_row / 2) * g.cout_padded());
+    transform_weight_pairs_into(kernels, g, weight, u);
+    up = u;
+  }
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  using simd::bf16;
+  const std::vector<uint8_t> nonfinite =
+      winograd_tiles<bf16>(kernels, g, reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>()), strides_of(x), up,
+                           b.defined() ? b.data_ptr<float>() : nullptr,
+                           reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()), strides_of(out));
+  if (std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end()) {
+    const c10::optional<at::Tensor> bf = b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt;
+    out.copy_(winograd_conv(x.to(at::kFloat), weight.to(at::kFloat), bf, /*multiply_padding=*/true, at::Tensor()));
+  }
+  return out;
+}
+
+}  // namespace
+
+bool bf16_products() { return selected_pair_kernels() != nullptr; }
 
 at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool multiply_padding, const at::Tensor& packed) {
@@ -240,6 +318,10 @@ at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const
 
 at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   checks::conv3d_3x3x3_inputs(kOp, x, weight, bias);
+  const PairKernelTable* pairs = selected_pair_kernels();
+  if (runs_pairs(pairs, x, weight)) {
+    return to_output(pair_conv(*pairs, x, weight, bias, at::Tensor()), x.scalar_type(), suggested_memory_format(x));
+  }
   const at::ScalarType compute = compute_dtype(x.scalar_type());
   const c10::optional<at::Tensor> b =
       bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(compute)) : c10::nullopt;
@@ -248,7 +330,21 @@ at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const
   return to_output(result, x.scalar_type(), suggested_memory_format(x));
 }
 
+// Packed weights: (kPoints, panels, C_in, cols) in the compute dtype, or for the bf16 products of a bf16 weight
+// (kPoints, panels, ceil(C_in / 2), 2 * cols) bf16 (the pairs).
+bool packs_pairs(const at::Tensor& weight) {
+  return weight.scalar_type() == at::kBFloat16 && selected_pair_kernels() != nullptr;
+}
+
+at::ScalarType packed_dtype(const at::Tensor& weight) {
+  return packs_pairs(weight) ? at::kBFloat16 : compute_dtype(weight.scalar_type());
+}
+
 std::vector<int64_t> packed_weight_shape(const at::Tensor& weight) {
+  if (packs_pairs(weight)) {
+    const int64_t cols = selected_pair_kernels()->cols;
+    return {kPoints, (weight.size(0) + cols - 1) / cols, (weight.size(1) + 1) / 2, 2 * cols};
+  }
   const int64_t cols = compute_dtype(weight.scalar_type()) == at::kDouble
                            ? kernels_for<double>(selected_isa_for(kOp)).cols
                            : kernels_for<float>(selected_isa_for(kOp)).cols;
@@ -257,17 +353,26 @@ std::vector<int64_t> packed_weight_shape(const at::Tensor& weight) {
 
 // A packed weight's shape gives C_out only up to a panel; where the last panel has padding columns (never read by
 // the output transform), its last column at point 0, input channel 0 holds C_out, so a packed weight of another
-// filter count is refused exactly.
+// filter count is refused exactly (bf16 pairs, T = uint16_t: the bits of that column's even half, an integer).
 template <typename T>
 T& c_out_slot(const at::Tensor& packed) {
-  const int64_t panels = packed.size(1), cin = packed.size(2), cols = packed.size(3);
-  return packed.data_ptr<T>()[((panels - 1) * cin) * cols + cols - 1];
+  const int64_t panels = packed.size(1), rows = packed.size(2), cols = packed.size(3);
+  const int64_t last = std::is_same<T, uint16_t>::value ? cols - 2 : cols - 1;
+  return reinterpret_cast<T*>(packed.data_ptr())[((panels - 1) * rows) * cols + last];
 }
 
 template <typename T>
 bool records_c_out(const at::Tensor& packed, int64_t cout) {
-  const int64_t cols = packed.size(3);
+  const int64_t cols = std::is_same<T, uint16_t>::value ? packed.size(3) / 2 : packed.size(3);
   return cout % cols == 0 || c_out_slot<T>(packed) == static_cast<T>(cout);
+}
+
+bool packed_records_c_out(const at::Tensor& packed, int64_t cout) {
+  switch (packed.scalar_type()) {
+    case at::kDouble: return records_c_out<double>(packed, cout);
+    case at::kBFloat16: return records_c_out<uint16_t>(packed, cout);
+    default: return records_c_out<float>(packed, cout);
+  }
 }
 
 at::Tensor conv3d_3x3x3_pack_weight_cpu(const at::Tensor& weight) {
@@ -275,9 +380,16 @@ at::Tensor conv3d_3x3x3_pack_weight_cpu(const at::Tensor& weight) {
   checks::floating(op, weight, "weight");
   TORCH_CHECK(weight.dim() == 5 && weight.size(2) == 3 && weight.size(3) == 3 && weight.size(4) == 3, op,
               ": expected weight of shape (C_out, C_in, 3, 3, 3), got ", weight.sizes());
-  const at::ScalarType compute = compute_dtype(weight.scalar_type());
-  at::Tensor packed = at::empty(packed_weight_shape(weight), weight.options().dtype(compute));
+  at::Tensor packed = at::empty(packed_weight_shape(weight), weight.options().dtype(packed_dtype(weight)));
   if (packed.numel() == 0) return packed;
+  if (packs_pairs(weight)) {
+    const PairKernelTable& kernels = *selected_pair_kernels();
+    const Geometry g = pair_geometry(kernels, 1, weight.size(1), weight.size(0), 1, 1, 1);
+    transform_weight_pairs_into(kernels, g, weight, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+    if (weight.size(0) % kernels.cols != 0) c_out_slot<uint16_t>(packed) = static_cast<uint16_t>(weight.size(0));
+    return packed;
+  }
+  const at::ScalarType compute = compute_dtype(weight.scalar_type());
   const at::Tensor w = weight.to(compute).contiguous();
   if (compute == at::kDouble) {
     const KernelTable<double>& kernels = kernels_for<double>(selected_isa_for(kOp));
@@ -305,16 +417,23 @@ at::Tensor conv3d_3x3x3_packed_cpu(const at::Tensor& x, const at::Tensor& weight
   const at::ScalarType compute = compute_dtype(x.scalar_type());
   checks::same_device(op, packed_weight, "packed_weight", x);
   const std::vector<int64_t> expected = packed_weight_shape(weight);
-  TORCH_CHECK(packed_weight.scalar_type() == compute && packed_weight.sizes() == at::IntArrayRef(expected) &&
+  const at::ScalarType expected_dtype = packed_dtype(weight);
+  TORCH_CHECK(packed_weight.scalar_type() == expected_dtype && packed_weight.sizes() == at::IntArrayRef(expected) &&
                   packed_weight.is_contiguous(),
-              op, ": packed_weight does not belong to this weight on this ISA (expected a contiguous ", compute,
+              op, ": packed_weight does not belong to this weight on this ISA (expected a contiguous ", expected_dtype,
               " tensor of shape ", at::IntArrayRef(expected), ", got ", packed_weight.scalar_type(), " ",
               packed_weight.sizes(), "); pack it again with conv3d_3x3x3_pack_weight");
-  const bool same_c_out = packed_weight.numel() == 0 || (compute == at::kDouble
-                                                              ? records_c_out<double>(packed_weight, weight.size(0))
-                                                              : records_c_out<float>(packed_weight, weight.size(0)));
+  const bool same_c_out = packed_weight.numel() == 0 || packed_records_c_out(packed_weight, weight.size(0));
   TORCH_CHECK(same_c_out, op, ": packed_weight does not belong to this weight (packed for another number of output "
               "channels than ", weight.size(0), "); pack it again with conv3d_3x3x3_pack_weight");
+  if (expected_dtype == at::kBFloat16) {
+    const PairKernelTable* pairs = selected_pair_kernels();
+    if (runs_pairs(pairs, x, weight)) {
+      return to_output(pair_conv(*pairs, x, weight, bias, packed_weight), x.scalar_type(),
+                       suggested_memory_format(x));
+    }
+    return conv3d_3x3x3_cpu(x, weight, bias);  // shapes or values the pairs do not take: as without packing
+  }
   const c10::optional<at::Tensor> b =
       bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(compute)) : c10::nullopt;
   const at::Tensor result =

@@ -24,6 +24,15 @@ const KernelTable<double>& kernels_f64(simd::Isa isa) {
   return tables[isa]();
 }
 
+const PairKernelTable* pair_kernels(simd::Isa isa) {
+  using Fn = const PairKernelTable* (*)();
+  static const auto tables = UXNET_SIMD_PER_ISA(Fn, conv3d_3x3x3_kernels::pair_table);
+  if (isa == simd::Isa::avx512_emulated || (isa == simd::Isa::avx512 && simd::cpu_has_bf16_dot())) {
+    return tables[isa]();
+  }
+  return nullptr;
+}
+
 }  // namespace conv3d_3x3x3
 }  // namespace cpu
 }  // namespace uxnet

@@ -17,15 +17,18 @@ using ::uxnet::cpu::conv3d_3x3x3::Geometry;
 using ::uxnet::cpu::conv3d_3x3x3::KernelTable;
 using ::uxnet::cpu::conv3d_3x3x3::kPoints;
 using ::uxnet::cpu::conv3d_3x3x3::kTaps;
+using ::uxnet::cpu::conv3d_3x3x3::PairBlock;
+using ::uxnet::cpu::conv3d_3x3x3::PairKernelTable;
 using ::uxnet::cpu::conv3d_3x3x3::Strides;
 
-template <typename V>
-UXNET_SIMD_INLINE V load_lanes(const Scalar<V>* p, int64_t n) {
+// The first n lanes from p (Mem: the lanes' type, or bf16 for float lanes), the others 0.
+template <typename V, typename Mem>
+UXNET_SIMD_INLINE V load_lanes(const Mem* p, int64_t n) {
   return n == kLanesOf<V> ? load<V>(p) : load_partial<V>(p, n);
 }
 
-template <typename V>
-UXNET_SIMD_INLINE void store_lanes(Scalar<V>* p, V v, int64_t n) {
+template <typename V, typename Mem>
+UXNET_SIMD_INLINE void store_lanes(Mem* p, V v, int64_t n) {
   if (n == kLanesOf<V>) {
     store(p, v);
   } else {
@@ -89,28 +92,53 @@ constexpr int kPanelVectors = kVectorRegisters >= 32 ? 4 : 2;
 template <typename T>
 constexpr int64_t kCols = kPanelVectors * kLanes<T>;
 
+// pts[p] = (G w G^T)[p] of the filters of one input channel (wc[tap][co], C_out per tap) for the output channels
+// [co, co + L): lanes past C_out are 0.
+template <typename T>
+UXNET_SIMD_INLINE void weight_points(const Geometry& g, const T* wc, int64_t co, Vec<T>* pts) {
+  using V = Vec<T>;
+  const int64_t n = std::clamp<int64_t>(g.Cout - co, 0, kLanes<T>);
+  V taps[kTaps];
+  for (int64_t t = 0; t < kTaps; ++t) taps[t] = n > 0 ? load_lanes<V>(wc + t * g.Cout + co, n) : zero<V>();
+  V along_w[3][3][4], along_h[3][4][4];
+  for (int d = 0; d < 3; ++d)
+    for (int h = 0; h < 3; ++h)
+      weight_1d(taps[(d * 3 + h) * 3], taps[(d * 3 + h) * 3 + 1], taps[(d * 3 + h) * 3 + 2], along_w[d][h], 1);
+  for (int d = 0; d < 3; ++d)
+    for (int k = 0; k < 4; ++k) weight_1d(along_w[d][0][k], along_w[d][1][k], along_w[d][2][k], &along_h[d][0][k], 4);
+  for (int j = 0; j < 4; ++j)
+    for (int k = 0; k < 4; ++k) weight_1d(along_h[0][j][k], along_h[1][j][k], along_h[2][j][k], &pts[j * 4 + k], 16);
+}
+
 template <typename T>
 void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end) {
-  using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
   const int64_t point_stride = g.Cin * g.cout_padded();
   for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
-    const T* wc = w + ci * kTaps * g.Cout;
     for (int64_t co = 0; co < g.cout_padded(); co += L) {  // past C_out: zero columns
-      const int64_t n = std::clamp<int64_t>(g.Cout - co, 0, L);
-      V taps[kTaps];
-      for (int64_t t = 0; t < kTaps; ++t) taps[t] = n > 0 ? load_lanes<V>(wc + t * g.Cout + co, n) : zero<V>();
-      V along_w[3][3][4], along_h[3][4][4], pts[kPoints];
-      for (int d = 0; d < 3; ++d)
-        for (int h = 0; h < 3; ++h)
-          weight_1d(taps[(d * 3 + h) * 3], taps[(d * 3 + h) * 3 + 1], taps[(d * 3 + h) * 3 + 2], along_w[d][h], 1);
-      for (int d = 0; d < 3; ++d)
-        for (int k = 0; k < 4; ++k) weight_1d(along_w[d][0][k], along_w[d][1][k], along_w[d][2][k], &along_h[d][0][k], 4);
-      for (int j = 0; j < 4; ++j)
-        for (int k = 0; k < 4; ++k)
-          weight_1d(along_h[0][j][k], along_h[1][j][k], along_h[2][j][k], &pts[j * 4 + k], 16);
+      Vec<T> pts[kPoints];
+      weight_points(g, w + ci * kTaps * g.Cout, co, pts);
       T* dst = u + (co / kCols<T>) * g.Cin * kCols<T> + ci * kCols<T> + co % kCols<T>;
       for (int64_t p = 0; p < kPoints; ++p) store(dst + p * point_stride, pts[p]);
+    }
+  }
+}
+
+// The bf16-pair layout of transform_weight: u[p][panel][k][cols] holds the pair of input channels 2k, 2k + 1.
+void transform_weight_pairs(const Geometry& g, const float* w, uint32_t* u, int64_t pair_begin, int64_t pair_end) {
+  constexpr int64_t L = kLanes<float>;
+  const int64_t pairs = g.cin_row / 2, point_stride = pairs * g.cout_padded();
+  for (int64_t k = pair_begin; k < pair_end; ++k) {
+    for (int64_t co = 0; co < g.cout_padded(); co += L) {
+      Vec<float> even[kPoints], odd[kPoints];
+      weight_points(g, w + 2 * k * kTaps * g.Cout, co, even);
+      if (2 * k + 1 < g.Cin) {
+        weight_points(g, w + (2 * k + 1) * kTaps * g.Cout, co, odd);
+      } else {
+        for (int64_t p = 0; p < kPoints; ++p) odd[p] = zero<Vec<float>>();
+      }
+      uint32_t* dst = u + (co / kCols<float>) * pairs * kCols<float> + k * kCols<float> + co % kCols<float>;
+      for (int64_t p = 0; p < kPoints; ++p) store(dst + p * point_stride, bf16_pairs(even[p], odd[p]));
     }
   }
 }
@@ -129,9 +157,10 @@ inline TileOrigin tile_origin(const Geometry& g, int64_t tile) {
   return TileOrigin{rest / g.TD, 2 * td, 2 * th, 2 * tw};
 }
 
-template <typename T>
-void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& block, int64_t begin, int64_t end,
-                     uint8_t* nonfinite) {
+// x of storage type S (T, or bf16 for float), v rows of VT (T, or bf16: rounded once, the padding channel 0).
+template <typename T, typename S, typename VT>
+void transform_input(const Geometry& g, const S* x, Strides xs, const Block<T, VT>& block, int64_t begin,
+                     int64_t end, uint8_t* nonfinite) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
   for (int64_t t = begin; t < end; ++t) {
@@ -143,16 +172,16 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
       inside[1][i] = o.h - 1 + i >= 0 && o.h - 1 + i < g.H;
       inside[2][i] = o.w - 1 + i >= 0 && o.w - 1 + i < g.W;
     }
-    const T* base = x + o.n * xs.n + (o.d - 1) * xs.d + (o.h - 1) * xs.h + (o.w - 1) * xs.w;
+    const S* base = x + o.n * xs.n + (o.d - 1) * xs.d + (o.h - 1) * xs.h + (o.w - 1) * xs.w;
     // The next tile along W reads two new columns of the window: fetch them while this tile is transformed.
     if (o.w + 2 < g.W) {  // (a prefetch never faults: columns past the volume need no clipping)
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) {
           if (!(inside[0][i] && inside[1][j])) continue;
           const char* next = reinterpret_cast<const char*>(base + i * xs.d + j * xs.h + 4 * xs.w);
-          for (int64_t byte = 0; byte < g.Cin * static_cast<int64_t>(sizeof(T)); byte += 64) {
+          for (int64_t byte = 0; byte < g.Cin * static_cast<int64_t>(sizeof(S)); byte += 64) {
             __builtin_prefetch(next + byte, 0, 3);
-            __builtin_prefetch(next + byte + xs.w * static_cast<int64_t>(sizeof(T)), 0, 3);
+            __builtin_prefetch(next + byte + xs.w * static_cast<int64_t>(sizeof(S)), 0, 3);
           }
         }
     }
@@ -174,10 +203,11 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
         for (int k = 0; k < 4; ++k) input_1d(a + i * 16 + k, 4);
       for (int j = 0; j < 4; ++j)
         for (int k = 0; k < 4; ++k) input_1d(a + j * 4 + k, 16);
-      T* dst = block.v + t * kPoints * g.Cin + c;
+      VT* dst = block.v + t * kPoints * g.cin_row + c;
+      const int64_t stored = std::min<int64_t>(L, g.cin_row - c);  // with the padding channel of bf16 pairs
       for (int64_t p = 0; p < kPoints; ++p) {
         poison = poison + a[p] * zero<V>();  // NaN in a lane once any transformed value is NaN or infinite
-        store_lanes(dst + p * g.Cin, a[p], n);
+        store_lanes(dst + p * g.cin_row, a[p], stored);
       }
     }
     const T probe = hsum(poison);
@@ -185,81 +215,123 @@ void transform_input(const Geometry& g, const T* x, Strides xs, const Block<T>& 
   }
 }
 
-// m[r][0 .. NV vectors) = sum over ci of v[r][ci] * panel[ci][0 .. NV vectors) for R rows, one fma per term in ci
-// order.
-template <typename T, int R, int NV>
-UXNET_SIMD_INLINE void multiply_rows(const T* v, int64_t v_stride, int64_t cin, const T* panel, T* m,
-                                     int64_t m_stride) {
-  using V = Vec<T>;
-  constexpr int64_t L = kLanes<T>;
-  V acc[R][NV];
+// The two kinds of products of the forward's micro-kernel, over rows of In: float32 / float64 fma, and bf16 pairs
+// (two input channels per 32-bit element, dot_bf16) accumulated in float32.
+template <typename T>
+struct FmaProducts {
+  using In = T;
+  using Acc = Vec<T>;
+  using B = Vec<T>;
+  static constexpr int64_t kPerIn = 1;  // input channels per element of In
+  static UXNET_SIMD_INLINE B load_b(const In* p) { return load<B>(p); }
+  static UXNET_SIMD_INLINE B broadcast_a(In a) { return broadcast<B>(a); }
+  static UXNET_SIMD_INLINE Acc step(Acc acc, B a, B b) { return fma(a, b, acc); }
+};
+
+struct Bf16PairProducts {
+  using In = uint32_t;
+  using Acc = Vec<float>;
+  using B = Bits32<Acc>;
+  static constexpr int64_t kPerIn = 2;
+  static UXNET_SIMD_INLINE B load_b(const In* p) { return load<B>(p); }
+  static UXNET_SIMD_INLINE B broadcast_a(In a) { return broadcast<B>(a); }
+  static UXNET_SIMD_BF16_TARGET UXNET_SIMD_INLINE Acc step(Acc acc, B a, B b) { return dot_bf16(acc, a, b); }
+};
+
+// The register block of both matrix products (the forward's m = v u and the weight gradient's du += v^T m):
+// c[r][0 .. NV vectors) (+)= sum over k, in order, of a[r * a_row + k * a_k] * b[k * b_k + 0 .. NV vectors), for R
+// rows, one Ops::step per term; kAccumulate: c starts from its stored values, else from 0.
+// (UXNET_SIMD_BF16_TARGET: the pair products' vdpbf16ps; it adds nothing the float kernels use.)
+template <typename Ops, int R, int NV, bool kAccumulate>
+UXNET_SIMD_BF16_TARGET UXNET_SIMD_INLINE void rank1_block(int64_t depth, const typename Ops::In* a, int64_t a_row,
+                                                          int64_t a_k, const typename Ops::In* b, int64_t b_k,
+                                                          Scalar<typename Ops::Acc>* c, int64_t c_row) {
+  using Acc = typename Ops::Acc;
+  using B = typename Ops::B;
+  constexpr int64_t L = kLanesOf<Acc>;
+  Acc acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j] = zero<V>();
-  for (int64_t k = 0; k < cin; ++k) {
-    V b[NV];
+    for (int j = 0; j < NV; ++j) acc[r][j] = kAccumulate ? load<Acc>(c + r * c_row + j * L) : zero<Acc>();
+  for (int64_t k = 0; k < depth; ++k, a += a_k, b += b_k) {
+    B bk[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) b[j] = load<V>(panel + k * kCols<T> + j * L);
+    for (int j = 0; j < NV; ++j) bk[j] = Ops::load_b(b + j * L);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V a = broadcast<V>(v[r * v_stride + k]);
+      const B ar = Ops::broadcast_a(a[r * a_row]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = fma(a, b[j], acc[r][j]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = Ops::step(acc[r][j], ar, bk[j]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store(m + r * m_stride + j * L, acc[r][j]);
+    for (int j = 0; j < NV; ++j) store(c + r * c_row + j * L, acc[r][j]);
 }
 
-// One panel of output channels (NV of its vectors hold channels < C_out) for every row of the block.
-template <typename T, int NV>
-void multiply_panel(int64_t rows, const T* v, int64_t v_stride, int64_t cin, const T* panel, T* m, int64_t m_stride) {
+// rank1_block over `rows` rows of a and c, kRows at a time (a's rows a_row apart, c's c_row apart), for one panel of
+// NV vectors.
+template <typename Ops, int NV, bool kAccumulate>
+UXNET_SIMD_BF16_TARGET void rank1_panel(int64_t rows, int64_t depth, const typename Ops::In* a, int64_t a_row,
+                                        int64_t a_k, const typename Ops::In* b, int64_t b_k,
+                                        Scalar<typename Ops::Acc>* c, int64_t c_row) {
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) {
-    multiply_rows<T, kRows, NV>(v + r * v_stride, v_stride, cin, panel, m + r * m_stride, m_stride);
+    rank1_block<Ops, kRows, NV, kAccumulate>(depth, a + r * a_row, a_row, a_k, b, b_k, c + r * c_row, c_row);
   }
-  v += r * v_stride;
-  m += r * m_stride;
-  switch (rows - r) {  // the last rows of the block
-    case 5: return multiply_rows<T, 5, NV>(v, v_stride, cin, panel, m, m_stride);
-    case 4: return multiply_rows<T, 4, NV>(v, v_stride, cin, panel, m, m_stride);
-    case 3: return multiply_rows<T, 3, NV>(v, v_stride, cin, panel, m, m_stride);
-    case 2: return multiply_rows<T, 2, NV>(v, v_stride, cin, panel, m, m_stride);
-    case 1: return multiply_rows<T, 1, NV>(v, v_stride, cin, panel, m, m_stride);
+  a += r * a_row;
+  c += r * c_row;
+  switch (rows - r) {  // the last rows
+    case 5: return rank1_block<Ops, 5, NV, kAccumulate>(depth, a, a_row, a_k, b, b_k, c, c_row);
+    case 4: return rank1_block<Ops, 4, NV, kAccumulate>(depth, a, a_row, a_k, b, b_k, c, c_row);
+    case 3: return rank1_block<Ops, 3, NV, kAccumulate>(depth, a, a_row, a_k, b, b_k, c, c_row);
+    case 2: return rank1_block<Ops, 2, NV, kAccumulate>(depth, a, a_row, a_k, b, b_k, c, c_row);
+    case 1: return rank1_block<Ops, 1, NV, kAccumulate>(depth, a, a_row, a_k, b, b_k, c, c_row);
     default: return;
   }
 }
 
-template <typename T>
-void multiply(const Geometry& g, const Block<T>& block, const T* u, int64_t p_begin, int64_t p_end) {
-  static_assert(kRows == 6 && kPanelVectors <= 4, "multiply_panel's row tails and the NV switch below");
-  constexpr int64_t L = kLanes<T>;
-  const int64_t cout = g.cout_padded();
-  const int64_t v_stride = kPoints * g.Cin, m_stride = kPoints * cout;  // tile-major: [tile][point][channel]
+// rank1_panel for the vectors of one column panel that hold output channels (the last panel of a C_out that is not
+// a multiple of kCols skips its zero columns).
+template <typename Ops, bool kAccumulate>
+UXNET_SIMD_BF16_TARGET void rank1_columns(const Geometry& g, int64_t panel, int64_t rows, int64_t depth,
+                                          const typename Ops::In* a, int64_t a_row, int64_t a_k,
+                                          const typename Ops::In* b, int64_t b_k, Scalar<typename Ops::Acc>* c,
+                                          int64_t c_row) {
+  static_assert(kRows == 6 && kPanelVectors <= 4, "rank1_panel's row tails and the NV switch below");
+  constexpr int64_t L = kLanesOf<typename Ops::Acc>;
+  const int64_t vectors = std::min<int64_t>(kPanelVectors, (g.Cout - panel * kPanelVectors * L + L - 1) / L);
+  switch (vectors) {
+    case 1: return rank1_panel<Ops, 1, kAccumulate>(rows, depth, a, a_row, a_k, b, b_k, c, c_row);
+    case 2: return rank1_panel<Ops, 2, kAccumulate>(rows, depth, a, a_row, a_k, b, b_k, c, c_row);
+    case 3:
+      return rank1_panel<Ops, kPanelVectors >= 3 ? 3 : 1, kAccumulate>(rows, depth, a, a_row, a_k, b, b_k, c, c_row);
+    default: return rank1_panel<Ops, kPanelVectors, kAccumulate>(rows, depth, a, a_row, a_k, b, b_k, c, c_row);
+  }
+}
+
+// block.m[p] = block.v[p] u[p] for the points [p_begin, p_end); u: the packed weight in Ops::In elements.
+template <typename Ops, typename T, typename VT>
+UXNET_SIMD_BF16_TARGET void multiply(const Geometry& g, const Block<T, VT>& block, const typename Ops::In* u,
+                                     int64_t p_begin, int64_t p_end) {
+  using In = typename Ops::In;
+  const int64_t depth = g.cin_row / Ops::kPerIn, cout = g.cout_padded();
+  const int64_t v_stride = kPoints * depth, m_stride = kPoints * cout;  // tile-major: [tile][point][channel]
+  const In* v_rows = reinterpret_cast<const In*>(block.v);
   for (int64_t p = p_begin; p < p_end; ++p) {
-    const T* v = block.v + p * g.Cin;
-    T* m = block.m + p * cout;
     for (int64_t panel = 0; panel < g.panels(); ++panel) {
-      const T* up = u + (p * g.panels() + panel) * g.Cin * kCols<T>;
-      T* mp = m + panel * kCols<T>;
-      // Vectors of the panel that hold output channels (the last panel of a C_out that is not a multiple of
-      // kCols skips its zero columns).
-      const int64_t vectors = std::min<int64_t>(kPanelVectors, (g.Cout - panel * kCols<T> + L - 1) / L);
-      switch (vectors) {
-        case 1: multiply_panel<T, 1>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
-        case 2: multiply_panel<T, 2>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
-        case 3: multiply_panel<T, kPanelVectors >= 3 ? 3 : 1>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
-        default: multiply_panel<T, kPanelVectors>(block.count, v, v_stride, g.Cin, up, mp, m_stride); break;
-      }
+      const In* up = u + (p * g.panels() + panel) * depth * kCols<T>;
+      rank1_columns<Ops, false>(g, panel, block.count, depth, v_rows + p * depth, v_stride, 1, up, kCols<T>,
+                                block.m + p * cout + panel * kCols<T>, m_stride);
     }
   }
 }
 
-template <typename T>
-void transform_output(const Geometry& g, const Block<T>& block, const T* bias, int64_t begin, int64_t end, T* out,
+// out of storage type S (T, or bf16 for float: rounded once).
+template <typename T, typename VT, typename S>
+void transform_output(const Geometry& g, const Block<T, VT>& block, const T* bias, int64_t begin, int64_t end, S* out,
                       Strides os) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
@@ -268,7 +340,7 @@ void transform_output(const Geometry& g, const Block<T>& block, const T* bias, i
     const TileOrigin o = tile_origin(g, block.first + t);
     const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
     const int nw = std::min<int64_t>(2, g.W - o.w);
-    T* base = out + o.n * os.n + o.d * os.d + o.h * os.h + o.w * os.w;
+    S* base = out + o.n * os.n + o.d * os.d + o.h * os.h + o.w * os.w;
     const T* src = block.m + t * kPoints * cout;
     for (int64_t c = 0; c < g.Cout; c += L) {
       const int64_t n = std::min<int64_t>(L, g.Cout - c);
@@ -332,75 +404,18 @@ void transform_grad_output(const Geometry& g, const T* dy, Strides ys, const Blo
   }
 }
 
-// du[p][ci][co] += sum over the block's tiles t, in order, of v[t][p][ci] * m[t][p][co], for R rows of ci and NV
-// vectors of one panel of co.
-template <typename T, int R, int NV>
-UXNET_SIMD_INLINE void accumulate_rows(int64_t tiles, const T* v, int64_t v_stride, const T* m, int64_t m_stride,
-                                       T* du, int64_t du_stride) {
-  using V = Vec<T>;
-  constexpr int64_t L = kLanes<T>;
-  V acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j] = load<V>(du + r * du_stride + j * L);
-  for (int64_t t = 0; t < tiles; ++t) {
-    V b[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) b[j] = load<V>(m + t * m_stride + j * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const V a = broadcast<V>(v[t * v_stride + r]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] = fma(a, b[j], acc[r][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store(du + r * du_stride + j * L, acc[r][j]);
-}
-
-template <typename T, int NV>
-void accumulate_panel(const Geometry& g, int64_t tiles, const T* v, int64_t v_stride, const T* m, int64_t m_stride,
-                      T* du, int64_t du_stride) {
-  int64_t ci = 0;
-  for (; ci + kRows <= g.Cin; ci += kRows) {
-    accumulate_rows<T, kRows, NV>(tiles, v + ci, v_stride, m, m_stride, du + ci * du_stride, du_stride);
-  }
-  v += ci;
-  du += ci * du_stride;
-  switch (g.Cin - ci) {  // the last rows of C_in
-    case 5: return accumulate_rows<T, 5, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
-    case 4: return accumulate_rows<T, 4, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
-    case 3: return accumulate_rows<T, 3, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
-    case 2: return accumulate_rows<T, 2, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
-    case 1: return accumulate_rows<T, 1, NV>(tiles, v, v_stride, m, m_stride, du, du_stride);
-    default: return;
-  }
-}
-
-// du[p] (C_in x cout_padded, row-major) += v[p]^T m[p] over the block's tiles, for the points [p_begin, p_end).
-// One thread owns a point for the whole call, and tiles are summed in order: bitwise the same for any thread count.
+// du[p] (C_in x cout_padded, row-major) += v[p]^T m[p] over the block's tiles, for the points [p_begin, p_end):
+// rows are input channels, the sum runs over tiles. One thread owns a point for the whole call, and tiles are summed
+// in order: bitwise the same for any thread count.
 template <typename T>
 void multiply_grad(const Geometry& g, const Block<T>& block, T* du, int64_t p_begin, int64_t p_end) {
-  constexpr int64_t L = kLanes<T>;
   const int64_t cout = g.cout_padded();
   const int64_t v_stride = kPoints * g.Cin, m_stride = kPoints * cout;
   for (int64_t p = p_begin; p < p_end; ++p) {
     for (int64_t panel = 0; panel < g.panels(); ++panel) {
-      const T* v = block.v + p * g.Cin;
-      const T* m = block.m + p * cout + panel * kCols<T>;
-      T* dup = du + p * g.Cin * cout + panel * kCols<T>;
-      const int64_t vectors = std::min<int64_t>(kPanelVectors, (g.Cout - panel * kCols<T> + L - 1) / L);
-      switch (vectors) {
-        case 1: accumulate_panel<T, 1>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
-        case 2: accumulate_panel<T, 2>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
-        case 3:
-          accumulate_panel<T, kPanelVectors >= 3 ? 3 : 1>(g, block.count, v, v_stride, m, m_stride, dup, cout);
-          break;
-        default: accumulate_panel<T, kPanelVectors>(g, block.count, v, v_stride, m, m_stride, dup, cout); break;
-      }
+      rank1_columns<FmaProducts<T>, true>(g, panel, g.Cin, block.count, block.v + p * g.Cin, 1, v_stride,
+                                          block.m + p * cout + panel * kCols<T>, m_stride,
+                                          du + p * g.Cin * cout + panel * kCols<T>, cout);
     }
   }
 }
@@ -468,14 +483,24 @@ const KernelTable<T>& table() {
                                       kLanes<T>,
                                       kCols<T>,
                                       &transform_weight<T>,
-                                      &transform_input<T>,
-                                      &multiply<T>,
-                                      &transform_output<T>,
+                                      &transform_input<T, T, T>,
+                                      &multiply<FmaProducts<T>, T, T>,
+                                      &transform_output<T, T, T>,
                                       &direct_tile<T>,
                                       &transform_grad_output<T>,
                                       &multiply_grad<T>,
                                       &transform_weight_grad<T>};
   return kernels;
+}
+
+inline const PairKernelTable* pair_table() {
+  static const PairKernelTable kernels{::uxnet::cpu::simd::isa_name(kIsa),
+                                       kCols<float>,
+                                       &transform_weight_pairs,
+                                       &transform_input<float, ::uxnet::cpu::simd::bf16, ::uxnet::cpu::simd::bf16>,
+                                       &multiply<Bf16PairProducts, float, ::uxnet::cpu::simd::bf16>,
+                                       &transform_output<float, ::uxnet::cpu::simd::bf16, ::uxnet::cpu::simd::bf16>};
+  return &kernels;
 }
 
 }  // namespace conv3d_3x3x3_kernels

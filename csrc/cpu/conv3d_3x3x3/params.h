@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "cpu/simd/config.h"
 #include "cpu/simd/isa.h"
 
 namespace uxnet {
@@ -31,6 +32,7 @@ struct Geometry {
   int64_t N, Cin, Cout, D, H, W;
   int64_t TD, TH, TW;  // tiles along each axis: ceil(size / 2)
   int64_t cols;        // output channels per column panel of the micro-kernel (KernelTable::cols)
+  int64_t cin_row;     // elements of a row of v: C_in (bf16 pairs: rounded up to even, the extra channel zero)
   int64_t tiles() const { return N * TD * TH * TW; }
   int64_t panels() const { return (Cout + cols - 1) / cols; }
   int64_t cout_padded() const { return panels() * cols; }
@@ -38,17 +40,20 @@ struct Geometry {
 
 inline Geometry make_geometry(int64_t N, int64_t Cin, int64_t Cout, int64_t D, int64_t H, int64_t W,
                               int64_t cols) {
-  return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2, cols};
+  return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2, cols, Cin};
 }
 
-// One block of tiles [first, first + count) and its buffers, tile-major: v [count][kPoints][Cin],
-// m [count][kPoints][cout_padded] (a tile's transform reads or writes one contiguous run).
-template <typename T>
+// One block of tiles [first, first + count) and its buffers, tile-major: v [count][kPoints][cin_row] of VT,
+// m [count][kPoints][cout_padded] of T (a tile's transform reads or writes one contiguous run).
+template <typename T, typename VT = T>
 struct Block {
   int64_t first, count;
-  T* v;
+  VT* v;
   T* m;
 };
+
+// bfloat16 products: v in bf16, m in float32.
+using PairBlock = Block<float, simd::bf16>;
 
 // One ISA's kernels for compute type T (float or double). Ranges [begin, end) index tiles of the block (or, for
 // transform_weight, input channels), so a block can be split across threads.
@@ -86,7 +91,26 @@ struct KernelTable {
   void (*transform_weight_grad)(const Geometry& g, const T* du, T* dw, int64_t ci_begin, int64_t ci_end);
 };
 
+// The forward with bfloat16 products: inputs and weights transformed in float32 and rounded to bf16, the matrix
+// products in pairs of input channels (vec.h's dot_bf16: vdpbf16ps, float32 accumulation), the output transform in
+// float32 and the output rounded to bf16 once. u[p][panel][ci / 2][cols] holds pairs (channel 2k in the low half;
+// an odd C_in's last pair has a zero high half), m rows are float32.
+struct PairKernelTable {
+  const char* isa;
+  int64_t cols;
+  void (*transform_weight)(const Geometry& g, const float* w, uint32_t* u, int64_t pair_begin, int64_t pair_end);
+  void (*transform_input)(const Geometry& g, const simd::bf16* x, Strides xs, const PairBlock& block, int64_t begin,
+                          int64_t end, uint8_t* nonfinite);
+  void (*multiply)(const Geometry& g, const PairBlock& block, const uint32_t* u, int64_t p_begin, int64_t p_end);
+  void (*transform_output)(const Geometry& g, const PairBlock& block, const float* bias, int64_t begin, int64_t end,
+                           simd::bf16* out, Strides os);
+};
+
 const KernelTable<float>& kernels_f32(simd::Isa isa);
+// The bf16-product kernels of `isa`, or nullptr where it does not run them: the avx512 variant on CPUs with
+// AVX512_BF16 (native vdpbf16ps) and avx512-emulated (its exact emulation, for tests); avx2 and generic compute
+// bf16 inputs in float32 (an emulated dot product is slower than their float32 FMA).
+const PairKernelTable* pair_kernels(simd::Isa isa);
 const KernelTable<double>& kernels_f64(simd::Isa isa);
 
 template <typename T>

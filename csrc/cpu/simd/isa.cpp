@@ -31,6 +31,15 @@ bool cpu_has_avx512() {
 
 }  // namespace
 
+bool cpu_has_bf16_dot() {
+#if defined(UXNET_SIMD_X86)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::generic: return "generic";

@@ -32,6 +32,9 @@ int vector_bytes(Isa isa);
 // Whether the variant was compiled into this library and this CPU (and OS) can run it; if not, why not.
 bool isa_available(Isa isa, std::string* why_not = nullptr);
 
+// Whether this CPU runs AVX512_BF16's vdpbf16ps (with AVX-512 F/BW/VL/DQ): the avx512 variant's native dot_bf16.
+bool cpu_has_bf16_dot();
+
 // The best available variant: avx512, then avx2, then generic (never the emulated one).
 Isa best_isa();
 

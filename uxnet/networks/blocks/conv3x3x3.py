@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import uxnet_kernels as uk
-from uxnet_kernels import dispatch
+from uxnet_kernels import autocast, dispatch
 from uxnet_kernels.ops import conv3d_3x3x3 as conv_op
 
 # The first convolution (1 input channel) runs direct; 16 is the smallest input width measured faster.
@@ -51,7 +51,9 @@ class WinogradWeightCache:
         self._entries: Dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
-    def packed(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+    def packed(self, key: str, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The packed ``weight.to(dtype)`` (default: weight's dtype; bf16 autocast packs the weight it rounds to)."""
+        key = key if dtype is None or dtype == weight.dtype else f"{key}:{dtype}"
         entry = self._entries.get(key)
         if entry is not None and _same_weight(entry, weight):
             return entry.packed
@@ -59,7 +61,8 @@ class WinogradWeightCache:
             entry = self._entries.get(key)
             if entry is None or not _same_weight(entry, weight):
                 self._entries.pop(key, None)  # free the stale one before packing the new one
-                entry = _Entry(weight.detach(), weight._version, uk.conv3d_3x3x3_pack_weight(weight.detach()))
+                source = weight.detach() if dtype is None else weight.detach().to(dtype)
+                entry = _Entry(weight.detach(), weight._version, uk.conv3d_3x3x3_pack_weight(source))
                 self._entries[key] = entry
             return entry.packed
 
@@ -92,12 +95,17 @@ def _same_weight(entry: _Entry, weight: torch.Tensor) -> bool:
 
 def runs_winograd(x: torch.Tensor, in_channels: int) -> bool:
     """Whether ``conv3x3x3`` runs ``uxnet_kernels.conv3d_3x3x3`` on x with a weight of ``in_channels`` input
-    channels: CPU tensors in float32 or float64 with at least ``MIN_IN_CHANNELS`` input channels, outside CPU
-    autocast, and not while an exporter traces the model (graph exports hold ``F.conv3d`` and no layout changes,
-    which the TorchScript ONNX exporter cannot express). Under bfloat16 autocast the kernel would compute in float32:
-    measured no faster than oneDNN's bfloat16 convolution, so oneDNN keeps it."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and in_channels >= MIN_IN_CHANNELS
-            and not torch.is_autocast_enabled("cpu") and not dispatch.exporting())
+    channels: CPU tensors with at least ``MIN_IN_CHANNELS`` input channels, not while an exporter traces the model
+    (graph exports hold ``F.conv3d`` and no layout changes, which the TorchScript ONNX exporter cannot express), in
+    float32 or float64 outside autocast, or under bfloat16 CPU autocast without autograd where the kernels run bf16
+    products (``conv3d_3x3x3.bf16_products()``: 1.4-2.4x oneDNN's bfloat16 convolution, docs/PERFORMANCE.md).
+    Autocast training keeps oneDNN: the op's bfloat16 gradients compute in float32, not measured faster."""
+    if x.device.type != "cpu" or in_channels < MIN_IN_CHANNELS or dispatch.exporting():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return (autocast.active_dtype(x) == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+                and not torch.is_grad_enabled() and conv_op.bf16_products())
+    return x.dtype in (torch.float32, torch.float64)
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +142,11 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, cache: Optional[WinogradWei
             return narrow_conv3x3x3_channels_last(x, weight)
         return F.conv3d(x, weight, padding=1)
     x = channels_last(x)
+    dtype = autocast.active_dtype(x)  # the dtype x and weight are cast to (None outside autocast)
     # Inference tensors (a model built under inference_mode) have no version counter to tell a change by.
     if cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and not weight.is_inference() and conv_op.runs_packed(x, weight):
-        return uk.conv3d_3x3x3(x, weight, packed_weight=cache.packed(key, weight))
+            and not weight.is_inference() and conv_op.runs_packed(x, weight, dtype):
+        return uk.conv3d_3x3x3(x, weight, packed_weight=cache.packed(key, weight, dtype))
     return uk.conv3d_3x3x3(x, weight)
 
 
@@ -150,6 +159,8 @@ def describe(device: str = "cpu") -> str:
     if backend != "cpu":
         return (f"uxnet_kernels.conv3d_3x3x3 on the {backend} backend (F.conv3d: no Winograd kernel here) for "
                 f">= {MIN_IN_CHANNELS} input channels")
+    bf16 = ("Winograd with bf16 products (vdpbf16ps), packed bf16 weights cached" if conv_op.bf16_products()
+            else "F.conv3d (oneDNN; this ISA has no bf16 products)")
     return (f"uxnet_kernels.conv3d_3x3x3, Winograd F(2x2x2, 3x3x3) on the cpu backend, for >= {MIN_IN_CHANNELS} "
             "input channels in float32/float64 (channels-last blocks; eval without autograd: packed weights cached "
-            "per block); under bfloat16 autocast and below that width: F.conv3d (oneDNN)")
+            f"per block); under bfloat16 autocast without autograd: {bf16}; below that width: F.conv3d (oneDNN)")
