@@ -133,10 +133,62 @@ inline void check_conversions(Report& r) {
   for (int64_t i = 0; i < L; ++i) r.check(ints[i] == static_cast<int32_t>(small[i]), "to_wide float -> int", i);
 }
 
+inline float flush_denormal(float v) { return std::fabs(v) < std::numeric_limits<float>::min() ? std::copysign(0.0f, v) : v; }
+
+// bf16_pairs and dot_bf16 against scalar C++: pairs hold c10::BFloat16's rounding of each half; the dot product adds
+// the odd product, then the even one, each exactly rounded once, denormals (inputs, acc, results) flushed to zero.
+// Finite values without float32 overflow (where vdpbf16ps keeps a wider exponent); zero results compared without
+// their sign (vdpbf16ps's sign of an all-zero sum differs from IEEE's).
+UXNET_SIMD_BF16_TARGET inline void check_bf16_dot(Report& r) {
+  using VF = Vec<float>;
+  using P = Bits32<VF>;
+  constexpr int64_t L = kLanes<float>;
+  // Special values, then pseudo-random ones (whose sums round differently in another order).
+  const float values[] = {0.0f, -0.0f, 1.0f, -1.5f, 3.25f, 1e-39f, -2e-38f, 1.00390625f, 1.01171875f, -2.7182818f,
+                          1e-3f, 123456.789f, 6e-20f, -7e-20f, 0.3333333f, -1e-5f};
+  uint32_t state = 12345u;
+  const auto random_float = [&state]() {
+    state = state * 1664525u + 1013904223u;
+    const uint32_t bits = (state & 0x807fffffu) | ((118u + (state >> 24) % 16u) << 23);  // |x| in [2^-9, 2^7)
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  };
+  for (int round = 0; round < 64; ++round) {
+    const int offset = round % 16;
+    VF even, odd, acc, b_even, b_odd;
+    for (int64_t i = 0; i < L; ++i) {
+      const bool special = round < 16;
+      even[i] = special ? values[(i + offset) % 16] : random_float();
+      odd[i] = special ? values[(i + offset + 5) % 16] : random_float();
+      acc[i] = special ? values[(i + offset + 11) % 16] : random_float();
+      b_even[i] = special ? values[(i + offset + 7) % 16] : random_float();
+      b_odd[i] = special ? values[(i + offset + 2) % 16] : random_float();
+    }
+    const P a = bf16_pairs(even, odd), b = bf16_pairs(b_even, b_odd);
+    for (int64_t i = 0; i < L; ++i) {
+      const uint32_t want = ::uxnet::cpu::simd::float_to_bf16(even[i]).bits |
+                            (static_cast<uint32_t>(::uxnet::cpu::simd::float_to_bf16(odd[i]).bits) << 16);
+      r.check(a[i] == want, "bf16_pairs", i);
+    }
+    const VF got = dot_bf16(acc, a, b);
+    for (int64_t i = 0; i < L; ++i) {
+      const auto half = [](uint32_t pair, int k) {
+        return flush_denormal(::uxnet::cpu::simd::bf16_to_float(::uxnet::cpu::simd::bf16{
+            static_cast<uint16_t>(k ? pair >> 16 : pair & 0xffffu)}));
+      };
+      float want = flush_denormal(std::fma(half(a[i], 1), half(b[i], 1), flush_denormal(acc[i])));
+      want = flush_denormal(std::fma(half(a[i], 0), half(b[i], 0), want));
+      r.check(got[i] == want, "dot_bf16", i);
+    }
+  }
+}
+
 inline void run(Report& r) {
   check_type<float>(r);
   check_type<double>(r);
   check_conversions(r);
+  if (!kNativeBf16Dot || ::uxnet::cpu::simd::cpu_has_bf16_dot()) check_bf16_dot(r);
 }
 
 }  // namespace selftest

@@ -379,6 +379,11 @@ def test_few_tiles_and_large_filters_run_the_direct_convolution(layout):
     out = cpp_op("conv3d_3x3x3")(x, w, b)
     want = reference.conv3d_3x3x3(x.double(), w.double(), b.double())
     assert torch.equal(torch.isfinite(out), torch.isfinite(want)) and not torch.isfinite(out[:, 3]).any()
+    # bfloat16 (8 MB of transformed filters from 256 channels): ATen's bfloat16 convolution itself, NCDHW
+    x, w, b = (t.bfloat16() for t in conv3d_3x3x3_args((1, 272, 3, 4, 5), 272, torch.float32, layout))
+    out = cpp_op("conv3d_3x3x3")(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=expected_format(x))
+    assert torch.equal(out, F.conv3d(x.contiguous(), w, b, padding=1))
 
 
 @cpu_kernel_poisoned

@@ -124,6 +124,9 @@ def narrow_conv3x3x3_channels_last(x: torch.Tensor, weight: torch.Tensor) -> tor
     matrix of shifted copies of x times the (27·C_in, C_out) filter. oneDNN's direct convolution of a 1-channel
     input returns NCDHW, and the copy to channels-last cost as much as the convolution (96³, 48 channels, Zen 4:
     145 + 118 ms against 164 ms). Inference only: under autograd the product would keep the 27-fold copy."""
+    dtype = autocast.active_dtype(x)
+    if dtype is not None:  # cast before the 27-fold copy, which autocast's matmul would cast afterwards
+        x, weight = x.to(dtype), weight.to(dtype)
     n, c, d, h, w = x.shape
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1, 1, 1))
     windows = padded.unfold(2, 3, 1).unfold(3, 3, 1).unfold(4, 3, 1)  # (N, C, D, H, W, 3, 3, 3)

@@ -266,10 +266,16 @@ class UnetOutBlock(nn.Module):
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"UnetOutBlock: expected {conv.in_channels} input channels, got {x.shape[1]}")
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+            n, c, d, h, w = x.shape
+            rows = x.permute(0, 2, 3, 4, 1).reshape(n, -1, c)  # (N, D·H·W, C), a view
+            weight = conv.weight.view(1, -1, c).expand(n, -1, -1)
+            if not torch.is_grad_enabled():
+                # (C_out, C) times the transposed rows writes NCDHW directly (no transposing copy of the output)
+                out = torch.baddbmm(conv.bias.view(1, -1, 1), weight, rows.transpose(1, 2))
+                return out.view(n, -1, d, h, w)
             # (N·D·H·W, C) rows: the gradient reaching x is channels-last as well, so the blocks before it get the
             # layout they computed in (a (N, C, V) product would hand them NCDHW gradients to copy back).
-            n, c, d, h, w = x.shape
-            rows = torch.addmm(conv.bias, x.permute(0, 2, 3, 4, 1).reshape(-1, c), conv.weight.view(-1, c).t())
+            rows = torch.addmm(conv.bias, rows.reshape(-1, c), conv.weight.view(-1, c).t())
             return rows.view(n, d, h, w, -1).permute(0, 4, 1, 2, 3).contiguous()
         weight = conv.weight.view(1, conv.out_channels, conv.in_channels).expand(x.shape[0], -1, -1)
         out = torch.baddbmm(conv.bias.view(1, -1, 1), weight, x.flatten(2))
