@@ -379,6 +379,14 @@ def test_few_tiles_and_large_filters_run_the_direct_convolution(layout):
     out = cpp_op("conv3d_3x3x3")(x, w, b)
     want = reference.conv3d_3x3x3(x.double(), w.double(), b.double())
     assert torch.equal(torch.isfinite(out), torch.isfinite(want)) and not torch.isfinite(out[:, 3]).any()
+    # With a packed weight the kernels run Winograd there: bitwise the tiles of the same input zero-padded to a
+    # volume with enough tiles to run Winograd without packing (each tile sees the same window).
+    x, w, b = conv3d_3x3x3_args((1, 192, 3, 4, 5), 192, torch.float32, layout)
+    big = torch.zeros(1, 192, 16, 16, 16)
+    big[:, :, :3, :4, :5] = x
+    with torch.no_grad():
+        packed_out = uk.conv3d_3x3x3(x, w, b, packed_weight=uk.conv3d_3x3x3_pack_weight(w))
+    assert torch.equal(packed_out, cpp_op("conv3d_3x3x3")(to_layout(big, layout), w, b)[:, :, :3, :4, :5])
     # bfloat16 (8 MB of transformed filters from 256 channels): ATen's bfloat16 convolution itself, NCDHW
     x, w, b = (t.bfloat16() for t in conv3d_3x3x3_args((1, 272, 3, 4, 5), 272, torch.float32, layout))
     out = cpp_op("conv3d_3x3x3")(x, w, b)

@@ -171,15 +171,19 @@ def conv3d_3x3x3_pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.uxnet.conv3d_3x3x3_pack_weight(weight)
 
 
-def runs_packed(x: torch.Tensor, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether ``conv3d_3x3x3(x, weight, packed_weight=)`` would use a packed weight now, with x and weight in
-    ``dtype`` (default x's; under autocast, the autocast dtype): the CPU kernel serves x (not while exporting or on
-    another backend) and runs Winograd for these shapes (not ATen's direct convolution, which it picks for few
-    tiles with large filters)."""
-    if dispatch.would_select(FAMILY, x) != "cpu":
-        return False
+def runs_packed(x: torch.Tensor) -> bool:
+    """Whether ``conv3d_3x3x3(x, weight, packed_weight=)`` would use a packed weight now: the CPU kernel serves x (not
+    while exporting or on another backend)."""
+    return dispatch.would_select(FAMILY, x) == "cpu"
+
+
+def prefers_direct(x: torch.Tensor, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether, without a packed weight, the CPU kernel runs ATen's direct convolution for x and weight in ``dtype``
+    (default x's): few tiles with large filters, where transforming the weight per call costs more than the products
+    save. With a packed weight these shapes run Winograd too (768 -> 768 @ 6^3: about 2x oneDNN, docs/PERFORMANCE.md),
+    at 64/27 times the filter's memory."""
     element_size = torch.empty((), dtype=dtype or x.dtype).element_size()  # as the C++ side reads the weight
-    return not _extension.conv3d_3x3x3_prefers_direct(x.shape, weight.shape, element_size)
+    return _extension.conv3d_3x3x3_prefers_direct(x.shape, weight.shape, element_size)
 
 
 def _refuse_autograd(*tensors) -> None:

@@ -13,14 +13,15 @@ namespace cpu {
 namespace conv3d_3x3x3 {
 
 // F.conv3d(x, weight, bias, padding=1) for x float32 or float64 (weight and bias of x's dtype), returned
-// channels-last in x's dtype (few tiles with large filters: ATen's convolution, NCDHW). Tiles whose input
+// channels-last in x's dtype (few tiles with large filters without a packed weight: ATen's convolution, NCDHW). Tiles whose input
 // window holds a NaN or an Inf, and every tile when a weight is non-finite, are computed directly (see
 // KernelTable::direct_tile for multiply_padding). `packed`: the weight's transformed points from
 // conv3d_3x3x3_pack_weight (checked by the caller), or undefined to transform them here.
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool multiply_padding, const at::Tensor& packed);
 
-// Few tiles with large filters, where ATen's direct convolution (oneDNN) is faster (forward.cpp).
+// Few tiles with large filters, where ATen's direct convolution (oneDNN) is faster than transforming the weight per
+// call (forward.cpp).
 bool prefers_direct(const at::Tensor& x, const at::Tensor& weight);
 bool prefers_direct(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin, int64_t element_size);
 // Whether bfloat16 inputs run bf16 products on the selected ISA (PairKernelTable; else they compute in float32).

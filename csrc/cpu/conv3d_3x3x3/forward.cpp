@@ -177,10 +177,12 @@ void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias
 
 }  // namespace
 
-// Few tiles and large filters: the transformed weights (64 / 27 times the filter) cost more to build and stream than
-// the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
-// docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 2-3x slower than oneDNN, 384 -> 384 at
-// 12^3 (216 tiles) faster. Small filters always run the Winograd kernels (the tests' shapes among them).
+// Few tiles and large filters: transforming the weights per call (64 / 27 times the filter) costs more to build and
+// stream than the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
+// docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 1.4x slower than oneDNN forward and
+// 1.8x slower forward + backward, 384 -> 384 at 12^3 (216 tiles) faster. With a packed weight the transform is done
+// and the products win (768 -> 768 @ 6^3: about 2x oneDNN), so packed weights always run Winograd. Small filters
+// always run the Winograd kernels (the tests' shapes among them).
 constexpr int64_t kFewTiles = 64;
 constexpr int64_t kLargeFilterBytes = 8 << 20;
 
@@ -247,12 +249,13 @@ void transform_weight_pairs_into(const PairKernelTable& kernels, const Geometry&
                    [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, u, begin, end); });
 }
 
-// Whether a bfloat16 x and weight run the bf16 products (pairs: the selected ISA's kernels, or null): Winograd
-// shapes with channels and a finite filter. Anything else computes as before (in float32, few tiles with large
-// filters by ATen's convolution).
-bool runs_pairs(const PairKernelTable* pairs, const at::Tensor& x, const at::Tensor& weight) {
+// Whether a bfloat16 x and weight run the bf16 products (pairs: the selected ISA's kernels, or null): channels, a
+// finite filter, and a Winograd shape or a packed weight (see prefers_direct). Anything else computes as before (few
+// tiles with large filters by ATen's bf16 convolution, the rest in float32).
+bool runs_pairs(const PairKernelTable* pairs, const at::Tensor& x, const at::Tensor& weight, bool packed) {
   return pairs != nullptr && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
-         x.numel() > 0 && weight.numel() > 0 && !prefers_direct(x, weight) && all_finite(weight.contiguous());
+         x.numel() > 0 && weight.numel() > 0 && (packed || !prefers_direct(x, weight)) &&
+         all_finite(weight.contiguous());
 }
 
 // F.conv3d(x, weight, bias, padding=1) with bf16 products; x, weight bf16; the result channels-last bf16. A tile with
@@ -290,7 +293,8 @@ bool bf16_products() { return selected_pair_kernels() != nullptr; }
 
 at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          bool multiply_padding, const at::Tensor& packed) {
-  if (prefers_direct(x_in, weight) && all_finite(weight.contiguous())) {  // non-finite filters: the direct kernels
+  if (!packed.defined() && prefers_direct(x_in, weight) && all_finite(weight.contiguous())) {
+    // (non-finite filters: the direct kernels)
     // NCDHW: oneDNN's faster layout for these shapes (768 -> 768 @ 6^3: 52 against 85 ms channels-last, forward);
     // the caller returns the result in x's layout.
     return at::convolution(x_in.contiguous(), weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1}, {1, 1, 1},
@@ -319,7 +323,7 @@ at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const
 at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   checks::conv3d_3x3x3_inputs(kOp, x, weight, bias);
   const PairKernelTable* pairs = selected_pair_kernels();
-  if (runs_pairs(pairs, x, weight)) {
+  if (runs_pairs(pairs, x, weight, /*packed=*/false)) {
     return to_output(pair_conv(*pairs, x, weight, bias, at::Tensor()), x.scalar_type(), suggested_memory_format(x));
   }
   if (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && prefers_direct(x, weight) &&
@@ -436,7 +440,7 @@ at::Tensor conv3d_3x3x3_packed_cpu(const at::Tensor& x, const at::Tensor& weight
               "channels than ", weight.size(0), "); pack it again with conv3d_3x3x3_pack_weight");
   if (expected_dtype == at::kBFloat16) {
     const PairKernelTable* pairs = selected_pair_kernels();
-    if (runs_pairs(pairs, x, weight)) {
+    if (runs_pairs(pairs, x, weight, /*packed=*/true)) {
       return to_output(pair_conv(*pairs, x, weight, bias, packed_weight), x.scalar_type(),
                        suggested_memory_format(x));
     }
