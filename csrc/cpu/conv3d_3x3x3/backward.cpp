@@ -28,7 +28,10 @@ namespace cpu {
 namespace conv3d_3x3x3 {
 namespace {
 
-// v and m of one block of tiles: about half the L3 share of a core (fewer, longer passes of the tile loop).
+// v and m of one block of tiles: about half the L3 share of a core (fewer, longer passes of the tile loop), or as
+// large as the accumulator du where that is larger: every block reads and writes all of du (64 C_in C_out values),
+// so for wide layers at low resolution (384 -> 384 @ 12^3: du 38 MB, 216 tiles) small blocks would stream du ten
+// times or more.
 constexpr int64_t kGradBlockBytes = 4 << 20;
 
 Strides cl_strides(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3), t.stride(4)}; }
@@ -44,7 +47,8 @@ at::Tensor winograd_grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
   const Geometry g = make_geometry(x.size(0), x.size(1), cout, x.size(2), x.size(3), x.size(4), kernels.cols);
   const int64_t per_tile = kPoints * (g.Cin + g.cout_padded()) * static_cast<int64_t>(sizeof(T));
-  const int64_t per_block = std::clamp<int64_t>(kGradBlockBytes / per_tile, 16, 1024);
+  const int64_t du_bytes = kPoints * g.Cin * g.cout_padded() * static_cast<int64_t>(sizeof(T));
+  const int64_t per_block = std::clamp<int64_t>(std::max(kGradBlockBytes, du_bytes) / per_tile, 16, 1024);
   const int64_t tiles = g.tiles();
   const int64_t block_tiles = std::min(per_block, tiles);
   std::vector<T> v(static_cast<size_t>(kPoints * block_tiles * g.Cin));
