@@ -59,7 +59,7 @@ at::Tensor winograd_grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
   const T* xp = xc.data_ptr<T>();
   const T* gp = gc.data_ptr<T>();
   for (int64_t first = 0; first < tiles; first += block_tiles) {
-    const Block<T> block{first, std::min(block_tiles, tiles - first), v.data(), m.data()};
+    const Block<T> block = point_major_block(g, first, std::min(block_tiles, tiles - first), v.data(), m.data());
     at::parallel_for(0, block.count, 1, [&](int64_t begin, int64_t end) {
       kernels.transform_input(g, xp, cl_strides(xc), block, begin, end, bad_x.data());
       kernels.transform_grad_output(g, gp, cl_strides(gc), block, begin, end, bad_g.data());

@@ -122,8 +122,9 @@ std::vector<uint8_t> winograd_tiles(const Kernels& kernels, const Geometry& g, c
   const int64_t per_block = block_tiles<VT, T>(g);
   const int64_t blocks = (tiles + per_block - 1) / per_block;
   if (blocks < kMinParallelBlocks) {
-    const Block<T, VT> block{0, tiles, Scratch::get<VT>(Scratch::kV, kPoints * tiles * g.cin_row),
-                             Scratch::get<T>(Scratch::kM, kPoints * tiles * g.cout_padded())};
+    const Block<T, VT> block =
+        tile_major_block(g, 0, tiles, Scratch::get<VT>(Scratch::kV, kPoints * tiles * g.cin_row),
+                         Scratch::get<T>(Scratch::kM, kPoints * tiles * g.cout_padded()));
     run_block(kernels, g, xp, xs, up, bias, block, /*threaded=*/true, nonfinite.data(), op, os);
   } else {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -131,7 +132,7 @@ std::vector<uint8_t> winograd_tiles(const Kernels& kernels, const Geometry& g, c
       std::unique_ptr<T[]> m(new T[kPoints * per_block * g.cout_padded()]);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * per_block;
-        const Block<T, VT> block{first, std::min(per_block, tiles - first), v.get(), m.get()};
+        const Block<T, VT> block = tile_major_block(g, first, std::min(per_block, tiles - first), v.get(), m.get());
         run_block(kernels, g, xp, xs, up, bias, block, /*threaded=*/false, nonfinite.data(), op, os);
       }
     });

@@ -203,11 +203,11 @@ void transform_input(const Geometry& g, const S* x, Strides xs, const Block<T, V
         for (int k = 0; k < 4; ++k) input_1d(a + i * 16 + k, 4);
       for (int j = 0; j < 4; ++j)
         for (int k = 0; k < 4; ++k) input_1d(a + j * 4 + k, 16);
-      VT* dst = block.v + t * kPoints * g.cin_row + c;
+      VT* dst = block.v + t * block.v_tile + c;
       const int64_t stored = std::min<int64_t>(L, g.cin_row - c);  // with the padding channel of bf16 pairs
       for (int64_t p = 0; p < kPoints; ++p) {
         poison = poison + a[p] * zero<V>();  // NaN in a lane once any transformed value is NaN or infinite
-        store_lanes(dst + p * g.cin_row, a[p], stored);
+        store_lanes(dst + p * block.v_point, a[p], stored);
       }
     }
     const T probe = hsum(poison);
@@ -317,14 +317,14 @@ template <typename Ops, typename T, typename VT>
 UXNET_SIMD_BF16_TARGET void multiply(const Geometry& g, const Block<T, VT>& block, const typename Ops::In* u,
                                      int64_t p_begin, int64_t p_end) {
   using In = typename Ops::In;
-  const int64_t depth = g.cin_row / Ops::kPerIn, cout = g.cout_padded();
-  const int64_t v_stride = kPoints * depth, m_stride = kPoints * cout;  // tile-major: [tile][point][channel]
-  const In* v_rows = reinterpret_cast<const In*>(block.v);
+  const int64_t depth = g.cin_row / Ops::kPerIn;
+  const In* v_rows = reinterpret_cast<const In*>(block.v);  // (v strides are in VT elements, Ops::kPerIn per In)
   for (int64_t p = p_begin; p < p_end; ++p) {
     for (int64_t panel = 0; panel < g.panels(); ++panel) {
       const In* up = u + (p * g.panels() + panel) * depth * kCols<T>;
-      rank1_columns<Ops, false>(g, panel, block.count, depth, v_rows + p * depth, v_stride, 1, up, kCols<T>,
-                                block.m + p * cout + panel * kCols<T>, m_stride);
+      rank1_columns<Ops, false>(g, panel, block.count, depth, v_rows + p * block.v_point / Ops::kPerIn,
+                                block.v_tile / Ops::kPerIn, 1, up, kCols<T>,
+                                block.m + p * block.m_point + panel * kCols<T>, block.m_tile);
     }
   }
 }
@@ -335,17 +335,16 @@ void transform_output(const Geometry& g, const Block<T, VT>& block, const T* bia
                       Strides os) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  const int64_t cout = g.cout_padded();
   for (int64_t t = begin; t < end; ++t) {
     const TileOrigin o = tile_origin(g, block.first + t);
     const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
     const int nw = std::min<int64_t>(2, g.W - o.w);
     S* base = out + o.n * os.n + o.d * os.d + o.h * os.h + o.w * os.w;
-    const T* src = block.m + t * kPoints * cout;
+    const T* src = block.m + t * block.m_tile;
     for (int64_t c = 0; c < g.Cout; c += L) {
       const int64_t n = std::min<int64_t>(L, g.Cout - c);
       V a[kPoints];
-      for (int64_t p = 0; p < kPoints; ++p) a[p] = load_lanes<V>(src + p * cout + c, n);
+      for (int64_t p = 0; p < kPoints; ++p) a[p] = load_lanes<V>(src + p * block.m_point + c, n);
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) output_1d(a + (i * 4 + j) * 4, 1);
       for (int i = 0; i < 4; ++i)
@@ -375,7 +374,7 @@ void transform_grad_output(const Geometry& g, const T* dy, Strides ys, const Blo
     const int nd = std::min<int64_t>(2, g.D - o.d), nh = std::min<int64_t>(2, g.H - o.h);
     const int nw = std::min<int64_t>(2, g.W - o.w);
     const T* base = dy + o.n * ys.n + o.d * ys.d + o.h * ys.h + o.w * ys.w;
-    T* dst = block.m + t * kPoints * cout;
+    T* dst = block.m + t * block.m_tile;
     V poison = zero<V>();
     for (int64_t c = 0; c < cout; c += L) {
       const int64_t n = std::clamp<int64_t>(g.Cout - c, 0, L);
@@ -396,7 +395,7 @@ void transform_grad_output(const Geometry& g, const T* dy, Strides ys, const Blo
         for (int k = 0; k < 4; ++k) grad_output_1d(a + j * 4 + k, 16);
       for (int64_t p = 0; p < kPoints; ++p) {
         poison = poison + a[p] * zero<V>();
-        store(dst + p * cout + c, a[p]);
+        store(dst + p * block.m_point + c, a[p]);
       }
     }
     const T probe = hsum(poison);
@@ -410,12 +409,11 @@ void transform_grad_output(const Geometry& g, const T* dy, Strides ys, const Blo
 template <typename T>
 void multiply_grad(const Geometry& g, const Block<T>& block, T* du, int64_t p_begin, int64_t p_end) {
   const int64_t cout = g.cout_padded();
-  const int64_t v_stride = kPoints * g.Cin, m_stride = kPoints * cout;
   for (int64_t p = p_begin; p < p_end; ++p) {
     for (int64_t panel = 0; panel < g.panels(); ++panel) {
-      rank1_columns<FmaProducts<T>, true>(g, panel, g.Cin, block.count, block.v + p * g.Cin, 1, v_stride,
-                                          block.m + p * cout + panel * kCols<T>, m_stride,
-                                          du + p * g.Cin * cout + panel * kCols<T>, cout);
+      rank1_columns<FmaProducts<T>, true>(g, panel, g.Cin, block.count, block.v + p * block.v_point, 1,
+                                          block.v_tile, block.m + p * block.m_point + panel * kCols<T>,
+                                          block.m_tile, du + p * g.Cin * cout + panel * kCols<T>, cout);
     }
   }
 }

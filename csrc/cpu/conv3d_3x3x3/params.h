@@ -43,14 +43,27 @@ inline Geometry make_geometry(int64_t N, int64_t Cin, int64_t Cout, int64_t D, i
   return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2, cols, Cin};
 }
 
-// One block of tiles [first, first + count) and its buffers, tile-major: v [count][kPoints][cin_row] of VT,
-// m [count][kPoints][cout_padded] of T (a tile's transform reads or writes one contiguous run).
+// One block of tiles [first, first + count) and its buffers: v[t][p] (cin_row values of VT) at v + t * v_tile +
+// p * v_point, m[t][p] (cout_padded values of T) at m + t * m_tile + p * m_point. The forward is tile-major (a
+// tile's transforms read or write one contiguous run); the weight gradient point-major (its products run over the
+// tiles of one point: consecutive rows).
 template <typename T, typename VT = T>
 struct Block {
   int64_t first, count;
   VT* v;
   T* m;
+  int64_t v_tile, v_point, m_tile, m_point;
 };
+
+template <typename T, typename VT>
+Block<T, VT> tile_major_block(const Geometry& g, int64_t first, int64_t count, VT* v, T* m) {
+  return Block<T, VT>{first, count, v, m, kPoints * g.cin_row, g.cin_row, kPoints * g.cout_padded(), g.cout_padded()};
+}
+
+template <typename T, typename VT>
+Block<T, VT> point_major_block(const Geometry& g, int64_t first, int64_t count, VT* v, T* m) {
+  return Block<T, VT>{first, count, v, m, g.cin_row, count * g.cin_row, g.cout_padded(), count * g.cout_padded()};
+}
 
 // bfloat16 products: v in bf16, m in float32.
 using PairBlock = Block<float, simd::bf16>;
