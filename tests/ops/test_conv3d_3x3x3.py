@@ -547,6 +547,14 @@ def test_packed_weight_bad_input():
         torch.ops.uxnet.conv3d_3x3x3_packed(x, torch.randn(9, 20, 3, 3, 3), packed, None)
     with pytest.raises(RuntimeError, match="packed_weight does not belong"):
         torch.ops.uxnet.conv3d_3x3x3_packed(x, w[:5], packed, None)
+    if conv_op.bf16_products():  # bf16 pairs record C_out as integer bits
+        xb, wb = x.bfloat16(), w.bfloat16()
+        packed_pairs = uk.conv3d_3x3x3_pack_weight(wb)
+        assert packed_pairs.dtype == torch.bfloat16
+        with pytest.raises(RuntimeError, match="packed_weight does not belong"):
+            torch.ops.uxnet.conv3d_3x3x3_packed(xb, wb[:5], packed_pairs, None)
+        with pytest.raises(RuntimeError, match="packed_weight does not belong"):
+            torch.ops.uxnet.conv3d_3x3x3_packed(xb, wb, packed, None)  # a float32 pack for bf16 x
     with pytest.raises(ValueError, match="for inference"):
         uk.conv3d_3x3x3(x, w.requires_grad_(), b, packed_weight=packed)
     with pytest.raises(ValueError, match="for inference"):

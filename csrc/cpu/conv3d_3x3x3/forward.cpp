@@ -182,7 +182,8 @@ void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias
 // stream than the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
 // docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 1.4x slower than oneDNN forward and
 // 1.8x slower forward + backward, 384 -> 384 at 12^3 (216 tiles) faster. With a packed weight the transform is done
-// and the products win (768 -> 768 @ 6^3: about 2x oneDNN), so packed weights always run Winograd. Small filters
+// and the products win (768 -> 768 @ 6^3: 2.45x oneDNN's NCDHW, docs/PERFORMANCE.md), so packed weights always run
+// Winograd. Small filters
 // always run the Winograd kernels (the tests' shapes among them).
 constexpr int64_t kFewTiles = 64;
 constexpr int64_t kLargeFilterBytes = 8 << 20;

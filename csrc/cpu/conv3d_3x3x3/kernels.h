@@ -1,6 +1,6 @@
-// The Winograd F(2x2x2, 3x3x3) transforms (forward and weight gradient) and the direct fallback of the 3x3x3
-// convolution, written once over the
-// SIMD layer and compiled once per ISA variant (params.h describes the data).
+// The Winograd F(2x2x2, 3x3x3) transforms (forward, with float32 / float64 or bf16-pair products, and weight
+// gradient), the register block of their matrix products, and the direct fallback of the 3x3x3 convolution, written
+// once over the SIMD layer and compiled once per ISA variant (params.h describes the data).
 //
 // NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per variant, inside that
 // variant's namespace, after simd/vec.h. Only raw pointers, int64 offsets and Vec operations here.
@@ -215,8 +215,8 @@ void transform_input(const Geometry& g, const S* x, Strides xs, const Block<T, V
   }
 }
 
-// The two kinds of products of the forward's micro-kernel, over rows of In: float32 / float64 fma, and bf16 pairs
-// (two input channels per 32-bit element, dot_bf16) accumulated in float32.
+// The two kinds of products of rank1_block, over rows of In: float32 / float64 fma (the forward and the weight
+// gradient), and bf16 pairs (two input channels per 32-bit element, dot_bf16, accumulated in float32; the forward).
 template <typename T>
 struct FmaProducts {
   using In = T;
