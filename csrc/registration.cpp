@@ -56,13 +56,13 @@ PyObject* conv3d_3x3x3_columns(PyObject*, PyObject* float64) {
   }
 }
 
-// _C.conv3d_3x3x3_prefers_direct(n, d, h, w, c_out, c_in, element_size) -> bool: whether the CPU op runs ATen's
-// direct convolution instead of Winograd for these shapes (few tiles with large filters), where a packed weight
-// would go unused.
-PyObject* conv3d_3x3x3_prefers_direct(PyObject*, PyObject* args) {
+// _C.conv3d_3x3x3_few_tiles_large_filter(n, d, h, w, c_out, c_in, element_size) -> bool: few tiles with a large
+// transformed filter, where the CPU op streams a float32 filter per call (a packed weight does not pay) and runs
+// ATen's bf16 convolution for bfloat16 without a packed weight.
+PyObject* conv3d_3x3x3_few_tiles_large_filter(PyObject*, PyObject* args) {
   long long n, d, h, w, cout, cin, element_size;
   if (!PyArg_ParseTuple(args, "LLLLLLL", &n, &d, &h, &w, &cout, &cin, &element_size)) return nullptr;
-  return PyBool_FromLong(uxnet::cpu::conv3d_3x3x3::prefers_direct(n, d, h, w, cout, cin, element_size));
+  return PyBool_FromLong(uxnet::cpu::conv3d_3x3x3::few_tiles_large_filter(n, d, h, w, cout, cin, element_size));
 }
 
 // _C.conv3d_3x3x3_bf16_products() -> bool: whether bfloat16 inputs run bf16 products (vdpbf16ps, or its emulation
@@ -82,8 +82,8 @@ PyMethodDef methods[] = {
      "Column-panel width of conv3d_3x3x3's packed weights on the selected ISA (argument: float64 weights)."},
     {"conv3d_3x3x3_bf16_products", conv3d_3x3x3_bf16_products, METH_NOARGS,
      "Whether bfloat16 inputs of the CPU conv3d_3x3x3 run bf16 products on the selected ISA."},
-    {"conv3d_3x3x3_prefers_direct", conv3d_3x3x3_prefers_direct, METH_VARARGS,
-     "Whether the CPU conv3d_3x3x3 runs ATen's direct convolution for (n, d, h, w, c_out, c_in, element_size)."},
+    {"conv3d_3x3x3_few_tiles_large_filter", conv3d_3x3x3_few_tiles_large_filter, METH_VARARGS,
+     "Whether (n, d, h, w, c_out, c_in, element_size) has few tiles with a large transformed filter."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

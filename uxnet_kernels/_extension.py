@@ -55,7 +55,10 @@ def conv3d_3x3x3_bf16_products() -> bool:
     return bool(_C.conv3d_3x3x3_bf16_products())
 
 
-def conv3d_3x3x3_prefers_direct(x_shape, weight_shape, element_size: int) -> bool:
-    """Whether the CPU ``uxnet::conv3d_3x3x3`` runs ATen's direct convolution for these shapes (no Winograd)."""
+def conv3d_3x3x3_few_tiles_large_filter(x_shape, weight_shape, element_size: int) -> bool:
+    """Whether these shapes have few Winograd tiles with a large transformed filter (the CPU ``uxnet::conv3d_3x3x3``
+    streams a float32 filter per call there, and runs ATen's bf16 convolution for bfloat16 without a packed
+    weight)."""
     n, _, d, h, w = (int(s) for s in x_shape)
-    return _C.conv3d_3x3x3_prefers_direct(n, d, h, w, int(weight_shape[0]), int(weight_shape[1]), int(element_size))
+    return _C.conv3d_3x3x3_few_tiles_large_filter(n, d, h, w, int(weight_shape[0]), int(weight_shape[1]),
+                                                  int(element_size))

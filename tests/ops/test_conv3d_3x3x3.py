@@ -370,28 +370,42 @@ def test_kernel_parallel_blocks(layout):
 
 @cpu_kernel_poisoned
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_few_tiles_and_large_filters_run_the_direct_convolution(layout):
-    """Under 64 tiles with transformed filters of 8 MB or more the CPU op runs ATen's direct convolution (faster
-    there); a non-finite filter still takes the kernels' direct path, with the float64 reference's semantics."""
+def test_few_tiles_and_large_filters_stream_the_filter(layout):
+    """Under 64 tiles the CPU op transforms the filter a slice at a time (never whole: 151 MB at 768 -> 768): the
+    same bits as the whole transformed filter, packed or per call on a volume with more tiles (the same input
+    zero-padded: each tile sees the same window); the input gradient reads the filter flipped in place; a
+    non-finite filter still takes the kernels' direct path, with the float64 reference's semantics."""
     _run_case((1, 192, 3, 4, 5), 192, torch.float32, layout, layout)
     x, w, b = conv3d_3x3x3_args((1, 192, 3, 4, 5), 192, torch.float32, layout)
+    with torch.no_grad():
+        streamed = cpp_op("conv3d_3x3x3")(x, w, b)
+        assert torch.equal(streamed, uk.conv3d_3x3x3(x, w, b, packed_weight=uk.conv3d_3x3x3_pack_weight(w)))
+    big = torch.zeros(1, 192, 16, 16, 16)
+    big[:, :, :3, :4, :5] = x
+    assert torch.equal(streamed, cpp_op("conv3d_3x3x3")(to_layout(big, layout), w, b)[:, :, :3, :4, :5])
+    g = tensor((1, 192, 3, 4, 5), torch.float32, layout)
+    big_g = torch.zeros(1, 192, 16, 16, 16)
+    big_g[:, :, :3, :4, :5] = g
+    flipped = w.flip(2, 3, 4).transpose(0, 1).contiguous()
+    assert torch.equal(cpp_op("conv3d_3x3x3_backward")(g, x, w, [True, False, False])[0],
+                       cpp_op("conv3d_3x3x3")(to_layout(big_g, layout), flipped, None)[:, :, :3, :4, :5])
     w[3, 5, 0, 0, 0] = float("inf")
     out = cpp_op("conv3d_3x3x3")(x, w, b)
     want = reference.conv3d_3x3x3(x.double(), w.double(), b.double())
     assert torch.equal(torch.isfinite(out), torch.isfinite(want)) and not torch.isfinite(out[:, 3]).any()
-    # With a packed weight the kernels run Winograd there: bitwise the tiles of the same input zero-padded to a
-    # volume with enough tiles to run Winograd without packing (each tile sees the same window).
-    x, w, b = conv3d_3x3x3_args((1, 192, 3, 4, 5), 192, torch.float32, layout)
-    big = torch.zeros(1, 192, 16, 16, 16)
-    big[:, :, :3, :4, :5] = x
-    with torch.no_grad():
-        packed_out = uk.conv3d_3x3x3(x, w, b, packed_weight=uk.conv3d_3x3x3_pack_weight(w))
-    assert torch.equal(packed_out, cpp_op("conv3d_3x3x3")(to_layout(big, layout), w, b)[:, :, :3, :4, :5])
     # bfloat16 (8 MB of transformed filters from 256 channels): ATen's bfloat16 convolution itself, NCDHW
     x, w, b = (t.bfloat16() for t in conv3d_3x3x3_args((1, 272, 3, 4, 5), 272, torch.float32, layout))
     out = cpp_op("conv3d_3x3x3")(x, w, b)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=expected_format(x))
     assert torch.equal(out, F.conv3d(x.contiguous(), w, b, padding=1))
+
+
+@cpu_kernel_poisoned
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_wide_filter_weight_gradient_by_slices(layout):
+    """Wide filters with few tiles (du over 4 MiB): the weight gradient sums every tile per slice of du in cache and
+    transforms it straight into the (C_out, C_in, 3, 3, 3) result (C_out 130: a partial column panel)."""
+    _run_case((2, 131, 3, 4, 3), 130, torch.float32, layout, layout)
 
 
 @cpu_kernel_poisoned
@@ -468,10 +482,12 @@ def test_kernel_float64_gradcheck(isa, layout):
 
 
 @cpu_kernel
-@pytest.mark.parametrize("shape", [(1, 6, 8, 9, 10), (1, 2, 31, 32, 34)], ids=["one block", "parallel blocks"])
-def test_kernel_is_bitwise_identical_across_thread_counts(isa, shape):
-    x, w, b = conv3d_3x3x3_args(shape, 7)
-    g = torch.randn(shape[0], 7, *shape[2:])
+@pytest.mark.parametrize("shape, cout", [((1, 6, 8, 9, 10), 7), ((1, 2, 31, 32, 34), 7), ((1, 6, 5, 6, 7), 7),
+                                         ((1, 131, 3, 4, 3), 130)],
+                         ids=["one block", "parallel blocks", "streamed filter", "weight gradient by slices"])
+def test_kernel_is_bitwise_identical_across_thread_counts(isa, shape, cout):
+    x, w, b = conv3d_3x3x3_args(shape, cout)
+    g = torch.randn(shape[0], cout, *shape[2:])
     threads = torch.get_num_threads()
     results = []
     try:

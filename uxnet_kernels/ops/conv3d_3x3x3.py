@@ -177,13 +177,13 @@ def runs_packed(x: torch.Tensor) -> bool:
     return dispatch.would_select(FAMILY, x) == "cpu"
 
 
-def prefers_direct(x: torch.Tensor, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether, without a packed weight, the CPU kernel runs ATen's direct convolution for x and weight in ``dtype``
-    (default x's): few tiles with large filters, where transforming the weight per call costs more than the products
-    save. With a packed weight these shapes run Winograd too (768 -> 768 @ 6^3: about 2x oneDNN, docs/PERFORMANCE.md),
-    at 64/27 times the filter's memory."""
+def packing_pays(x: torch.Tensor, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether a packed weight (``pack_weight``) makes the CPU kernel faster for x and weight in ``dtype`` (default
+    x's), enough to keep it: not for few tiles with large filters (768 -> 768 @ 6^3 in the default model, 151 MB
+    packed in float32), where float32 streams the filter per call at about the packed speed and bfloat16 without a
+    packed weight runs ATen's bf16 convolution (docs/PERFORMANCE.md)."""
     element_size = torch.empty((), dtype=dtype or x.dtype).element_size()  # as the C++ side reads the weight
-    return _extension.conv3d_3x3x3_prefers_direct(x.shape, weight.shape, element_size)
+    return not _extension.conv3d_3x3x3_few_tiles_large_filter(x.shape, weight.shape, element_size)
 
 
 def _refuse_autograd(*tensors) -> None:

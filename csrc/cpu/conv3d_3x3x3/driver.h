@@ -12,18 +12,25 @@ namespace uxnet {
 namespace cpu {
 namespace conv3d_3x3x3 {
 
-// F.conv3d(x, weight, bias, padding=1) for x float32 or float64 (weight and bias of x's dtype), returned
-// channels-last in x's dtype (few tiles with large filters without a packed weight: ATen's convolution, NCDHW). Tiles whose input
-// window holds a NaN or an Inf, and every tile when a weight is non-finite, are computed directly (see
-// KernelTable::direct_tile for multiply_padding). `packed`: the weight's transformed points from
-// conv3d_3x3x3_pack_weight (checked by the caller), or undefined to transform them here.
-at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         bool multiply_padding, const at::Tensor& packed);
+// Which filter a Winograd pass convolves with: the weight as given (the forward), or the input gradient's: the
+// weight flipped along every axis with its two channel axes swapped (read in place, never materialised).
+enum class Filter { kAsGiven, kFlippedTransposed };
 
-// Few tiles with large filters, where ATen's direct convolution (oneDNN) is faster than transforming the weight per
-// call (forward.cpp).
+// F.conv3d(x, filter, bias, padding=1) for x float32 or float64 (weight and bias of x's dtype), returned
+// channels-last in x's dtype. Tiles whose input window holds a NaN or an Inf, and every tile when a weight is
+// non-finite, are computed directly (see KernelTable::direct_tile for multiply_padding). `packed`: the weight's
+// transformed points from conv3d_3x3x3_pack_weight (checked by the caller; Filter::kAsGiven), or undefined to
+// transform them here (few tiles: one slice at a time, never whole).
+at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool multiply_padding, const at::Tensor& packed, Filter filter = Filter::kAsGiven);
+
+// Few tiles with large filters (768 -> 768 @ 6^3 in the default model): the transformed filter is large against the
+// products (forward.cpp). Float32 / float64 stream it per call at about a packed weight's speed, so packing does not
+// pay there; bfloat16 without a packed weight runs ATen's bf16 convolution (prefers_direct).
+bool few_tiles_large_filter(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin,
+                            int64_t element_size);
+// Whether a bfloat16 call without a packed weight runs ATen's direct convolution (few tiles, large filter).
 bool prefers_direct(const at::Tensor& x, const at::Tensor& weight);
-bool prefers_direct(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin, int64_t element_size);
 // Whether bfloat16 inputs run bf16 products on the selected ISA (PairKernelTable; else they compute in float32).
 bool bf16_products();
 // Whether every element of a dense float32 / float64 / bfloat16 tensor is finite.

@@ -1,9 +1,11 @@
 // uxnet::conv3d_3x3x3 on the CPU, and the Winograd driver (driver.h) it shares with the input gradient.
 //
-// Per call: transform the weights (u, kPoints x C_in x C_out, packed in the micro-kernel's column panels), then for
-// each block of tiles sized to stay in L2: input transform into v, the kPoints matrix products m = v u (the ISA's
-// register-blocked micro-kernel), output transform into the output (+ bias). Blocks run in parallel; volumes with
-// few blocks run as one block whose transforms are split across threads by tiles and whose products by points.
+// Per call: transform the weights (u, kPoints x C_in x C_out, packed in the micro-kernel's column panels, read
+// from the weight's own memory), then for each block of tiles sized to stay in L2: input transform into v, the
+// kPoints matrix products m = v u (the ISA's register-blocked micro-kernel), output transform into the output
+// (+ bias). Blocks run in parallel; volumes with few blocks run as one block whose transforms are split across
+// threads by tiles and whose products by points, and volumes with few tiles transform the filter one cache-sized
+// slice at a time right before its products (streamed_tiles).
 // Every output element is computed by the same operations whatever the thread count (bitwise reproducible).
 // (Measured against one batched at::bmm_out per block, MKL sgemm, on the same blocks: the micro-kernel was faster
 // at every shape of docs/PERFORMANCE.md; MKL repacked u for every block and ran small-M products slowly.)
@@ -23,6 +25,7 @@
 #include "cpu/common/isa_check.h"
 #include "cpu/conv3d_3x3x3/driver.h"
 #include "cpu/conv3d_3x3x3/params.h"
+#include "cpu/conv3d_3x3x3/scratch.h"
 #include "uxnet_ops.h"
 
 namespace uxnet {
@@ -37,36 +40,8 @@ constexpr int64_t kMinBlockTiles = 16;
 constexpr int64_t kMaxBlockTiles = 256;
 // Fewer blocks than this: one block, threaded inside (a function of the shapes only, never of the thread count).
 constexpr int64_t kMinParallelBlocks = 16;
-
-// Scratch memory the calling thread keeps between calls, grow-only: the transformed weights and one-block volumes
-// buffers are tens of MB for the wide layers (u is 151 MB for 768 -> 768 channels), and fresh memory of that size
-// costs a page fault per 4 KiB on every call (measured: as long as the products themselves at 384 channels).
-class Scratch {
- public:
-  enum Slot { kU, kV, kM, kSlots };
-  template <typename T>
-  static T* get(Slot slot, int64_t count) {
-    thread_local Scratch scratch;
-    Buffer& b = scratch.buffers_[slot];
-    const size_t bytes = static_cast<size_t>(count) * sizeof(T);
-    if (bytes > b.bytes) {
-      b.data.reset(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
-      TORCH_CHECK(b.data != nullptr, kOp, ": out of memory for ", bytes, " bytes of scratch");
-      b.bytes = bytes;
-    }
-    return reinterpret_cast<T*>(b.data.get());
-  }
-
- private:
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  struct Buffer {
-    std::unique_ptr<char, Free> data;
-    size_t bytes = 0;
-  };
-  Buffer buffers_[kSlots];
-};
+// Fewer tiles than this: few tiles (streams_filter, few_tiles_large_filter).
+constexpr int64_t kFewTiles = 64;
 
 // v of VT, m of T.
 template <typename VT, typename T>
@@ -78,19 +53,32 @@ int64_t block_tiles(const Geometry& g) {
 
 Strides strides_of(const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(3), t.stride(4)}; }
 
-// The weights as transformed points u [kPoints][panels][C_in][cols] into `u` (kPoints * C_in * cout_padded).
+// The filter of a Winograd pass in a contiguous weight's memory: the weight's own, or for Filter::kFlippedTransposed
+// the input gradient's (the weight flipped along every axis, its channel axes swapped), read in place.
 template <typename T>
-void transform_weight_into(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight, T* u) {
-  const at::Tensor w = weight.permute({1, 2, 3, 4, 0}).contiguous();  // [C_in][kd][kh][kw][C_out]
-  const T* wp = w.data_ptr<T>();
-  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, wp, u, begin, end); });
+FilterView<const T> filter_view(const at::Tensor& weight, Filter filter) {
+  const int64_t cin = weight.size(1);
+  if (filter == Filter::kFlippedTransposed) return FilterView<const T>{weight.data_ptr<T>(), kTaps * cin, kTaps, true};
+  return FilterView<const T>{weight.data_ptr<T>(), kTaps, kTaps * cin, false};
+}
+
+bool flips(Filter filter) { return filter == Filter::kFlippedTransposed; }
+
+// The filter as transformed points u [kPoints][panels][C_in][cols] into `u` (kPoints * C_in * cout_padded); weight
+// contiguous.
+template <typename T>
+void transform_weight_into(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight, Filter filter,
+                           T* u) {
+  const FilterView<const T> w = filter_view<T>(weight, filter);
+  at::parallel_for(0, g.Cin, 1, [&](int64_t begin, int64_t end) { kernels.transform_weight(g, w, u, begin, end); });
 }
 
 // u in this thread's scratch (a packed weight from conv3d_3x3x3_pack_weight skips this).
 template <typename T>
-const T* transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight) {
+const T* transformed_weight(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& weight,
+                            Filter filter) {
   T* u = Scratch::get<T>(Scratch::kU, kPoints * g.Cin * g.cout_padded());
-  transform_weight_into(kernels, g, weight, u);
+  transform_weight_into(kernels, g, weight, filter, u);
   return u;
 }
 
@@ -140,6 +128,63 @@ std::vector<uint8_t> winograd_tiles(const Kernels& kernels, const Geometry& g, c
   return nonfinite;
 }
 
+// Input channels per slice of the transformed filter in streamed_tiles: kPoints x slice x cols values, about half
+// the L2 of a core (the block's m rows of one panel share the rest).
+constexpr int64_t kSliceBytes = 1 << 20;
+
+template <typename T>
+int64_t slice_channels(const Geometry& g) {
+  return std::clamp<int64_t>(kSliceBytes / (kPoints * g.cols * static_cast<int64_t>(sizeof(T))), 1, g.Cin);
+}
+
+// Every tile as one block (volumes with few tiles), with the filter transformed one slice (one column panel, a range
+// of input channels) at a time right before its products, in a thread's scratch: the transformed filter is never
+// written whole (151 MB for 768 -> 768 channels), so it costs one read of the filter, not a write and a read of
+// 64 / 27 times it. Threads split the products by panels (and by points where there are few panels); an output
+// value gets the operations of `multiply`, so the bits match winograd_tiles'. Returns which tiles hold non-finite
+// input windows.
+template <typename T>
+std::vector<uint8_t> streamed_tiles(const KernelTable<T>& kernels, const Geometry& g, const T* xp, Strides xs,
+                                    const at::Tensor& weight, Filter filter, const T* bias, T* op, Strides os) {
+  const int64_t tiles = g.tiles();
+  std::vector<uint8_t> nonfinite(static_cast<size_t>(tiles));
+  const Block<T> block = point_major_block(g, 0, tiles, Scratch::get<T>(Scratch::kV, kPoints * tiles * g.cin_row),
+                                          Scratch::get<T>(Scratch::kM, kPoints * tiles * g.cout_padded()));
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    kernels.transform_input(g, xp, xs, block, begin, end, nonfinite.data());
+  });
+  const FilterView<const T> w = filter_view<T>(weight, filter);
+  const int64_t slice = slice_channels<T>(g);
+  const int64_t groups = std::max<int64_t>(1, 4 / g.panels());  // point groups per panel
+  at::parallel_for(0, g.panels() * groups, 1, [&](int64_t begin, int64_t end) {
+    T* u = Scratch::get<T>(Scratch::kU, kPoints * slice * g.cols);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t panel = item / groups, group = item % groups;
+      for (int64_t c0 = 0; c0 < g.Cin; c0 += slice) {
+        const int64_t c1 = std::min(g.Cin, c0 + slice), point_stride = (c1 - c0) * g.cols;
+        kernels.transform_weight_panel(g, w, panel, c0, c1, u, point_stride);
+        kernels.multiply_panel(g, block, u, point_stride, panel, c0, c1, group * kPoints / groups,
+                               (group + 1) * kPoints / groups);
+      }
+    }
+  });
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    kernels.transform_output(g, block, bias, begin, end, op, os);
+  });
+  return nonfinite;
+}
+
+// Whether a call without a packed filter streams it (streamed_tiles): few tiles, where the products are short
+// against the transform of the filter (measured, docs/PERFORMANCE.md: 768 -> 768 @ 6^3, 27 tiles, faster than the
+// whole transformed filter and than oneDNN; 384 -> 384 @ 12^3, 216 tiles, slower than the whole filter, which its
+// products reuse across point-major runs of tiles).
+bool streams_filter(const Geometry& g) { return g.tiles() < kFewTiles; }
+
+// The filter of the pass as a (C_out, C_in, 3, 3, 3) tensor (the direct kernels' input).
+at::Tensor filter_weight(const at::Tensor& weight, Filter filter) {
+  return flips(filter) ? weight.flip({2, 3, 4}).transpose(0, 1) : weight;
+}
+
 template <typename T>
 void direct_tiles(const KernelTable<T>& kernels, const Geometry& g, const at::Tensor& x, const at::Tensor& weight,
                   const T* bias, bool multiply_padding, const std::vector<int64_t>& tiles, at::Tensor& out) {
@@ -154,38 +199,42 @@ void direct_tiles(const KernelTable<T>& kernels, const Geometry& g, const at::Te
 }
 
 template <typename T>
-void winograd_typed(const at::Tensor& x, const at::Tensor& weight, const T* bias, bool multiply_padding,
-                    const at::Tensor& packed, at::Tensor& out) {
+void winograd_typed(const at::Tensor& x, const at::Tensor& weight, Filter filter, const T* bias,
+                    bool multiply_padding, const at::Tensor& packed, at::Tensor& out) {
   const KernelTable<T>& kernels = kernels_for<T>(selected_isa_for(kOp));
   const Geometry g =
-      make_geometry(x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4), kernels.cols);
+      make_geometry(x.size(0), x.size(1), out.size(1), x.size(2), x.size(3), x.size(4), kernels.cols);
   const int64_t tiles = g.tiles();
   std::vector<int64_t> direct;
   if (!all_finite(weight)) {  // every transformed tap of that filter is polluted: all direct
     direct.resize(static_cast<size_t>(tiles));
     for (int64_t t = 0; t < tiles; ++t) direct[t] = t;
-    direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
+    direct_tiles(kernels, g, x, filter_weight(weight, filter), bias, multiply_padding, direct, out);
     return;
   }
-  const T* up = packed.defined() ? packed.data_ptr<T>() : transformed_weight(kernels, g, weight);
-  const std::vector<uint8_t> nonfinite =
-      winograd_tiles<T>(kernels, g, x.data_ptr<T>(), strides_of(x), up, bias, out.data_ptr<T>(), strides_of(out));
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  std::vector<uint8_t> nonfinite;
+  if (!packed.defined() && streams_filter(g)) {
+    nonfinite = streamed_tiles(kernels, g, xp, strides_of(x), weight, filter, bias, op, strides_of(out));
+  } else {
+    const T* up = packed.defined() ? packed.data_ptr<T>() : transformed_weight(kernels, g, weight, filter);
+    nonfinite = winograd_tiles<T>(kernels, g, xp, strides_of(x), up, bias, op, strides_of(out));
+  }
   for (int64_t t = 0; t < tiles; ++t) {
     if (nonfinite[t]) direct.push_back(t);
   }
-  if (!direct.empty()) direct_tiles(kernels, g, x, weight, bias, multiply_padding, direct, out);
+  if (!direct.empty()) {
+    direct_tiles(kernels, g, x, filter_weight(weight, filter), bias, multiply_padding, direct, out);
+  }
 }
 
 }  // namespace
 
-// Few tiles and large filters: transforming the weights per call (64 / 27 times the filter) costs more to build and
-// stream than the products save, and ATen's direct convolution (oneDNN) is faster. Measured on the Zen 4 box of
-// docs/PERFORMANCE.md: 768 -> 768 channels at 6^3 (27 tiles, u = 151 MB) ran 1.4x slower than oneDNN forward and
-// 1.8x slower forward + backward, 384 -> 384 at 12^3 (216 tiles) faster. With a packed weight the transform is done
-// and the products win (768 -> 768 @ 6^3: 2.45x oneDNN's NCDHW, docs/PERFORMANCE.md), so packed weights always run
-// Winograd. Small filters
-// always run the Winograd kernels (the tests' shapes among them).
-constexpr int64_t kFewTiles = 64;
+// Few tiles and large filters: transforming the weights per call (64 / 27 times the filter) is a large share of the
+// call. In float32 / float64 the filter is streamed (streamed_tiles), which runs about as fast as a packed weight
+// (768 -> 768 @ 6^3, docs/PERFORMANCE.md), so a packed one is not worth its memory there (151 MB for that layer);
+// bf16 products have no streamed form, and ATen's bf16 convolution (oneDNN) is faster than their per-call transform.
 constexpr int64_t kLargeFilterBytes = 8 << 20;
 
 // Whether every element of a dense float / double tensor is finite (one parallel pass, no temporaries).
@@ -213,15 +262,17 @@ bool all_finite(const at::Tensor& t) {
   return finite;
 }
 
-bool prefers_direct(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin, int64_t element_size) {
+bool few_tiles_large_filter(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cout, int64_t cin,
+                            int64_t element_size) {
   const int64_t tiles = n * ((d + 1) / 2) * ((h + 1) / 2) * ((w + 1) / 2);
   const int64_t u_bytes = kPoints * cout * cin * element_size;
   return tiles < kFewTiles && u_bytes >= kLargeFilterBytes;
 }
 
 bool prefers_direct(const at::Tensor& x, const at::Tensor& weight) {
-  return prefers_direct(x.size(0), x.size(2), x.size(3), x.size(4), weight.size(0), weight.size(1),
-                        static_cast<int64_t>(weight.element_size()));
+  return weight.scalar_type() == at::kBFloat16 &&
+         few_tiles_large_filter(x.size(0), x.size(2), x.size(3), x.size(4), weight.size(0), weight.size(1),
+                                static_cast<int64_t>(weight.element_size()));
 }
 
 at::ScalarType compute_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
@@ -294,17 +345,10 @@ at::Tensor pair_conv(const PairKernelTable& kernels, const at::Tensor& x_in, con
 bool bf16_products() { return selected_pair_kernels() != nullptr; }
 
 at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         bool multiply_padding, const at::Tensor& packed) {
-  if (!packed.defined() && prefers_direct(x_in, weight) && all_finite(weight.contiguous())) {
-    // (non-finite filters: the direct kernels)
-    // NCDHW: oneDNN's faster layout for these shapes (768 -> 768 @ 6^3: 52 against 85 ms channels-last, forward);
-    // the caller returns the result in x's layout.
-    return at::convolution(x_in.contiguous(), weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1}, {1, 1, 1},
-                           {1, 1, 1}, false, {0, 0, 0}, 1);
-  }
+                         bool multiply_padding, const at::Tensor& packed, Filter filter) {
   const at::MemoryFormat cl = at::MemoryFormat::ChannelsLast3d;
   const at::Tensor x = x_in.contiguous(cl);
-  const int64_t cout = weight.size(0);
+  const int64_t cout = weight.size(flips(filter) ? 1 : 0);
   at::Tensor out = at::empty({x.size(0), cout, x.size(2), x.size(3), x.size(4)}, x.options().memory_format(cl));
   if (out.numel() == 0) return out;
   if (x.size(1) == 0) {  // no input channels: the bias alone
@@ -315,9 +359,10 @@ at::Tensor winograd_conv(const at::Tensor& x_in, const at::Tensor& weight, const
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (x.scalar_type() == at::kDouble) {
-    winograd_typed<double>(x, w, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, packed, out);
+    winograd_typed<double>(x, w, filter, b.defined() ? b.data_ptr<double>() : nullptr, multiply_padding, packed,
+                           out);
   } else {
-    winograd_typed<float>(x, w, b.defined() ? b.data_ptr<float>() : nullptr, multiply_padding, packed, out);
+    winograd_typed<float>(x, w, filter, b.defined() ? b.data_ptr<float>() : nullptr, multiply_padding, packed, out);
   }
   return out;
 }
@@ -330,8 +375,8 @@ at::Tensor conv3d_3x3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const
   }
   if (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && prefers_direct(x, weight) &&
       all_finite(weight.contiguous())) {
-    // Few tiles with large filters in bf16: ATen's bf16 convolution (oneDNN), NCDHW as winograd_conv's direct path
-    // (768 -> 768 @ 6^3: 23 ms, against 80 ms converting to float32 and back).
+    // Few tiles with large filters in bf16: ATen's bf16 convolution (oneDNN) in NCDHW, its faster layout there
+    // (768 -> 768 @ 6^3: 18-23 ms, against 26 ms for the float32 streamed filter before any conversion).
     const at::Tensor out = at::convolution(x.contiguous(), weight, bias.has_value() ? *bias : at::Tensor(), {1, 1, 1},
                                            {1, 1, 1}, {1, 1, 1}, false, {0, 0, 0}, 1);
     return to_output(out, x.scalar_type(), suggested_memory_format(x));
@@ -408,11 +453,11 @@ at::Tensor conv3d_3x3x3_pack_weight_cpu(const at::Tensor& weight) {
   if (compute == at::kDouble) {
     const KernelTable<double>& kernels = kernels_for<double>(selected_isa_for(kOp));
     const Geometry g = make_geometry(1, w.size(1), w.size(0), 1, 1, 1, kernels.cols);
-    transform_weight_into(kernels, g, w, packed.data_ptr<double>());
+    transform_weight_into(kernels, g, w, Filter::kAsGiven, packed.data_ptr<double>());
   } else {
     const KernelTable<float>& kernels = kernels_for<float>(selected_isa_for(kOp));
     const Geometry g = make_geometry(1, w.size(1), w.size(0), 1, 1, 1, kernels.cols);
-    transform_weight_into(kernels, g, w, packed.data_ptr<float>());
+    transform_weight_into(kernels, g, w, Filter::kAsGiven, packed.data_ptr<float>());
   }
   if (w.size(0) % packed.size(3) != 0) {
     if (compute == at::kDouble) {

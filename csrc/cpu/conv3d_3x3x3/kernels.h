@@ -13,6 +13,7 @@
 namespace conv3d_3x3x3_kernels {
 
 using ::uxnet::cpu::conv3d_3x3x3::Block;
+using ::uxnet::cpu::conv3d_3x3x3::FilterView;
 using ::uxnet::cpu::conv3d_3x3x3::Geometry;
 using ::uxnet::cpu::conv3d_3x3x3::KernelTable;
 using ::uxnet::cpu::conv3d_3x3x3::kPoints;
@@ -92,14 +93,9 @@ constexpr int kPanelVectors = kVectorRegisters >= 32 ? 4 : 2;
 template <typename T>
 constexpr int64_t kCols = kPanelVectors * kLanes<T>;
 
-// pts[p] = (G w G^T)[p] of the filters of one input channel (wc[tap][co], C_out per tap) for the output channels
-// [co, co + L): lanes past C_out are 0.
-template <typename T>
-UXNET_SIMD_INLINE void weight_points(const Geometry& g, const T* wc, int64_t co, Vec<T>* pts) {
-  using V = Vec<T>;
-  const int64_t n = std::clamp<int64_t>(g.Cout - co, 0, kLanes<T>);
-  V taps[kTaps];
-  for (int64_t t = 0; t < kTaps; ++t) taps[t] = n > 0 ? load_lanes<V>(wc + t * g.Cout + co, n) : zero<V>();
+// pts[p] = (G w G^T)[p] of one input channel's 27 taps (kd, kh, kw order), a vector of output channels each.
+template <typename V>
+UXNET_SIMD_INLINE void points_of_taps(const V* taps, V* pts) {
   V along_w[3][3][4], along_h[3][4][4];
   for (int d = 0; d < 3; ++d)
     for (int h = 0; h < 3; ++h)
@@ -110,17 +106,55 @@ UXNET_SIMD_INLINE void weight_points(const Geometry& g, const T* wc, int64_t co,
     for (int k = 0; k < 4; ++k) weight_1d(along_h[0][j][k], along_h[1][j][k], along_h[2][j][k], &pts[j * 4 + k], 16);
 }
 
+// pts[p] for the filter rows wc[tap][co] of one input channel (C_out per tap) and the output channels [co, co + L):
+// lanes past C_out are 0.
 template <typename T>
-void transform_weight(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end) {
+UXNET_SIMD_INLINE void weight_points(const Geometry& g, const T* wc, int64_t co, Vec<T>* pts) {
+  using V = Vec<T>;
+  const int64_t n = std::clamp<int64_t>(g.Cout - co, 0, kLanes<T>);
+  V taps[kTaps];
+  for (int64_t t = 0; t < kTaps; ++t) taps[t] = n > 0 ? load_lanes<V>(wc + t * g.Cout + co, n) : zero<V>();
+  points_of_taps(taps, pts);
+}
+
+// pts[p] for input channel ci of a filter in the weight's own memory and the output channels [co, co + L) (lanes
+// past C_out 0): each (ci, co) holds its 27 taps in a row, so they are gathered into vectors first.
+template <typename T>
+UXNET_SIMD_INLINE void filter_points(const Geometry& g, const FilterView<const T>& f, int64_t ci, int64_t co,
+                                     Vec<T>* pts) {
+  using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  const int64_t point_stride = g.Cin * g.cout_padded();
+  const int64_t n = std::clamp<int64_t>(g.Cout - co, 0, L);
+  alignas(64) T gathered[kTaps * L];
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t t = 0; t < kTaps; ++t) gathered[t * L + c] = f.w[f.at(ci, co + c, t)];
+  }
+  V taps[kTaps];
+  for (int64_t t = 0; t < kTaps; ++t) taps[t] = n > 0 ? load_lanes<V>(gathered + t * L, n) : zero<V>();
+  points_of_taps(taps, pts);
+}
+
+// u[p * point_stride + (ci - ci_begin) * kCols + c] = (G w G^T)[p] for the input channels [ci_begin, ci_end) and the
+// output channels panel * kCols + c of one column panel (0 past C_out).
+template <typename T>
+void transform_weight_panel(const Geometry& g, const FilterView<const T>& w, int64_t panel, int64_t ci_begin,
+                            int64_t ci_end, T* u, int64_t point_stride) {
+  constexpr int64_t L = kLanes<T>;
   for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
-    for (int64_t co = 0; co < g.cout_padded(); co += L) {  // past C_out: zero columns
+    for (int64_t c = 0; c < kCols<T>; c += L) {
       Vec<T> pts[kPoints];
-      weight_points(g, w + ci * kTaps * g.Cout, co, pts);
-      T* dst = u + (co / kCols<T>) * g.Cin * kCols<T> + ci * kCols<T> + co % kCols<T>;
+      filter_points(g, w, ci, panel * kCols<T> + c, pts);
+      T* dst = u + (ci - ci_begin) * kCols<T> + c;
       for (int64_t p = 0; p < kPoints; ++p) store(dst + p * point_stride, pts[p]);
     }
+  }
+}
+
+template <typename T>
+void transform_weight(const Geometry& g, const FilterView<const T>& w, T* u, int64_t ci_begin, int64_t ci_end) {
+  for (int64_t panel = 0; panel < g.panels(); ++panel) {
+    transform_weight_panel(g, w, panel, ci_begin, ci_end, u + (panel * g.Cin + ci_begin) * kCols<T>,
+                           g.Cin * g.cout_padded());
   }
 }
 
@@ -329,6 +363,26 @@ UXNET_SIMD_BF16_TARGET void multiply(const Geometry& g, const Block<T, VT>& bloc
   }
 }
 
+// The products of one column panel over the input channels [ci_begin, ci_end), for a filter transformed a slice at a
+// time (transform_weight_panel's layout, u[p] point_stride apart): block.m[p][panel's columns] = (ci_begin > 0: +=)
+// block.v[p][ci_begin, ci_end) u[p], for the points [p_begin, p_end). Slices taken in order of ci give the bits of
+// multiply (one accumulation, stored and reloaded between slices).
+template <typename T>
+void multiply_panel(const Geometry& g, const Block<T>& block, const T* u, int64_t point_stride, int64_t panel,
+                    int64_t ci_begin, int64_t ci_end, int64_t p_begin, int64_t p_end) {
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const T* a = block.v + p * block.v_point + ci_begin;
+    T* c = block.m + p * block.m_point + panel * kCols<T>;
+    if (ci_begin == 0) {
+      rank1_columns<FmaProducts<T>, false>(g, panel, block.count, ci_end - ci_begin, a, block.v_tile, 1,
+                                           u + p * point_stride, kCols<T>, c, block.m_tile);
+    } else {
+      rank1_columns<FmaProducts<T>, true>(g, panel, block.count, ci_end - ci_begin, a, block.v_tile, 1,
+                                          u + p * point_stride, kCols<T>, c, block.m_tile);
+    }
+  }
+}
+
 // out of storage type S (T, or bf16 for float: rounded once).
 template <typename T, typename VT, typename S>
 void transform_output(const Geometry& g, const Block<T, VT>& block, const T* bias, int64_t begin, int64_t end, S* out,
@@ -418,31 +472,72 @@ void multiply_grad(const Geometry& g, const Block<T>& block, T* du, int64_t p_be
   }
 }
 
-// dw[ci][tap][co] = (G^T du G)[tap] of du[p][ci][co] (taps in kd, kh, kw order), for ci in [ci_begin, ci_end).
+// taps[tap] = (G^T du G)[tap] of the transformed-tap gradients du[p * point_stride] (kLanes output channels).
 template <typename T>
-void transform_weight_grad(const Geometry& g, const T* du, T* dw, int64_t ci_begin, int64_t ci_end) {
+UXNET_SIMD_INLINE void weight_grad_taps(const T* du, int64_t point_stride, Vec<T>* taps) {
   using V = Vec<T>;
+  V pts[kPoints], along_d[3][4][4], along_h[3][3][4];
+  for (int64_t p = 0; p < kPoints; ++p) pts[p] = load<V>(du + p * point_stride);
+  for (int j = 0; j < 4; ++j)
+    for (int k = 0; k < 4; ++k)
+      weight_grad_1d(pts[j * 4 + k], pts[16 + j * 4 + k], pts[32 + j * 4 + k], pts[48 + j * 4 + k],
+                     &along_d[0][j][k], 16);
+  for (int d = 0; d < 3; ++d)
+    for (int k = 0; k < 4; ++k)
+      weight_grad_1d(along_d[d][0][k], along_d[d][1][k], along_d[d][2][k], along_d[d][3][k], &along_h[d][0][k], 4);
+  for (int d = 0; d < 3; ++d)
+    for (int h = 0; h < 3; ++h)
+      weight_grad_1d(along_h[d][h][0], along_h[d][h][1], along_h[d][h][2], along_h[d][h][3], &taps[(d * 3 + h) * 3],
+                     1);
+}
+
+// dw(ci, tap, co) for the output channels [co, co + n) = taps[tap] (scattered to each (ci, co)'s row of 27 taps).
+template <typename T>
+UXNET_SIMD_INLINE void store_filter_taps(const Vec<T>* taps, const FilterView<T>& dw, int64_t ci, int64_t co,
+                                         int64_t n) {
+  constexpr int64_t L = kLanes<T>;
+  alignas(64) T gathered[kTaps * L];
+  for (int64_t t = 0; t < kTaps; ++t) store(gathered + t * L, taps[t]);
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t t = 0; t < kTaps; ++t) dw.w[dw.at(ci, co + c, t)] = gathered[t * L + c];
+  }
+}
+
+// dw(ci, tap, co) = (G^T du G)[tap] of du[p][ci][co] (taps in kd, kh, kw order), for ci in [ci_begin, ci_end).
+template <typename T>
+void transform_weight_grad(const Geometry& g, const T* du, const FilterView<T>& dw, int64_t ci_begin,
+                           int64_t ci_end) {
   constexpr int64_t L = kLanes<T>;
   const int64_t cout = g.cout_padded();
-  const int64_t point_stride = g.Cin * cout;
   for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
     for (int64_t co = 0; co < g.Cout; co += L) {
-      const int64_t n = std::min<int64_t>(L, g.Cout - co);
-      V pts[kPoints], along_d[3][4][4], along_h[3][3][4], taps[kTaps];
-      for (int64_t p = 0; p < kPoints; ++p) pts[p] = load<V>(du + p * point_stride + ci * cout + co);
-      for (int j = 0; j < 4; ++j)
-        for (int k = 0; k < 4; ++k)
-          weight_grad_1d(pts[j * 4 + k], pts[16 + j * 4 + k], pts[32 + j * 4 + k], pts[48 + j * 4 + k],
-                         &along_d[0][j][k], 16);
-      for (int d = 0; d < 3; ++d)
-        for (int k = 0; k < 4; ++k)
-          weight_grad_1d(along_d[d][0][k], along_d[d][1][k], along_d[d][2][k], along_d[d][3][k], &along_h[d][0][k], 4);
-      for (int d = 0; d < 3; ++d)
-        for (int h = 0; h < 3; ++h)
-          weight_grad_1d(along_h[d][h][0], along_h[d][h][1], along_h[d][h][2], along_h[d][h][3],
-                         &taps[(d * 3 + h) * 3], 1);
-      T* dst = dw + ci * kTaps * g.Cout + co;
-      for (int64_t t = 0; t < kTaps; ++t) store_lanes(dst + t * g.Cout, taps[t], n);
+      Vec<T> taps[kTaps];
+      weight_grad_taps(du + ci * cout + co, g.Cin * cout, taps);
+      store_filter_taps(taps, dw, ci, co, std::min<int64_t>(L, g.Cout - co));
+    }
+  }
+}
+
+// The weight gradient of one column panel and the input channels [ci_begin, ci_end), with the block holding every
+// tile: du[p][ci - ci_begin][c] = sum over the tiles, in order, of v[t][p][ci] m[t][p][panel * kCols + c] into
+// `du` (scratch of kPoints * (ci_end - ci_begin) * kCols values), then dw(ci, tap, co) = (G^T du G)[tap] for the
+// panel's output channels. The same bits as multiply_grad + transform_weight_grad.
+template <typename T>
+void weight_grad_panel(const Geometry& g, const Block<T>& block, int64_t panel, int64_t ci_begin, int64_t ci_end,
+                       T* du, const FilterView<T>& dw) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t rows = ci_end - ci_begin, point_stride = rows * kCols<T>;
+  for (int64_t p = 0; p < kPoints; ++p) {
+    rank1_columns<FmaProducts<T>, false>(g, panel, rows, block.count, block.v + p * block.v_point + ci_begin, 1,
+                                         block.v_tile, block.m + p * block.m_point + panel * kCols<T>, block.m_tile,
+                                         du + p * point_stride, kCols<T>);
+  }
+  for (int64_t ci = ci_begin; ci < ci_end; ++ci) {
+    for (int64_t c = 0; c < kCols<T> && panel * kCols<T> + c < g.Cout; c += L) {
+      const int64_t co = panel * kCols<T> + c;
+      Vec<T> taps[kTaps];
+      weight_grad_taps(du + (ci - ci_begin) * kCols<T> + c, point_stride, taps);
+      store_filter_taps(taps, dw, ci, co, std::min<int64_t>(L, g.Cout - co));
     }
   }
 }
@@ -481,13 +576,16 @@ const KernelTable<T>& table() {
                                       kLanes<T>,
                                       kCols<T>,
                                       &transform_weight<T>,
+                                      &transform_weight_panel<T>,
                                       &transform_input<T, T, T>,
                                       &multiply<FmaProducts<T>, T, T>,
+                                      &multiply_panel<T>,
                                       &transform_output<T, T, T>,
                                       &direct_tile<T>,
                                       &transform_grad_output<T>,
                                       &multiply_grad<T>,
-                                      &transform_weight_grad<T>};
+                                      &transform_weight_grad<T>,
+                                      &weight_grad_panel<T>};
   return kernels;
 }
 

@@ -43,6 +43,20 @@ inline Geometry make_geometry(int64_t N, int64_t Cin, int64_t Cout, int64_t D, i
   return Geometry{N, Cin, Cout, D, H, W, (D + 1) / 2, (H + 1) / 2, (W + 1) / 2, cols, Cin};
 }
 
+// A filter in the memory of a (C_out', C_in', 3, 3, 3) contiguous weight, as the kernels read and write it: element
+// (ci, tap, co) of the pass's filter at w[ci * ci_stride + co * co_stride + tap] (taps in kd, kh, kw order; 26 - tap
+// when `flip`, the filter flipped along every axis). The weight itself: ci_stride 27, co_stride 27 C_in; the input
+// gradient's filter (flipped, channel axes swapped): ci_stride 27 C_in', co_stride 27, flip.
+template <typename T>
+struct FilterView {
+  T* w;
+  int64_t ci_stride, co_stride;
+  bool flip;
+  int64_t at(int64_t ci, int64_t co, int64_t tap) const {
+    return ci * ci_stride + co * co_stride + (flip ? kTaps - 1 - tap : tap);
+  }
+};
+
 // One block of tiles [first, first + count) and its buffers: v[t][p] (cin_row values of VT) at v + t * v_tile +
 // p * v_point, m[t][p] (cout_padded values of T) at m + t * m_tile + p * m_point. The forward is tile-major (a
 // tile's transforms read or write one contiguous run); the weight gradient point-major (its products run over the
@@ -75,15 +89,22 @@ struct KernelTable {
   const char* isa;
   int64_t lanes;
   int64_t cols;  // output channels per column panel
-  // u[p][co / cols][ci][co % cols] = (G w G^T)[p] of the filter w[ci][tap][co] (taps in kd, kh, kw order), 0 for
-  // the padding columns past C_out.
-  void (*transform_weight)(const Geometry& g, const T* w, T* u, int64_t ci_begin, int64_t ci_end);
+  // u[p][co / cols][ci][co % cols] = (G w G^T)[p] of the filter w, 0 for the padding columns past C_out.
+  void (*transform_weight)(const Geometry& g, const FilterView<const T>& w, T* u, int64_t ci_begin, int64_t ci_end);
+  // The same for one column panel and the input channels [ci_begin, ci_end) (a slice that stays in cache):
+  // u[p * point_stride + (ci - ci_begin) * cols + c] for the output channel panel * cols + c.
+  void (*transform_weight_panel)(const Geometry& g, const FilterView<const T>& w, int64_t panel, int64_t ci_begin,
+                                 int64_t ci_end, T* u, int64_t point_stride);
   // block.v[t][p][ci] = (B^T x B)[p] of tile first + t's input window (zero outside the volume);
   // nonfinite[t] = 1 where that window holds a NaN or an Inf (or the transform overflowed), else 0.
   void (*transform_input)(const Geometry& g, const T* x, Strides xs, const Block<T>& block, int64_t begin,
                           int64_t end, uint8_t* nonfinite);
   // block.m[p] = block.v[p] u[p] for the points [p_begin, p_end).
   void (*multiply)(const Geometry& g, const Block<T>& block, const T* u, int64_t p_begin, int64_t p_end);
+  // The products of one panel over the input channels [ci_begin, ci_end) of a slice from transform_weight_panel:
+  // block.m[p][panel's columns] = (ci_begin > 0: +=) block.v[p][ci_begin, ci_end) u[p], points [p_begin, p_end).
+  void (*multiply_panel)(const Geometry& g, const Block<T>& block, const T* u, int64_t point_stride, int64_t panel,
+                         int64_t ci_begin, int64_t ci_end, int64_t p_begin, int64_t p_end);
   // The output voxels of tiles first + [begin, end) (those inside the volume) = A^T m A (+ bias[co] unless null).
   void (*transform_output)(const Geometry& g, const Block<T>& block, const T* bias, int64_t begin, int64_t end,
                            T* out, Strides os);
@@ -100,8 +121,13 @@ struct KernelTable {
   // du[p][ci][co] (row stride cout_padded) += sum over the block's tiles, in order, of v[t][p][ci] m[t][p][co], for
   // the points [p_begin, p_end).
   void (*multiply_grad)(const Geometry& g, const Block<T>& block, T* du, int64_t p_begin, int64_t p_end);
-  // dw[ci][tap][co] = (G^T du G)[tap] for ci in [ci_begin, ci_end).
-  void (*transform_weight_grad)(const Geometry& g, const T* du, T* dw, int64_t ci_begin, int64_t ci_end);
+  // dw(ci, tap, co) = (G^T du G)[tap] for ci in [ci_begin, ci_end).
+  void (*transform_weight_grad)(const Geometry& g, const T* du, const FilterView<T>& dw, int64_t ci_begin,
+                                int64_t ci_end);
+  // Both for one panel and the input channels [ci_begin, ci_end) of a block holding every tile, through `du`
+  // (scratch of kPoints * (ci_end - ci_begin) * cols values, stays in cache): dw(ci, tap, panel's output channels).
+  void (*weight_grad_panel)(const Geometry& g, const Block<T>& block, int64_t panel, int64_t ci_begin, int64_t ci_end,
+                            T* du, const FilterView<T>& dw);
 };
 
 // The forward with bfloat16 products: inputs and weights transformed in float32 and rounded to bf16, the matrix

@@ -5,7 +5,8 @@
 //
 // A Vec holds kLanes<T> channels of one voxel (the blocked layout of params.h). Register blocks: kOutBlock outputs
 // along W (convolution) and kTapBlock kw taps (weight gradient) are kept in registers, plus the weight (or grad)
-// vector: 16 + 1 of 32 registers for avx512 and its emulation, 12 + 1 of 16 otherwise.
+// vector: 16 + 1 of 32 registers for avx512 and its emulation, 12 + 1 of 16 otherwise; with 32 registers a 7-wide
+// kernel also keeps its row of 7 weights (conv_block_kw: 16 + 7 + 1).
 
 namespace dwconv3d_kernels {
 
@@ -51,11 +52,60 @@ inline void conv_block(const Geometry& g, const T* const* in_planes, const T* we
   for (int j = 0; j < WB; ++j) store(out_px + j * L, acc[j]);
 }
 
-// conv_block<T, n> for a run-time block size 1 <= n <= WB.
+// conv_block for a kernel width KW known at compile time, with the row's KW weight vectors held in registers: each
+// input vector of the row is loaded once and multiplied into every output it reaches (WB + KW - 1 loads for WB * KW
+// FMAs, against WB + 1 per KW above, where the loads bound the loop). Each output sums its taps in the same order
+// as conv_block (kw ascending), so the bits are the same. Needs WB + KW + 1 vector registers.
+template <typename T, int WB, int KW>
+inline void conv_block_kw(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
+                          int64_t w0, int64_t kh0, int64_t kh1, T* out_px) {
+  using V = Vec<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t row_len = g.row_len();
+  V acc[WB];
+  const V init = bias ? load<V>(bias) : zero<V>();
+#pragma GCC unroll 16
+  for (int j = 0; j < WB; ++j) acc[j] = init;
+  for (int64_t kd = 0; kd < g.KD; ++kd) {
+    const T* plane = in_planes[kd];
+    if (plane == nullptr) continue;
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const T* row = plane + ((h + kh - g.pad_h()) * row_len + w0) * L;
+      const T* wk = weight + (kd * g.KH + kh) * KW * L;
+      const char* ahead = reinterpret_cast<const char*>(row + (WB + KW - 1) * L);
+      for (int64_t byte = 0; byte < WB * L * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(ahead + byte, 0, 3);
+      }
+      V wv[KW];
+#pragma GCC unroll 32
+      for (int kw = 0; kw < KW; ++kw) wv[kw] = load<V>(wk + kw * L);
+#pragma GCC unroll 64
+      for (int q = 0; q < WB + KW - 1; ++q) {
+        const V xv = load<V>(row + q * L);
+#pragma GCC unroll 32
+        for (int kw = 0; kw < KW; ++kw) {
+          const int j = q - kw;
+          if (j >= 0 && j < WB) acc[j] = fma(wv[kw], xv, acc[j]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < WB; ++j) store(out_px + j * L, acc[j]);
+}
+
+// The kernel width with weights in registers (the default model's 7x7x7), where the ISA has the registers for it.
+constexpr int kRegisterKW = 7;
+constexpr bool kWeightsInRegisters = kVectorRegisters >= kOutBlock + kRegisterKW + 1;
+
+// conv_block<T, n> (conv_block_kw<T, n, kRegisterKW> where `fixed_kw`) for a run-time block size 1 <= n <= WB.
 template <typename T, int WB, class... Args>
-inline void conv_block_dispatch(int64_t n, Args... args) {
+inline void conv_block_dispatch(int64_t n, bool fixed_kw, Args... args) {
   if constexpr (WB > 1) {
-    if (n < WB) return conv_block_dispatch<T, WB - 1>(n, args...);
+    if (n < WB) return conv_block_dispatch<T, WB - 1>(n, fixed_kw, args...);
+  }
+  if constexpr (kWeightsInRegisters) {
+    if (fixed_kw) return conv_block_kw<T, WB, kRegisterKW>(args...);
   }
   conv_block<T, WB>(args...);
 }
@@ -67,10 +117,12 @@ void conv_row(const Geometry& g, const T* const* in_planes, const T* weight, con
   const int64_t kh0 = h < g.pad_h() ? g.pad_h() - h : 0;
   const int64_t kh1 = g.H + g.pad_h() - h < g.KH ? g.H + g.pad_h() - h : g.KH;
   const int64_t n_blocks = (g.W + kOutBlock - 1) / kOutBlock;
+  const bool fixed_kw = g.KW == kRegisterKW;
   for (int64_t b = 0; b < n_blocks; ++b) {  // near-equal blocks, so the W tail is not a slow 1- or 2-wide block
     const int64_t w0 = b * g.W / n_blocks;
     const int64_t w1 = (b + 1) * g.W / n_blocks;
-    conv_block_dispatch<T, kOutBlock>(w1 - w0, g, in_planes, weight, bias, h, w0, kh0, kh1, out_row + w0 * L);
+    conv_block_dispatch<T, kOutBlock>(w1 - w0, fixed_kw, g, in_planes, weight, bias, h, w0, kh0, kh1,
+                                      out_row + w0 * L);
   }
 }
 

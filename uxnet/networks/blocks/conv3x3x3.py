@@ -147,10 +147,10 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, cache: Optional[WinogradWei
     x = channels_last(x)
     dtype = autocast.active_dtype(x)  # the dtype x and weight are cast to (None outside autocast)
     # Inference tensors (a model built under inference_mode) have no version counter to tell a change by.
-    # Layers the op runs direct without a packed weight (768 -> 768 channels at 6^3 in the default model) are not
-    # packed: 151 MB per layer in float32 for ~36 ms (docs/PERFORMANCE.md, 768 -> 768 @ 6^3: 24.8 against 60.8 ms).
+    # Layers where packing does not pay (768 -> 768 channels at 6^3 in the default model: 151 MB per layer in float32)
+    # are not packed.
     if cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and not weight.is_inference() and conv_op.runs_packed(x) and not conv_op.prefers_direct(x, weight, dtype):
+            and not weight.is_inference() and conv_op.runs_packed(x) and conv_op.packing_pays(x, weight, dtype):
         return uk.conv3d_3x3x3(x, weight, packed_weight=cache.packed(key, weight, dtype))
     return uk.conv3d_3x3x3(x, weight)
 
