@@ -6,7 +6,7 @@
 // A Vec holds kLanes<T> channels of one voxel (the blocked layout of params.h). Register blocks: kOutBlock outputs
 // along W (convolution) and kTapBlock kw taps (weight gradient) are kept in registers, plus the weight (or grad)
 // vector: 16 + 1 of 32 registers for avx512 and its emulation, 12 + 1 of 16 otherwise; with 32 registers a 7-wide
-// kernel also keeps its row of 7 weights (conv_block_kw: 16 + 7 + 1).
+// kernel also keeps its row of 7 weights (conv_block<T, WB, 7>: 16 + 7 + 1).
 
 namespace dwconv3d_kernels {
 
@@ -16,14 +16,18 @@ using ::uxnet::cpu::dwconv3d::KernelTable;
 constexpr int kOutBlock = kVectorRegisters >= 32 ? 16 : 12;
 constexpr int kTapBlock = kVectorRegisters >= 32 ? 16 : 12;
 
-// `WB` consecutive outputs along W (starting at w0) of output row h, all lanes of one channel block.
-template <typename T, int WB>
-inline void conv_block(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias,
-                                  int64_t h, int64_t w0, int64_t kh0, int64_t kh1, T* out_px) {
+// `WB` consecutive outputs along W (starting at w0) of output row h, all lanes of one channel block. With the kernel
+// width known at compile time (FixedKW > 0) the row's KW weight vectors stay in registers and each input vector of
+// the row is loaded once and multiplied into every output it reaches (WB + KW - 1 loads for WB * KW FMAs, against
+// WB + 1 per kw otherwise, where the loads bound the loop; needs WB + KW + 1 vector registers). Each output sums its
+// taps in the same order (kw ascending) either way, so the bits are the same.
+template <typename T, int WB, int FixedKW = 0>
+inline void conv_block(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
+                       int64_t w0, int64_t kh0, int64_t kh1, T* out_px) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
   const int64_t row_len = g.row_len();
-  const int64_t KW = g.KW;
+  const int64_t KW = FixedKW > 0 ? FixedKW : g.KW;
   V acc[WB];
   const V init = bias ? load<V>(bias) : zero<V>();
 #pragma GCC unroll 16
@@ -40,52 +44,25 @@ inline void conv_block(const Geometry& g, const T* const* in_planes, const T* we
       for (int64_t byte = 0; byte < WB * L * static_cast<int64_t>(sizeof(T)); byte += 64) {
         __builtin_prefetch(ahead + byte, 0, 3);
       }
-      for (int64_t kw = 0; kw < KW; ++kw) {
-        const V wv = load<V>(wk + kw * L);
-        const T* p = row + kw * L;
-#pragma GCC unroll 16
-        for (int j = 0; j < WB; ++j) acc[j] = fma(wv, load<V>(p + j * L), acc[j]);
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int j = 0; j < WB; ++j) store(out_px + j * L, acc[j]);
-}
-
-// conv_block for a kernel width KW known at compile time, with the row's KW weight vectors held in registers: each
-// input vector of the row is loaded once and multiplied into every output it reaches (WB + KW - 1 loads for WB * KW
-// FMAs, against WB + 1 per KW above, where the loads bound the loop). Each output sums its taps in the same order
-// as conv_block (kw ascending), so the bits are the same. Needs WB + KW + 1 vector registers.
-template <typename T, int WB, int KW>
-inline void conv_block_kw(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
-                          int64_t w0, int64_t kh0, int64_t kh1, T* out_px) {
-  using V = Vec<T>;
-  constexpr int64_t L = kLanes<T>;
-  const int64_t row_len = g.row_len();
-  V acc[WB];
-  const V init = bias ? load<V>(bias) : zero<V>();
-#pragma GCC unroll 16
-  for (int j = 0; j < WB; ++j) acc[j] = init;
-  for (int64_t kd = 0; kd < g.KD; ++kd) {
-    const T* plane = in_planes[kd];
-    if (plane == nullptr) continue;
-    for (int64_t kh = kh0; kh < kh1; ++kh) {
-      const T* row = plane + ((h + kh - g.pad_h()) * row_len + w0) * L;
-      const T* wk = weight + (kd * g.KH + kh) * KW * L;
-      const char* ahead = reinterpret_cast<const char*>(row + (WB + KW - 1) * L);
-      for (int64_t byte = 0; byte < WB * L * static_cast<int64_t>(sizeof(T)); byte += 64) {
-        __builtin_prefetch(ahead + byte, 0, 3);
-      }
-      V wv[KW];
+      if constexpr (FixedKW > 0) {
+        V wv[FixedKW];
 #pragma GCC unroll 32
-      for (int kw = 0; kw < KW; ++kw) wv[kw] = load<V>(wk + kw * L);
+        for (int kw = 0; kw < FixedKW; ++kw) wv[kw] = load<V>(wk + kw * L);
 #pragma GCC unroll 64
-      for (int q = 0; q < WB + KW - 1; ++q) {
-        const V xv = load<V>(row + q * L);
+        for (int q = 0; q < WB + FixedKW - 1; ++q) {
+          const V xv = load<V>(row + q * L);
 #pragma GCC unroll 32
-        for (int kw = 0; kw < KW; ++kw) {
-          const int j = q - kw;
-          if (j >= 0 && j < WB) acc[j] = fma(wv[kw], xv, acc[j]);
+          for (int kw = 0; kw < FixedKW; ++kw) {
+            const int j = q - kw;
+            if (j >= 0 && j < WB) acc[j] = fma(wv[kw], xv, acc[j]);
+          }
+        }
+      } else {
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const V wv = load<V>(wk + kw * L);
+          const T* p = row + kw * L;
+#pragma GCC unroll 16
+          for (int j = 0; j < WB; ++j) acc[j] = fma(wv, load<V>(p + j * L), acc[j]);
         }
       }
     }
@@ -98,14 +75,14 @@ inline void conv_block_kw(const Geometry& g, const T* const* in_planes, const T*
 constexpr int kRegisterKW = 7;
 constexpr bool kWeightsInRegisters = kVectorRegisters >= kOutBlock + kRegisterKW + 1;
 
-// conv_block<T, n> (conv_block_kw<T, n, kRegisterKW> where `fixed_kw`) for a run-time block size 1 <= n <= WB.
+// conv_block<T, n> (conv_block<T, n, kRegisterKW> where `fixed_kw`) for a run-time block size 1 <= n <= WB.
 template <typename T, int WB, class... Args>
 inline void conv_block_dispatch(int64_t n, bool fixed_kw, Args... args) {
   if constexpr (WB > 1) {
     if (n < WB) return conv_block_dispatch<T, WB - 1>(n, fixed_kw, args...);
   }
   if constexpr (kWeightsInRegisters) {
-    if (fixed_kw) return conv_block_kw<T, WB, kRegisterKW>(args...);
+    if (fixed_kw) return conv_block<T, WB, kRegisterKW>(args...);
   }
   conv_block<T, WB>(args...);
 }
