@@ -1,7 +1,7 @@
-// The parallel drivers shared by the dwconv3d forward and backward: they pack input planes just in time into
-// the blocked layout (params.h), call the ISA kernels and store rows into the output tensor. Packing
-// and storing take any element strides (NCDHW, channels_last_3d and arbitrary views are read and written in
-// place) and convert the dtype on the fly (bf16/fp16 computed in float32, float64 in float64). No scratch
+// The parallel drivers shared by the dwconv3d forward and backward: they read input planes in place or pack them
+// just in time into the blocked layout (params.h), call the ISA kernels and write rows into the output tensor.
+// Packing and storing take any element strides (NCDHW, channels_last_3d and arbitrary views are read and written
+// where they lie) and convert the dtype on the fly (bf16/fp16 computed in float32, float64 in float64). No scratch
 // tensor the size of an activation is allocated.
 #pragma once
 
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -168,33 +169,54 @@ class PlaneRing {
   std::vector<int64_t> keys_;
 };
 
-// Tasks of the convolution: (n, cb, slice of D). Enough slices to feed every thread; each slice re-packs
-// KD - 1 halo planes, so no more slices than needed.
-inline int64_t depth_slices(const Geometry& g) {
-  const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t volumes = g.N * g.Cb;
-  return std::max<int64_t>(1, std::min(g.D, (wanted + volumes - 1) / volumes));
+// Whether a tensor of dtype Tin with strides s holds every channel block of a voxel as `lanes` contiguous values of
+// the compute type, so the kernels can read (or write) it in place: float32 / float64 channels_last_3d (or any
+// strides with unit channel stride) whose C is a multiple of the lanes.
+template <typename Tin, typename Tc>
+bool blocks_in_place(const Geometry& g, Strides5 s) {
+  return std::is_same<Tin, Tc>::value && s.c == 1 && g.C % g.lanes == 0;
 }
 
-// dst = conv(src, weight) + bias; weight blocked [Cb][KD][KH][KW][lanes], bias [Cb][lanes] or null.
+// dst = conv(src, weight) + bias; weight blocked [Cb][KD][KH][KW][lanes], bias [Cb][lanes] or null. The N * Cb * D
+// output planes are split into one contiguous range per thread (equal to a plane), so the threads finish together.
+// src is read in place where blocks_in_place allows and the kernel width is the table's in_place_kw (params.h);
+// otherwise the ring packs its planes, re-packing the KD - 1 halo planes only where a range starts or crosses into
+// the next channel block. Rows are written straight into dst where blocks_in_place allows, else through a row
+// buffer and store_row.
 template <typename Tin, typename Tc>
 void conv_volume(const KernelTable<Tc>& kernels, const Geometry& g, const Tin* src, Strides5 src_strides,
                  const Tc* weight, const Tc* bias, Tin* dst, Strides5 dst_strides) {
-  const int64_t slices = depth_slices(g);
-  at::parallel_for(0, g.N * g.Cb * slices, 1, [&](int64_t begin, int64_t end) {
-    PlaneRing<Tc> ring(g);
+  const bool read_in_place = blocks_in_place<Tin, Tc>(g, src_strides) && g.KW == kernels.in_place_kw;
+  const bool write_in_place = blocks_in_place<Tin, Tc>(g, dst_strides);
+  const PlaneLayout layout =
+      read_in_place ? PlaneLayout{src_strides.h, src_strides.w, /*padded=*/false} : PlaneLayout::blocked(g);
+  at::parallel_for(0, g.N * g.Cb * g.D, 1, [&](int64_t begin, int64_t end) {
+    std::optional<PlaneRing<Tc>> ring;
+    if (!read_in_place) ring.emplace(g);
     std::vector<const Tc*> planes(static_cast<size_t>(g.KD));
-    std::vector<Tc> row(static_cast<size_t>(g.W * g.lanes));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t slice = task % slices;
-      const int64_t cb = (task / slices) % g.Cb;
-      const int64_t n = task / (slices * g.Cb);
+    std::vector<Tc> row(write_in_place ? 0 : static_cast<size_t>(g.W * g.lanes));
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t d = plane % g.D;
+      const int64_t cb = (plane / g.D) % g.Cb;
+      const int64_t n = plane / (g.D * g.Cb);
       const Tc* w_cb = weight + cb * g.taps() * g.lanes;
       const Tc* b_cb = bias ? bias + cb * g.lanes : nullptr;
-      for (int64_t d = slice * g.D / slices; d < (slice + 1) * g.D / slices; ++d) {
-        ring.gather(src, src_strides, n, cb, d, planes.data());
-        for (int64_t h = 0; h < g.H; ++h) {
-          kernels.conv_row(g, planes.data(), w_cb, b_cb, h, row.data());
+      if (read_in_place) {
+        const Tc* volume = reinterpret_cast<const Tc*>(src) + n * src_strides.n + cb * g.lanes;
+        for (int64_t kd = 0; kd < g.KD; ++kd) {
+          const int64_t di = d + kd - g.pad_d();
+          planes[kd] = di < 0 || di >= g.D ? nullptr : volume + di * src_strides.d;
+        }
+      } else {
+        ring->gather(src, src_strides, n, cb, d, planes.data());
+      }
+      for (int64_t h = 0; h < g.H; ++h) {
+        if (write_in_place) {
+          Tc* out_row = reinterpret_cast<Tc*>(dst) + n * dst_strides.n + cb * g.lanes + d * dst_strides.d +
+                        h * dst_strides.h;
+          kernels.conv_row(g, planes.data(), layout, w_cb, b_cb, h, out_row, dst_strides.w);
+        } else {
+          kernels.conv_row(g, planes.data(), layout, w_cb, b_cb, h, row.data(), g.lanes);
           store_row(row.data(), g, n, cb, d, h, dst, dst_strides);
         }
       }

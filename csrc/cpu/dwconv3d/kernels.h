@@ -12,22 +12,54 @@ namespace dwconv3d_kernels {
 
 using ::uxnet::cpu::dwconv3d::Geometry;
 using ::uxnet::cpu::dwconv3d::KernelTable;
+using ::uxnet::cpu::dwconv3d::PlaneLayout;
 
 constexpr int kOutBlock = kVectorRegisters >= 32 ? 16 : 12;
 constexpr int kTapBlock = kVectorRegisters >= 32 ? 16 : 12;
 
-// `WB` consecutive outputs along W (starting at w0) of output row h, all lanes of one channel block. With the kernel
-// width known at compile time (FixedKW > 0) the row's KW weight vectors stay in registers and each input vector of
-// the row is loaded once and multiplied into every output it reaches (WB + KW - 1 loads for WB * KW FMAs, against
-// WB + 1 per kw otherwise, where the loads bound the loop; needs WB + KW + 1 vector registers). Each output sums its
-// taps in the same order (kw ascending) either way, so the bits are the same.
-template <typename T, int WB, int FixedKW = 0>
-inline void conv_block(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
-                       int64_t w0, int64_t kh0, int64_t kh1, T* out_px) {
+// Prefetches the `elems` contiguous values of the input row the step after (kd, kh) of conv_block reads.
+template <typename T>
+inline void prefetch_next_row(const Geometry& g, const T* const* in_planes, PlaneLayout layout, int64_t h, int64_t kd,
+                              int64_t kh, int64_t kh0, int64_t kh1, int64_t row_off, int64_t col0, int64_t elems) {
+  const T* next = nullptr;
+  if (kh + 1 < kh1) {
+    next = in_planes[kd] + (row_off + layout.row_stride);
+  } else {
+    for (int64_t nd = kd + 1; nd < g.KD && next == nullptr; ++nd) {
+      if (in_planes[nd] != nullptr) next = in_planes[nd] + ((h + kh0 - g.pad_h()) * layout.row_stride + col0);
+    }
+  }
+  if (next == nullptr) return;
+  const char* bytes = reinterpret_cast<const char*>(next);
+  for (int64_t b = 0; b < elems * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b, 0, 3);
+}
+
+// `WB` consecutive outputs along W (starting at w0) of output row h, all lanes of one channel block, stored
+// out_stride apart. With the kernel width known at compile time (FixedKW > 0) the row's KW weight vectors stay in
+// registers and each input vector of the row is loaded once and multiplied into every output it reaches
+// (WB + KW - 1 loads for WB * KW FMAs, against WB + 1 per kw otherwise, where the loads bound the loop; needs
+// WB + KW + 1 vector registers). Each output sums its taps in the same order (kw ascending) either way, so the bits
+// are the same. `Cols` says where the row's input columns lie (params.h): in a blocked plane, `lanes` apart with zero
+// columns past the W borders (a compile-time stride), or in place, voxel_stride apart, where a block that reaches
+// past a W border (kInPlaceEdge) skips the taps on the columns outside the volume. A blocked plane adds their products
+// with its zero columns instead, which leaves each sum's value unchanged (x + w * 0 == x): equal results.
+enum class Columns { kBlocked, kInPlace, kInPlaceEdge };
+
+template <typename T, int WB, int FixedKW, Columns Cols>
+inline void conv_block(const Geometry& g, const T* const* in_planes, PlaneLayout layout, const T* weight,
+                       const T* bias, int64_t h, int64_t w0, int64_t kh0, int64_t kh1, T* out_px,
+                       int64_t out_stride) {
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
-  const int64_t row_len = g.row_len();
   const int64_t KW = FixedKW > 0 ? FixedKW : g.KW;
+  constexpr bool Edge = Cols == Columns::kInPlaceEdge;
+  const int64_t vs = Cols == Columns::kBlocked ? L : layout.voxel_stride;
+  const int64_t span = WB + KW - 1;  // input columns q = 0 .. span - 1 are voxels w0 - pad_w + q
+  const int64_t q_lo = Edge && w0 < g.pad_w() ? g.pad_w() - w0 : 0;
+  const int64_t q_hi = Edge && g.W + g.pad_w() - w0 < span ? g.W + g.pad_w() - w0 : span;
+  const int64_t col0 = (layout.w_origin(g) + w0 - g.pad_w()) * vs;  // negative at the left border of an unpadded plane
+  // Whether input column q lies inside the volume (the taps on the columns outside are skipped).
+  auto inside = [&](int64_t q) { return !Edge || (q >= q_lo && q < q_hi); };
   V acc[WB];
   const V init = bias ? load<V>(bias) : zero<V>();
 #pragma GCC unroll 16
@@ -36,21 +68,23 @@ inline void conv_block(const Geometry& g, const T* const* in_planes, const T* we
     const T* plane = in_planes[kd];
     if (plane == nullptr) continue;
     for (int64_t kh = kh0; kh < kh1; ++kh) {
-      const T* row = plane + ((h + kh - g.pad_h()) * row_len + w0) * L;
+      const int64_t row_off = (h + kh - g.pad_h()) * layout.row_stride + col0;
       const T* wk = weight + (kd * g.KH + kh) * KW * L;
-      // The KD * KH rows one block reads do not fit L1 together; fetch the part of this row that the next
-      // block along W (or, past the row's end, the next output row) will read while this block computes.
-      const char* ahead = reinterpret_cast<const char*>(row + (WB + KW - 1) * L);
-      for (int64_t byte = 0; byte < WB * L * static_cast<int64_t>(sizeof(T)); byte += 64) {
-        __builtin_prefetch(ahead + byte, 0, 3);
+      // The KD * KH rows one block reads of a blocked plane do not fit L1 together (beside the weights): fetch the
+      // row of the next (kd, kh) step while this one computes. (Measured: no gain on planes read in place.)
+      if (Cols == Columns::kBlocked) {
+        prefetch_next_row(g, in_planes, layout, h, kd, kh, kh0, kh1, row_off, col0, span * vs);
       }
       if constexpr (FixedKW > 0) {
         V wv[FixedKW];
 #pragma GCC unroll 32
         for (int kw = 0; kw < FixedKW; ++kw) wv[kw] = load<V>(wk + kw * L);
+        const T* column = plane + (row_off + q_lo * vs);  // q_lo == 0 except at the left border
 #pragma GCC unroll 64
         for (int q = 0; q < WB + FixedKW - 1; ++q) {
-          const V xv = load<V>(row + q * L);
+          if (!inside(q)) continue;
+          const V xv = load<V>(column);
+          column += vs;
 #pragma GCC unroll 32
           for (int kw = 0; kw < FixedKW; ++kw) {
             const int j = q - kw;
@@ -60,37 +94,39 @@ inline void conv_block(const Geometry& g, const T* const* in_planes, const T* we
       } else {
         for (int64_t kw = 0; kw < KW; ++kw) {
           const V wv = load<V>(wk + kw * L);
-          const T* p = row + kw * L;
+          const T* column = plane + (row_off + kw * vs);
 #pragma GCC unroll 16
-          for (int j = 0; j < WB; ++j) acc[j] = fma(wv, load<V>(p + j * L), acc[j]);
+          for (int j = 0; j < WB; ++j) {
+            if (inside(j + kw)) acc[j] = fma(wv, load<V>(column), acc[j]);
+            column += vs;
+          }
         }
       }
     }
   }
 #pragma GCC unroll 16
-  for (int j = 0; j < WB; ++j) store(out_px + j * L, acc[j]);
+  for (int j = 0; j < WB; ++j) store(out_px + j * out_stride, acc[j]);
 }
 
 // The kernel width with weights in registers (the default model's 7x7x7), where the ISA has the registers for it.
 constexpr int kRegisterKW = 7;
 constexpr bool kWeightsInRegisters = kVectorRegisters >= kOutBlock + kRegisterKW + 1;
 
-// conv_block<T, n> (conv_block<T, n, kRegisterKW> where `fixed_kw`) for a run-time block size 1 <= n <= WB.
-template <typename T, int WB, class... Args>
+// conv_block<T, n, FixedKW, Cols> for a run-time block size 1 <= n <= WB, FixedKW = kRegisterKW where `fixed_kw`.
+template <typename T, int WB, Columns Cols, class... Args>
 inline void conv_block_dispatch(int64_t n, bool fixed_kw, Args... args) {
   if constexpr (WB > 1) {
-    if (n < WB) return conv_block_dispatch<T, WB - 1>(n, fixed_kw, args...);
+    if (n < WB) return conv_block_dispatch<T, WB - 1, Cols>(n, fixed_kw, args...);
   }
   if constexpr (kWeightsInRegisters) {
-    if (fixed_kw) return conv_block<T, WB, kRegisterKW>(args...);
+    if (fixed_kw) return conv_block<T, WB, kRegisterKW, Cols>(args...);
   }
-  conv_block<T, WB>(args...);
+  conv_block<T, WB, 0, Cols>(args...);
 }
 
 template <typename T>
-void conv_row(const Geometry& g, const T* const* in_planes, const T* weight, const T* bias, int64_t h,
-              T* out_row) {
-  constexpr int64_t L = kLanes<T>;
+void conv_row(const Geometry& g, const T* const* in_planes, PlaneLayout layout, const T* weight, const T* bias,
+              int64_t h, T* out_row, int64_t out_stride) {
   const int64_t kh0 = h < g.pad_h() ? g.pad_h() - h : 0;
   const int64_t kh1 = g.H + g.pad_h() - h < g.KH ? g.H + g.pad_h() - h : g.KH;
   const int64_t n_blocks = (g.W + kOutBlock - 1) / kOutBlock;
@@ -98,8 +134,17 @@ void conv_row(const Geometry& g, const T* const* in_planes, const T* weight, con
   for (int64_t b = 0; b < n_blocks; ++b) {  // near-equal blocks, so the W tail is not a slow 1- or 2-wide block
     const int64_t w0 = b * g.W / n_blocks;
     const int64_t w1 = (b + 1) * g.W / n_blocks;
-    conv_block_dispatch<T, kOutBlock>(w1 - w0, fixed_kw, g, in_planes, weight, bias, h, w0, kh0, kh1,
-                                      out_row + w0 * L);
+    T* out_px = out_row + w0 * out_stride;
+    if (layout.padded) {
+      conv_block_dispatch<T, kOutBlock, Columns::kBlocked>(w1 - w0, fixed_kw, g, in_planes, layout, weight, bias, h,
+                                                           w0, kh0, kh1, out_px, out_stride);
+    } else if (w0 < g.pad_w() || w1 + g.pad_w() > g.W) {
+      conv_block_dispatch<T, kOutBlock, Columns::kInPlaceEdge>(w1 - w0, fixed_kw, g, in_planes, layout, weight, bias,
+                                                               h, w0, kh0, kh1, out_px, out_stride);
+    } else {
+      conv_block_dispatch<T, kOutBlock, Columns::kInPlace>(w1 - w0, fixed_kw, g, in_planes, layout, weight, bias, h,
+                                                           w0, kh0, kh1, out_px, out_stride);
+    }
   }
 }
 
@@ -174,7 +219,8 @@ void weight_grad_plane(const Geometry& g, const T* grad_plane, const T* const* i
 
 template <typename T>
 const KernelTable<T>& table() {
-  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>, &conv_row<T>,
+  static const KernelTable<T> kernels{::uxnet::cpu::simd::isa_name(kIsa), kLanes<T>,
+                                      kWeightsInRegisters ? kRegisterKW : 0, &conv_row<T>,
                                       &weight_grad_plane<T>};
   return kernels;
 }
