@@ -3,10 +3,10 @@
 // NO include guard: kernels.cpp compiles this through simd/compile_per_isa.inc, once per variant, inside that
 // variant's namespace, after simd/vec.h. Only raw pointers, int64 offsets and Vec operations here.
 //
-// A Vec holds kLanes<T> channels of one voxel (the blocked layout of params.h). Register blocks: kOutBlock outputs
+// A Vec holds kLanes<T> channels of one voxel (blocked or in place: params.h). Register blocks: kOutBlock outputs
 // along W (convolution) and kTapBlock kw taps (weight gradient) are kept in registers, plus the weight (or grad)
 // vector: 16 + 1 of 32 registers for avx512 and its emulation, 12 + 1 of 16 otherwise; with 32 registers a 7-wide
-// kernel also keeps its row of 7 weights (conv_block<T, WB, 7>: 16 + 7 + 1).
+// kernel also keeps its row of 7 weights (conv_block<T, WB, 7, Cols>: 16 + 7 + 1).
 
 namespace dwconv3d_kernels {
 
