@@ -358,9 +358,10 @@ def test_kernel_edge_shapes(isa, shape, kernel, layout):
 @pytest.mark.parametrize("kernel", [(7, 7, 7), (3, 5, 9)])  # the register-row kernel and the run-time width
 @pytest.mark.parametrize("width", [1, 2, 3, 4, 6, 7, 13, 16, 17, 33, 48])
 def test_kernel_channels_last_in_place_equals_blocked(isa, width, kernel, dtype):
-    """channels_last_3d float32 / float64 with C a multiple of every ISA's lanes is read and written in place, the
-    taps past the W borders skipped (blocks at one border, at both, and inside); NCDHW goes through blocked planes
-    with zero columns. Equal results, for the output and for grad_x (the same driver), and both match the reference."""
+    """channels_last_3d float32 / float64 with C a multiple of every ISA's lanes is written in place, and read in
+    place by the register-row kernel (k = 7 on avx512 and its emulation), the taps past the W borders skipped (blocks
+    at one border, at both, and inside); NCDHW goes through blocked planes with zero columns. Equal results, for the
+    output and for grad_x (the same driver), and both match the reference."""
     shape = (2, 32, 3, 4, width)
     x, w, b = dwconv3d_args(shape, kernel, dtype, "channels_last_3d")
     grad_out = tensor(shape, dtype, "channels_last_3d")
@@ -377,15 +378,17 @@ def test_kernel_channels_last_in_place_equals_blocked(isa, width, kernel, dtype)
 
 @cpu_kernel
 def test_kernel_in_place_offsets_past_2_31(isa):
-    """A float32 channels-last view whose depth stride puts its last plane 2**31 elements past its first: read (and
-    its grad_x written) in place with int64 offsets on the ISAs with the register-row kernel, through the ring
-    elsewhere. Only the pages the view touches are committed (about 1 MB of the 8 GiB of address space)."""
+    """A float32 channels-last view whose depth stride puts its last plane 2**31 elements past its first: read in
+    place with int64 offsets (as x, and as grad_out for grad_x) on the ISAs with the register-row kernel, packed by the
+    ring elsewhere. Only the pages the view touches are committed (about 1 MB of the 8 GiB of address space)."""
     c, d, h, w = 16, 3, 4, 9  # C a multiple of every ISA's lanes
     plane_stride = 2**30 + 4096
+    storage_elems = plane_stride * (d - 1) + h * w * c
+    storage_bytes = storage_elems * 4
     try:
-        storage = torch.empty(plane_stride * (d - 1) + h * w * c, dtype=torch.float32)
+        storage = torch.empty(storage_elems, dtype=torch.float32)
     except RuntimeError as error:  # the address space is refused (strict overcommit): nothing to test against
-        pytest.skip(f"cannot reserve {plane_stride * d * 4 / 2**30:.0f} GiB of address space: {error}")
+        pytest.skip(f"cannot reserve {storage_bytes / 2**30:.0f} GiB of address space: {error}")
     x = storage.as_strided((1, c, d, h, w), (plane_stride * d, 1, plane_stride, w * c, c))
     x.copy_(torch.randn(1, c, d, h, w))
     assert x.storage_offset() + (d - 1) * x.stride(2) > 2**31

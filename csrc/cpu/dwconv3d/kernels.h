@@ -42,13 +42,15 @@ inline void prefetch_next_row(const Geometry& g, const T* const* in_planes, Plan
 // are the same. `Cols` says where the row's input columns lie (params.h): in a blocked plane, `lanes` apart with zero
 // columns past the W borders (a compile-time stride), or in place, voxel_stride apart, where a block that reaches
 // past a W border (kInPlaceEdge) skips the taps on the columns outside the volume. A blocked plane adds their products
-// with its zero columns instead, which leaves each sum's value unchanged (x + w * 0 == x): equal results.
+// with its zero columns instead, which leaves each sum's value unchanged (x + w * 0 == x): equal results. Planes are
+// read in place only by the register-row form (KernelTable::in_place_kw), the one that measured faster that way.
 enum class Columns { kBlocked, kInPlace, kInPlaceEdge };
 
 template <typename T, int WB, int FixedKW, Columns Cols>
 inline void conv_block(const Geometry& g, const T* const* in_planes, PlaneLayout layout, const T* weight,
                        const T* bias, int64_t h, int64_t w0, int64_t kh0, int64_t kh1, T* out_px,
                        int64_t out_stride) {
+  static_assert(Cols == Columns::kBlocked || FixedKW > 0, "in place only with the kernel row in registers");
   using V = Vec<T>;
   constexpr int64_t L = kLanes<T>;
   const int64_t KW = FixedKW > 0 ? FixedKW : g.KW;
@@ -94,12 +96,9 @@ inline void conv_block(const Geometry& g, const T* const* in_planes, PlaneLayout
       } else {
         for (int64_t kw = 0; kw < KW; ++kw) {
           const V wv = load<V>(wk + kw * L);
-          const T* column = plane + (row_off + kw * vs);
+          const T* p = plane + (row_off + kw * L);
 #pragma GCC unroll 16
-          for (int j = 0; j < WB; ++j) {
-            if (inside(j + kw)) acc[j] = fma(wv, load<V>(column), acc[j]);
-            column += vs;
-          }
+          for (int j = 0; j < WB; ++j) acc[j] = fma(wv, load<V>(p + j * L), acc[j]);
         }
       }
     }
@@ -112,16 +111,21 @@ inline void conv_block(const Geometry& g, const T* const* in_planes, PlaneLayout
 constexpr int kRegisterKW = 7;
 constexpr bool kWeightsInRegisters = kVectorRegisters >= kOutBlock + kRegisterKW + 1;
 
-// conv_block<T, n, FixedKW, Cols> for a run-time block size 1 <= n <= WB, FixedKW = kRegisterKW where `fixed_kw`.
+// conv_block<T, n, FixedKW, Cols> for a run-time block size 1 <= n <= WB, FixedKW = kRegisterKW where `fixed_kw`
+// (always, in place: the driver reads in place only at KernelTable::in_place_kw = kRegisterKW).
 template <typename T, int WB, Columns Cols, class... Args>
 inline void conv_block_dispatch(int64_t n, bool fixed_kw, Args... args) {
   if constexpr (WB > 1) {
     if (n < WB) return conv_block_dispatch<T, WB - 1, Cols>(n, fixed_kw, args...);
   }
-  if constexpr (kWeightsInRegisters) {
-    if (fixed_kw) return conv_block<T, WB, kRegisterKW, Cols>(args...);
+  if constexpr (Cols != Columns::kBlocked) {
+    conv_block<T, WB, kRegisterKW, Cols>(args...);
+  } else {
+    if constexpr (kWeightsInRegisters) {
+      if (fixed_kw) return conv_block<T, WB, kRegisterKW, Cols>(args...);
+    }
+    conv_block<T, WB, 0, Cols>(args...);
   }
-  conv_block<T, WB, 0, Cols>(args...);
 }
 
 template <typename T>
@@ -135,16 +139,20 @@ void conv_row(const Geometry& g, const T* const* in_planes, PlaneLayout layout, 
     const int64_t w0 = b * g.W / n_blocks;
     const int64_t w1 = (b + 1) * g.W / n_blocks;
     T* out_px = out_row + w0 * out_stride;
-    if (layout.padded) {
-      conv_block_dispatch<T, kOutBlock, Columns::kBlocked>(w1 - w0, fixed_kw, g, in_planes, layout, weight, bias, h,
-                                                           w0, kh0, kh1, out_px, out_stride);
-    } else if (w0 < g.pad_w() || w1 + g.pad_w() > g.W) {
-      conv_block_dispatch<T, kOutBlock, Columns::kInPlaceEdge>(w1 - w0, fixed_kw, g, in_planes, layout, weight, bias,
-                                                               h, w0, kh0, kh1, out_px, out_stride);
-    } else {
-      conv_block_dispatch<T, kOutBlock, Columns::kInPlace>(w1 - w0, fixed_kw, g, in_planes, layout, weight, bias, h,
-                                                           w0, kh0, kh1, out_px, out_stride);
+    if constexpr (kWeightsInRegisters) {  // elsewhere in_place_kw is 0: every plane is blocked
+      if (!layout.padded) {
+        if (w0 < g.pad_w() || w1 + g.pad_w() > g.W) {
+          conv_block_dispatch<T, kOutBlock, Columns::kInPlaceEdge>(w1 - w0, fixed_kw, g, in_planes, layout, weight,
+                                                                   bias, h, w0, kh0, kh1, out_px, out_stride);
+        } else {
+          conv_block_dispatch<T, kOutBlock, Columns::kInPlace>(w1 - w0, fixed_kw, g, in_planes, layout, weight,
+                                                               bias, h, w0, kh0, kh1, out_px, out_stride);
+        }
+        continue;
+      }
     }
+    conv_block_dispatch<T, kOutBlock, Columns::kBlocked>(w1 - w0, fixed_kw, g, in_planes, layout, weight, bias, h,
+                                                         w0, kh0, kh1, out_px, out_stride);
   }
 }
 
